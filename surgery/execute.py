@@ -1,0 +1,114 @@
+"""The streaming executor: one output tensor at a time, from source tensors read on demand.
+
+Memory holds the tensors one output needs (its sources and the intermediate results of its chain
+of ops), never the model. A background thread computes the next tensors while the current one is
+written, so reading, transforming and writing overlap.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .lazy import LazyTensor, evaluate
+from .io.writer import PlannedTensor, ShardWriter, assign_shards, parse_size, shard_file_names, write_index
+from .ops.patch_layernorm import MODELING_FILE
+from .state import ModelState
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pth|pt|ckpt)$|.*\.index\.json$")
+NOT_COPIED = {"config.json", "README.md", ".gitattributes", "surgery_report.json", "surgery_report.md",
+              "surgery_recipe.yaml", MODELING_FILE}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import SurgeryError
+
+        raise SurgeryError("device cuda requested but torch sees no GPU; use device: auto or cpu", loc=("device",))
+    return dev
+
+
+def compute_dtype_for(state: ModelState) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in state.tensors.values()) else torch.float32
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor, torch.dtype]]:
+    out = []
+    for name in sorted(state.tensors, key=_natural):
+        node = state.tensors[name]
+        target = node.dtype if dtype == "auto" or not node.dtype.is_floating_point else DTYPES[dtype]
+        out.append((name, node, target))
+    return out
+
+
+def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
+    cd = dtype or compute_dtype_for(state)
+    return {name: evaluate(node, reader, device, cd) for name, node in state.tensors.items()}
+
+
+def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device, dtype: str = "auto",
+                  shard_size: str | int = "5GB", progress: bool = True) -> list[str]:
+    tensors = output_tensors(state, dtype)
+    planned = [PlannedTensor(n, node.shape, d) for n, node, d in tensors]
+    shards = assign_shards(planned, parse_size(shard_size))
+    names = shard_file_names(len(shards))
+    cd = compute_dtype_for(state)
+    nodes = {n: (node, d) for n, node, d in tensors}
+
+    def compute(name: str) -> torch.Tensor:
+        node, d = nodes[name]
+        t = evaluate(node, reader, device, cd)
+        return t.to(dtype=d) if t.is_floating_point() else t
+
+    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for shard, fname in zip(shards, names):
+            writer = ShardWriter(out_dir / fname, shard)
+            pending = [(p, pool.submit(compute, p.name)) for p in shard[:2]]
+            queue = list(shard[2:])
+            while pending:
+                p, fut = pending.pop(0)
+                if queue:
+                    nxt = queue.pop(0)
+                    pending.append((nxt, pool.submit(compute, nxt.name)))
+                writer.write(p.name, fut.result())
+                bar.update(p.nbytes)
+            writer.close()
+    bar.close()
+    write_index(out_dir, shards, names)
+    return names
+
+
+def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:
+    config = dict(state.spec.config)
+    if dtype != "auto":
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if config.get("surgery_live_width"):
+        shutil.copyfile(Path(__file__).parent / "modeling" / MODELING_FILE, out_dir / MODELING_FILE)
+    return config
+
+
+def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
+    """Tokenizer files, generation config and the like, copied verbatim."""
+    copied = []
+    for f in sorted(source_dir.iterdir()):
+        if f.is_file() and f.name not in NOT_COPIED and not WEIGHT_FILE.match(f.name) and f.name != "params.json":
+            shutil.copyfile(f, out_dir / f.name)
+            copied.append(f.name)
+    return copied

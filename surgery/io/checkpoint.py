@@ -1,0 +1,140 @@
+"""Reading a transformers checkpoint one tensor at a time.
+
+Names, shapes and dtypes come from safetensors headers (or a pickle opened with mmap), so a
+checkpoint is described without reading its weights.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import SurgeryError
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header by hand so a corrupt file fails with its name, not a Rust panic."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        data_len = size - 8 - n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if end > data_len:
+                raise ValueError(f"tensor {name!r} ends at byte {end} but the data is {data_len} bytes (truncated?)")
+        return header
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"corrupt safetensors file: {e}", where=str(path)) from None
+
+
+class Checkpoint:
+    """A local transformers-format model directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        cfg = self.path / "config.json"
+        if not self.path.is_dir():
+            raise SurgeryError("source directory does not exist", where=str(self.path))
+        if not cfg.is_file():
+            raise SurgeryError("no config.json: not a transformers checkpoint directory", where=str(self.path))
+        try:
+            self.config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise SurgeryError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", where=str(cfg)) from None
+        self.tensors: dict[str, TensorMeta] = {}
+        self._pickles: dict[Path, dict] = {}
+        self._open: dict[Path, object] = {}
+        self._index()
+
+    def _index(self) -> None:
+        st = sorted(self.path.glob("*.safetensors"))
+        if st:
+            index = self.path / "model.safetensors.index.json"
+            files = st
+            if index.is_file():
+                wm = json.loads(index.read_text()).get("weight_map", {})
+                files = sorted({self.path / f for f in wm.values()})
+                missing = [str(f.name) for f in files if not f.is_file()]
+                if missing:
+                    raise SurgeryError(f"index names missing shard(s): {', '.join(missing)}", where=str(index))
+            for f in files:
+                for name, info in read_safetensors_header(f).items():
+                    if name == "__metadata__":
+                        continue
+                    if info["dtype"] not in _ST_DTYPES:
+                        raise SurgeryError(f"tensor {name!r} has unsupported dtype {info['dtype']}", where=str(f))
+                    self.tensors[name] = TensorMeta(tuple(info["shape"]), _ST_DTYPES[info["dtype"]], f)
+        else:
+            bins = sorted(self.path.glob("pytorch_model*.bin"))
+            if not bins:
+                raise SurgeryError("no weights found (*.safetensors or pytorch_model*.bin)", where=str(self.path))
+            for f in bins:
+                sd = load_pickle(f)
+                self._pickles[f] = sd
+                for name, t in sd.items():
+                    self.tensors[name] = TensorMeta(tuple(t.shape), t.dtype, f)
+        if not self.tensors:
+            raise SurgeryError("checkpoint holds no tensors", where=str(self.path))
+
+    def load(self, name: str) -> torch.Tensor:
+        meta = self.tensors[name]
+        if meta.file in self._pickles:
+            return self._pickles[meta.file][name]
+        h = self._open.get(meta.file)
+        if h is None:
+            h = self._open[meta.file] = safe_open(str(meta.file), framework="pt")
+        return h.get_tensor(name)
+
+    def files(self) -> list[Path]:
+        return sorted({m.file for m in self.tensors.values()})
+
+
+def load_pickle(path: Path) -> dict:
+    """`torch.load` that refuses to run code: weights_only, memory-mapped."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # the unpickler reports forbidden globals as a generic error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"refused to load (weights_only=True): {first}", where=str(path)) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SurgeryError("not a plain state dict of tensors", where=str(path))
+    return sd
+
+
+class InMemoryCheckpoint:
+    """A state dict and config dict posing as a checkpoint (notebooks, tests, intermediate steps)."""
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], path: Path | None = None):
+        self.path = path or Path("<memory>")
+        self.config = config
+        self._sd = state_dict
+        self.tensors = {n: TensorMeta(tuple(t.shape), t.dtype, self.path) for n, t in state_dict.items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._sd[name]

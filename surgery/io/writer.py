@@ -1,0 +1,196 @@
+"""Writing sharded safetensors tensor by tensor, and outputs that are complete or absent.
+
+safetensors' own `save_file` needs every tensor of a shard in memory at once. Since the plan knows
+every output shape before any weight is read, we write each shard's header first and then stream
+each tensor's bytes to its offset: memory holds one tensor, whatever the shard size. The files
+are standard safetensors (the tests read them back with `safe_open`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SurgeryError
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+TMP_PREFIX = ".surgery-tmp-"
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if shards[-1] and used + t.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += t.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class ShardWriter:
+    """One safetensors file whose layout is fixed up front; tensors arrive in any order."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
+        self.path = path
+        self.planned = {t.name: t for t in tensors}
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for t in sorted(tensors, key=lambda t: t.name):
+            header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            self.offsets[t.name] = offset
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+        self.data_start = 8 + len(raw)
+        self.f = open(path, "wb")
+        self.f.write(len(raw).to_bytes(8, "little"))
+        self.f.write(raw)
+        self.f.truncate(self.data_start + offset)
+        self.remaining = set(self.planned)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        p = self.planned[name]
+        if tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
+            raise AssertionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {p.shape} {p.dtype}")
+        data = tensor.detach().to("cpu").contiguous()
+        buf = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        self.f.seek(self.data_start + self.offsets[name])
+        self.f.write(buf)
+        self.remaining.discard(name)
+
+    def close(self) -> None:
+        if self.remaining:
+            raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self.remaining)[:5]}")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
+    if len(shards) == 1:
+        return
+    total = sum(t.nbytes for s in shards for t in s)
+    weight_map = {t.name: fname for s, fname in zip(shards, names) for t in s}
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    )
+
+
+class AtomicOutput:
+    """A temporary directory beside the target, renamed into place only when complete.
+
+    Leftover temporary directories from killed runs are recognised by their prefix and removed
+    by the next run that writes beside them.
+    """
+
+    def __init__(self, target: Path, force: bool, source: Path | None):
+        self.target = Path(target).expanduser().absolute()
+        self.force = force
+        if source is not None:
+            src = Path(source).resolve()
+            tgt = self.target.resolve()
+            if tgt == src or src in tgt.parents:
+                raise SurgeryError("output must not be the source directory or inside it", where=str(self.target))
+            if tgt in src.parents:
+                raise SurgeryError("output must not contain the source directory", where=str(self.target))
+        if self.target.exists():
+            if not self.target.is_dir():
+                raise SurgeryError("output exists and is not a directory", where=str(self.target))
+            if any(self.target.iterdir()) and not force:
+                raise SurgeryError("output directory is not empty; pass --force to replace it", where=str(self.target))
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(parent)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.target.name}-{os.getpid()}-", dir=parent))
+        except OSError as e:
+            raise SurgeryError(f"cannot write the output: {e.strerror}", where=str(self.target)) from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            if self.target.exists():
+                old = self.target.with_name(f"{TMP_PREFIX}{self.target.name}-{os.getpid()}-old")
+                os.rename(self.target, old)
+                os.rename(self.tmp, self.target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(self.tmp, self.target)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise SurgeryError(f"cannot move the finished output into place: {e.strerror}", where=str(self.target)) from None
+
+
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove temporaries whose writing process no longer exists."""
+    removed = []
+    for p in parent.glob(f"{TMP_PREFIX}*"):
+        try:
+            pid = int(p.name[len(TMP_PREFIX):].rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,108 @@
+"""Lazy tensors: the tensor-level graph that ops build and the executor walks.
+
+An op never touches data. It maps each `LazyTensor` of the model state to a new one whose `fn`
+computes it from its `inputs`. Planning reads only shapes; executing evaluates one output tensor
+at a time, so memory holds one tensor's chain of work, never the model.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import networkx as nx
+import torch
+
+
+class TensorReader(Protocol):
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass(eq=False)
+class LazyTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fn: Callable[..., torch.Tensor] | None = None  # None: read `source` from the checkpoint
+    inputs: tuple["LazyTensor", ...] = ()
+    label: str = ""
+    source: str | None = None
+    deterministic_seed: int | None = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "") -> "LazyTensor":
+        return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label)
+
+
+def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
+    return LazyTensor(tuple(shape), dtype, None, (), f"read {name}", source=name)
+
+
+def combine(inputs: list[LazyTensor], fn: Callable[..., torch.Tensor], shape, label: str) -> LazyTensor:
+    return LazyTensor(tuple(shape), inputs[0].dtype, fn, tuple(inputs), label)
+
+
+def constant(shape, dtype: torch.dtype, fill: Callable[[tuple[int, ...]], torch.Tensor], label: str) -> LazyTensor:
+    return LazyTensor(tuple(shape), dtype, lambda: fill(tuple(shape)), (), label)
+
+
+def stable_seed(*parts) -> int:
+    """A seed from names, not from visiting order: the same recipe draws the same bits on any device."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(stable_seed(*parts))
+    return g
+
+
+def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Compute one tensor; intermediate results live only for this call."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def go(n: LazyTensor) -> torch.Tensor:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if n.fn is None:
+            t = reader.load(n.source).to(device=device, dtype=compute_dtype)
+        else:
+            args = [go(i) for i in n.inputs]
+            t = n.fn(*args)
+            t = t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device)
+        if tuple(t.shape) != n.shape:
+            raise AssertionError(f"{n.label}: computed shape {tuple(t.shape)} != planned {n.shape}")
+        memo[key] = t
+        return t
+
+    return go(node)
+
+
+def sources_of(node: LazyTensor) -> set[str]:
+    out, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.source is not None:
+            out.add(n.source)
+        stack.extend(n.inputs)
+    return out
+
+
+def tensor_graph(tensors: dict[str, LazyTensor]) -> nx.DiGraph:
+    """Output tensors and the source tensors each is computed from (for plan and scheduling)."""
+    g = nx.DiGraph()
+    for name, node in tensors.items():
+        g.add_node(("out", name), shape=node.shape)
+        for src in sources_of(node):
+            g.add_edge(("src", src), ("out", name))
+    return g

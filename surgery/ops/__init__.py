@@ -1,0 +1,22 @@
+"""The op registry: every op config class, and the discriminated union recipes validate against."""
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from .base import Exactness, Init, Op, OpContext, Promise
+from .grow_heads import GrowHeads
+from .patch_layernorm import PatchLayerNorm
+from .rescale_norm import RescaleNorm
+
+OPS: list[type[Op]] = [GrowHeads, RescaleNorm, PatchLayerNorm]
+
+AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
+
+
+def op_names() -> list[str]:
+    return [cls.model_fields["op"].annotation.__args__[0] for cls in OPS]
+
+
+__all__ = ["AnyOp", "Exactness", "Init", "OPS", "Op", "OpContext", "Promise", "op_names"]

@@ -1,0 +1,91 @@
+"""What every op is: a strict pydantic config that knows how to change a ModelState.
+
+An op is written once against tensor roles and axes (see `surgery.arch`), never per family.
+`apply` is pure over lazy tensors, so the same code gives the plan (shapes only) and the run.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import SurgeryError
+from ..state import ModelState
+
+
+class Exactness(str, enum.Enum):
+    EXACT = "exact"  # stock transformers code computes the same function
+    EXACT_SHIPPED_CODE = "exact with shipped code"  # exact with the model code written into the output
+    APPROXIMATE = "approximate"  # the function moves; verified against the recipe tolerance
+    REINIT = "re-initialisation"  # the function is replaced on purpose; checked by initial loss
+
+
+@dataclass
+class Promise:
+    exactness: Exactness
+    reason: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpContext:
+    seed: int
+    index: int  # position of the op in the recipe, part of every random draw's seed
+
+    def seed_parts(self, *parts) -> tuple:
+        return (self.seed, self.index, *parts)
+
+
+class Init(str, enum.Enum):
+    ZEROS = "zeros"  # pure padding: new parameters are zero
+    TRAINABLE = "trainable"  # readers drawn from the source tensor's statistics, writers zero
+
+
+_SIZE = re.compile(r"^\s*(?:(x)\s*(\d+(?:\.\d+)?)|([+])\s*(\d+))\s*$")
+
+
+def resolve_size(value: int | str, current: int, field_name: str) -> int:
+    """An absolute int, or relative: "x1.25" (multiply) / "+8" (add)."""
+    if isinstance(value, bool):
+        raise SurgeryError("must be an integer or a relative size like 'x1.25' or '+8'", loc=(field_name,))
+    if isinstance(value, int):
+        new = value
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise SurgeryError(f"{value!r} is not a size: use an integer, 'xFACTOR' or '+N'", loc=(field_name,))
+        if m.group(1):
+            exact = current * float(m.group(2))
+            new = round(exact)
+            if abs(exact - new) > 1e-9:
+                raise SurgeryError(f"{value} of {current} is {exact:g}, not an integer", loc=(field_name,))
+        else:
+            new = current + int(m.group(4))
+    if new <= 0:
+        raise SurgeryError(f"must be positive, got {new}", loc=(field_name,))
+    return new
+
+
+SizeValue = Union[int, str]
+
+
+class Op(BaseModel):
+    """Base of every op config. Subclasses set `op: Literal[...]` and implement `apply`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Config fields and tensor groups, for the op graph (edges: a later op reads what an earlier writes).
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def apply(self, state: ModelState, ctx: OpContext) -> Promise:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def label(self) -> str:
+        args = self.model_dump(exclude={"op"}, exclude_defaults=True)
+        inner = ", ".join(f"{k}={v}" for k, v in args.items())
+        return f"{self.op}({inner})" if inner else self.op

@@ -1,0 +1,105 @@
+"""Growing one axis of a tensor: where the old entries go, what fills the new ones.
+
+Every growth reduces to `grow_axis`: old entries scattered to `dest` positions of a longer axis,
+the remaining positions filled by a `Fill`. Heads, head_dim, MLP neurons and the residual stream
+differ only in the `dest` they compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lazy import LazyTensor, generator
+from ..state import ModelState, NewSlice
+
+
+@dataclass(frozen=True)
+class Fill:
+    """How new positions are filled.
+
+    zeros: padding (writers, or `init: zeros`). random: normal with the old tensor's own mean
+    and std (readers under `init: trainable`). mean: the mean of the old entries along the axis
+    (writers under `residual_fill: mean`). const_mean: the old tensor's overall mean (norm weights
+    on new dims, kept non-zero so gradient reaches them). ones: per-head norms of new heads.
+    """
+
+    kind: str
+    seed: tuple = ()
+
+    def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+        shape = list(old.shape)
+        shape[axis] = n
+        if self.kind == "zeros":
+            return old.new_zeros(shape)
+        if self.kind == "ones":
+            return old.new_ones(shape)
+        if self.kind == "mean":
+            return old.mean(dim=axis, keepdim=True).expand(shape).clone()
+        if self.kind == "const_mean":
+            return old.new_full(shape, float(old.float().mean()) if old.numel() else 1.0)
+        if self.kind == "random":
+            std = float(old.float().std()) if old.numel() > 1 else 0.02
+            mean = float(old.float().mean()) if old.numel() else 0.0
+            if not std > 0:
+                std = 0.02
+            draw = torch.randn(shape, generator=generator(*self.seed), dtype=torch.float32)
+            return (draw * std + mean).to(device=old.device, dtype=old.dtype)
+        raise ValueError(self.kind)
+
+
+def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor, fill: Fill) -> torch.Tensor:
+    shape = list(old.shape)
+    shape[axis] = new_size
+    out = old.new_empty(shape)
+    dest = dest.to(old.device)
+    out.index_copy_(axis, dest, old)
+    mask = torch.ones(new_size, dtype=torch.bool, device=old.device)
+    mask[dest] = False
+    missing = mask.nonzero().flatten()
+    if missing.numel():
+        out.index_copy_(axis, missing, fill.values(old, axis, missing.numel()))
+    return out
+
+
+def missing_positions(new_size: int, dest: list[int]) -> list[int]:
+    taken = set(dest)
+    return [i for i in range(new_size) if i not in taken]
+
+
+def grow_axis(
+    state: ModelState,
+    name: str,
+    axis: int,
+    new_size: int,
+    dest: list[int],
+    fill: Fill,
+    label: str,
+    track: str | None = None,
+) -> None:
+    """Replace `state.tensors[name]` by its growth along `axis`; `track` records new slices."""
+    node = state.tensors[name]
+    assert len(dest) == node.shape[axis], (name, axis, len(dest), node.shape)
+    if new_size == node.shape[axis] and dest == list(range(new_size)):
+        return
+    shape = list(node.shape)
+    shape[axis] = new_size
+    dest_t = torch.tensor(dest, dtype=torch.long)
+    state.tensors[name] = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label)
+    if track:
+        new = missing_positions(new_size, dest)
+        if new:
+            state.new_slices.append(NewSlice(name, axis, new, track))
+
+
+def head_dest(old_heads: int, head_dim: int, head_positions: list[int]) -> list[int]:
+    """Element positions of whole heads moved to `head_positions` (head_dim unchanged)."""
+    return [p * head_dim + i for p in head_positions for i in range(head_dim)]
+
+
+def append_dest(old_size: int) -> list[int]:
+    return list(range(old_size))
+
+
+def scale(node: LazyTensor, factor: float, label: str) -> LazyTensor:
+    return node.map(lambda t: t * factor, label=label)

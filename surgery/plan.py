@@ -1,0 +1,169 @@
+"""Compiling a recipe against a source: every op applied to the spec and lazy tensors, no weights read.
+
+The result is a `Plan`: the state after each op (config, tensor shapes, parameter count), what each
+op promises, and the op graph (networkx) whose edges say which op consumes what an earlier one
+changed. `surgery plan` prints it; `surgery run` executes its final state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+from .errors import SurgeryError
+from .io.checkpoint import Checkpoint
+from .ops import Exactness, Op, OpContext, Promise
+from .recipe.loader import LoadedRecipe
+from .spec import ModelSpec
+from .state import ModelState
+
+_RANK = {Exactness.EXACT: 0, Exactness.EXACT_SHIPPED_CODE: 1, Exactness.APPROXIMATE: 2, Exactness.REINIT: 3}
+
+
+@dataclass
+class Step:
+    index: int
+    op: Op
+    state: ModelState
+    promise: Promise  # what this op alone promises
+    cumulative: Promise  # what the model after this op promises relative to the source
+    config_changes: dict[str, tuple] = field(default_factory=dict)
+    touched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    param_delta: int = 0
+
+
+@dataclass
+class Plan:
+    loaded: LoadedRecipe
+    source_dir: Path
+    checkpoint: Checkpoint
+    initial: ModelState
+    steps: list[Step]
+    graph: nx.DiGraph
+
+    @property
+    def final(self) -> ModelState:
+        return self.steps[-1].state if self.steps else self.initial
+
+    @property
+    def promise(self) -> Promise:
+        return self.steps[-1].cumulative if self.steps else Promise(Exactness.EXACT, "a plain copy")
+
+    def states(self) -> list[ModelState]:
+        return [self.initial] + [s.state for s in self.steps]
+
+
+def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
+    """What the model's current state owes to conditions no single op controls."""
+    out = []
+    if spec.norm_width != spec.hidden_size:
+        out.append((Exactness.APPROXIMATE, f"norms still expect width {spec.norm_width}, residual is {spec.hidden_size} (add rescale_norm)"))
+    if spec.meta.get("layernorm_zero_padded"):
+        out.append((Exactness.APPROXIMATE, "stock LayerNorm centres over zero-padded dims (add patch_layernorm, or grow with residual_fill: mean)"))
+    if spec.meta.get("qk_norm_eps_perturbed"):
+        out.append((Exactness.APPROXIMATE, "rescaled eps is shared with the per-head q/k norms"))
+    if spec.live_width:
+        out.append((Exactness.EXACT_SHIPPED_CODE, "patched LayerNorm shipped as modeling_surgery.py"))
+    return out
+
+
+def _cumulative(promises: list[Promise], spec: ModelSpec) -> Promise:
+    items = [(p.exactness, p.reason) for p in promises] + state_promise(spec)
+    worst = max((e for e, _ in items), key=_RANK.get, default=Exactness.EXACT)
+    if worst == Exactness.EXACT:
+        return Promise(Exactness.EXACT, "every op so far is exact in stock transformers code")
+    reasons = [r for e, r in items if e == worst]
+    return Promise(worst, "; ".join(dict.fromkeys(reasons)))
+
+
+def _diff_config(before: dict, after: dict) -> dict[str, tuple]:
+    keys = [k for k in dict.fromkeys(list(before) + list(after)) if k not in ("transformers_version", "auto_map")]
+    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+
+
+def op_graph(ops: list[Op]) -> nx.DiGraph:
+    """Op i -> op j when j reads a field or tensor group that i (the latest such op) writes."""
+    g = nx.DiGraph()
+    g.add_node("source", writes=("*",))
+    last_writer: dict[str, object] = {}
+    for i, op in enumerate(ops):
+        node = (i, op.op)
+        g.add_node(node, reads=op.reads, writes=op.writes)
+        for r in op.reads:
+            g.add_edge(last_writer.get(r, "source"), node, via=r)
+        for w in op.writes:
+            last_writer[w] = node
+    assert nx.is_directed_acyclic_graph(g)
+    return g
+
+
+def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None) -> Plan:
+    ckpt = checkpoint or Checkpoint(source_dir)
+    spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
+    initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
+    recipe = loaded.recipe
+    steps: list[Step] = []
+    state = initial
+    promises: list[Promise] = []
+    for i, op in enumerate(recipe.ops):
+        nxt = state.copy()
+        try:
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))
+        except SurgeryError as e:
+            e.loc = ("ops", i) + (e.loc or ())
+            raise loaded.error(e) from None
+        nxt.check_shapes(where=f"after ops[{i}] ({op.op}) [internal error]")
+        promises.append(promise)
+        touched = []
+        for name, node in nxt.tensors.items():
+            old = state.tensors.get(name)
+            if old is not node:
+                touched.append((name, old.shape if old is not None else None, node.shape))
+        for name in state.tensors:
+            if name not in nxt.tensors:
+                touched.append((name, state.tensors[name].shape, None))
+        steps.append(
+            Step(
+                index=i,
+                op=op,
+                state=nxt,
+                promise=promise,
+                cumulative=_cumulative(promises, nxt.spec),
+                config_changes=_diff_config(state.spec.config, nxt.spec.config),
+                touched=touched,
+                param_delta=nxt.num_parameters - state.num_parameters,
+            )
+        )
+        state = nxt
+    return Plan(loaded, source_dir, ckpt, initial, steps, op_graph(list(recipe.ops)))
+
+
+def format_plan(plan: Plan, max_tensors: int = 12) -> str:
+    lines = [f"recipe {plan.loaded.recipe.name} ({plan.loaded.file})", f"source {plan.source_dir}", f"  {plan.initial.spec.describe()}",
+             f"  parameters: {plan.initial.num_parameters:,}"]
+    if not plan.steps:
+        lines.append("no ops: a plain copy (exact)")
+    for step in plan.steps:
+        preds = [p for p in plan.graph.predecessors((step.index, step.op.op))]
+        after = ", ".join("source" if p == "source" else f"ops[{p[0]}] {p[1]}" for p in preds)
+        lines.append("")
+        lines.append(f"ops[{step.index}] {step.op.label()}   (after: {after})")
+        for k, (a, b) in step.config_changes.items():
+            lines.append(f"  config {k}: {a} -> {b}")
+        shown = step.touched[:max_tensors]
+        for name, a, b in shown:
+            lines.append(f"  tensor {name}: {list(a) if a else '(new)'} -> {list(b) if b else '(removed)'}")
+        if len(step.touched) > max_tensors:
+            lines.append(f"  ... and {len(step.touched) - max_tensors} more tensors")
+        lines.append(f"  parameters: {step.param_delta:+,}")
+        lines.append(f"  this op: {step.promise.exactness.value}: {step.promise.reason}")
+        for n in step.promise.notes:
+            lines.append(f"  note: {n}")
+        lines.append(f"  model so far: {step.cumulative.exactness.value}: {step.cumulative.reason}")
+    lines.append("")
+    lines.append(f"result  {plan.final.spec.describe()}")
+    lines.append(f"  parameters: {plan.initial.num_parameters:,} -> {plan.final.num_parameters:,} "
+                 f"({plan.final.num_parameters - plan.initial.num_parameters:+,})")
+    lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The recipe schema: pydantic v2 models, strict (unknown keys are errors)."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..ops import AnyOp
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(Strict):
+    path: str = Field(description="local directory, hub id ORG/NAME, or builtin:NAME")
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) to pin")
+
+
+class OutputSpec(Strict):
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_size: Union[str, int] = "5GB"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v):
+        from ..io.writer import parse_size
+
+        try:
+            n = parse_size(v)
+        except ValueError:
+            raise ValueError("must be a size like '5GB', '500MB' or a number of bytes") from None
+        if n <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
+class VerifySpec(Strict):
+    data: str = Field("builtin:python-license", description="builtin:python-license, a text file or a directory of .txt files")
+    max_tokens: int = Field(2048, gt=1)
+    tolerance: float = Field(1e-4, ge=0, description="largest relative loss increase accepted for the whole recipe")
+    per_op: bool = True
+
+
+class Recipe(Strict):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    source: Union[str, SourceSpec]
+    output: Union[str, OutputSpec, None] = None
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    ops: list[AnyOp] = Field(default_factory=list)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+
+    @property
+    def source_spec(self) -> SourceSpec:
+        return self.source if isinstance(self.source, SourceSpec) else SourceSpec(path=self.source)
+
+    @property
+    def output_spec(self) -> Optional[OutputSpec]:
+        if self.output is None:
+            return None
+        return self.output if isinstance(self.output, OutputSpec) else OutputSpec(path=self.output)

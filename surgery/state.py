@@ -1,0 +1,99 @@
+"""ModelState: a spec plus a lazy tensor for every parameter the output checkpoint will hold."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import TensorInfo, TensorRole
+from .errors import SurgeryError
+from .lazy import LazyTensor, read
+from .spec import ModelSpec
+
+
+@dataclass
+class NewSlice:
+    """Part of a tensor created by a growth op, for the gradient-flow check."""
+
+    tensor: str
+    axis: int
+    index: list[int]
+    op: str
+
+
+@dataclass
+class ModelState:
+    spec: ModelSpec
+    tensors: dict[str, LazyTensor]
+    new_slices: list[NewSlice] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, metas: dict, where: str = "source") -> "ModelState":
+        tensors: dict[str, LazyTensor] = {}
+        unknown = []
+        for name, m in metas.items():
+            if spec.arch.classify(name) is None:
+                unknown.append(name)
+            tensors[name] = read(name, m.shape, m.dtype)
+        if unknown:
+            raise SurgeryError(
+                f"{len(unknown)} tensor(s) the {spec.arch.name} table does not know, e.g. {unknown[0]!r}", where=where
+            )
+        head = spec.arch.parameter_name(TensorRole.LM_HEAD, "weight")
+        if spec.tied:
+            tensors.pop(head, None)  # transformers ties it to the embedding on load
+        state = cls(spec, tensors)
+        state.check_shapes(where)
+        return state
+
+    def copy(self) -> "ModelState":
+        return ModelState(self.spec.copy(), dict(self.tensors), list(self.new_slices))
+
+    def info(self, name: str) -> TensorInfo:
+        info = self.spec.arch.classify(name)
+        assert info is not None, name
+        return info
+
+    def items(self, *roles: TensorRole):
+        for name, t in self.tensors.items():
+            info = self.info(name)
+            if not roles or info.role in roles:
+                yield name, info, t
+
+    def expected_shape(self, info: TensorInfo) -> tuple[int, ...]:
+        from .arch import Axis
+
+        s = self.spec
+        sizes = {
+            Axis.VOCAB: s.vocab_size,
+            Axis.RESID: s.hidden_size,
+            Axis.Q: s.num_heads * s.head_dim,
+            Axis.KV: s.num_kv_heads * s.head_dim,
+            Axis.INTER: s.intermediate_size,
+            Axis.HEAD_DIM: s.head_dim,
+        }
+        return tuple(sizes[a] for a in info.axes)
+
+    def check_shapes(self, where: str = "source") -> None:
+        """Config and tensors must agree, or every later op would compute garbage."""
+        s = self.spec
+        for name, t in self.tensors.items():
+            info = self.info(name)
+            if info.layer is not None and info.layer >= s.num_layers:
+                raise SurgeryError(f"tensor {name!r} is beyond num_hidden_layers={s.num_layers}", where=where)
+            want = self.expected_shape(info)
+            if tuple(t.shape) != want:
+                raise SurgeryError(f"tensor {name!r} has shape {list(t.shape)} but config.json implies {list(want)}", where=where)
+        emb = s.arch.parameter_name(TensorRole.EMBED, "weight")
+        if emb not in self.tensors:
+            raise SurgeryError(f"missing tensor {emb!r}", where=where)
+        head = s.arch.parameter_name(TensorRole.LM_HEAD, "weight")
+        if not s.tied and head not in self.tensors:
+            raise SurgeryError(f"missing tensor {head!r} (and tie_word_embeddings is false)", where=where)
+        for layer in range(s.num_layers):
+            for role in (TensorRole.ATTN_Q, TensorRole.ATTN_K, TensorRole.ATTN_V, TensorRole.ATTN_O, TensorRole.MLP_DOWN):
+                n = s.arch.parameter_name(role, "weight", layer)
+                if n not in self.tensors:
+                    raise SurgeryError(f"missing tensor {n!r}", where=where)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())

@@ -1,0 +1,199 @@
+"""Proof that the function was kept: loss and logits of source and output, run by transformers.
+
+Every comparison runs the models with stock transformers code (or the code shipped with a patched
+checkpoint), in float32 by default, on the same tokens. Each step is judged by the rule its
+promise implies: exact ops against float rounding, approximate ones against the recipe tolerance.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import SurgeryError
+from .ops import Exactness, Promise
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Relative loss change accepted for a step promised exact, by evaluation precision.
+EXACT_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def license_text() -> str:
+    """The Python license as the running interpreter prints it (the article's data)."""
+    printer = getattr(builtins, "license", None)
+    try:
+        printer._Printer__setup()
+        text = "\n".join(printer._Printer__lines)
+        if len(text) > 1000:
+            return text
+    except AttributeError:
+        pass
+    return (ASSETS / "python-license.txt").read_text()
+
+
+def load_text(data: str) -> str:
+    if data == "builtin:python-license":
+        return license_text()
+    p = Path(data).expanduser()
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise SurgeryError("directory holds no .txt files", where=f"verify.data {data}")
+        return "\n\n".join(f.read_text(errors="replace") for f in files)
+    if p.is_file():
+        return p.read_text(errors="replace")
+    raise SurgeryError("not found: use builtin:python-license, a text file or a directory of .txt files", where=f"verify.data {data}")
+
+
+def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source_dir))
+    except Exception as e:  # transformers raises many types for a missing tokenizer
+        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}); verification needs one, or pass --no-verify",
+                           where=str(source_dir)) from None
+    ids = tok(load_text(data), return_tensors="pt")["input_ids"][:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise SurgeryError("verification data gives fewer than 2 tokens", where=f"verify.data {data}")
+    return ids
+
+
+def model_class(config):
+    if getattr(config, "surgery_live_width", None):
+        from .modeling.modeling_surgery import SurgeryStableLmForCausalLM
+
+        return SurgeryStableLmForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                       attn_implementation: str | None = None):
+    """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "auto_map"})
+    cls = model_class(cfg)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval()
+
+
+def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device):
+    """Load a written checkpoint the way users will, and refuse any missing or unexpected key."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(out_dir))
+    cls = model_class(cfg)
+    model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise AssertionError(f"output does not load cleanly: {bad}")
+    return model.to(device).eval()
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    logits: torch.Tensor  # (tokens, vocab) on CPU, float32/64
+
+
+@torch.no_grad()
+def evaluate_model(model, ids: torch.Tensor) -> Evaluation:
+    dev = next(model.parameters()).device
+    out = model(input_ids=ids.to(dev), labels=ids.to(dev))
+    return Evaluation(float(out.loss), out.logits[0].to("cpu"))
+
+
+@dataclass
+class Comparison:
+    loss: float
+    rel_change: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+
+
+def compare(ref: Evaluation, other: Evaluation) -> Comparison:
+    v = ref.logits.shape[-1]
+    a, b = ref.logits.double(), other.logits[..., :v].double()
+    diff = (a - b).abs()
+    return Comparison(
+        loss=other.loss,
+        rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
+        max_logit_diff=float(diff.max()),
+        mean_logit_diff=float(diff.mean()),
+        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+    )
+
+
+def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtype, vocab_size: int) -> tuple[bool, str]:
+    """Which rule applies to a step, and whether it held."""
+    if promise.exactness == Exactness.REINIT:
+        bound = 2 * math.log(vocab_size)
+        return cmp.loss <= bound, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}"
+    if promise.exactness in (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE):
+        tol = min(tolerance, EXACT_TOLERANCE[dtype]) if tolerance > 0 else EXACT_TOLERANCE[dtype]
+        return abs(cmp.rel_change) <= tol, f"{promise.exactness.value}: |rel change| <= {tol:g} ({str(dtype)[6:]} rounding)"
+    return cmp.rel_change <= tolerance, f"approximate: rel change <= tolerance {tolerance:g}"
+
+
+@dataclass
+class StepResult:
+    op: str
+    loss: float
+    rel_change: float
+    max_logit_diff: float
+    exactness: str
+    rule: str
+    passed: bool
+
+
+@dataclass
+class Report:
+    loss_source: float
+    loss_output: float
+    rel_change: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+    passed: bool
+    rule: str
+    promise: str
+    params_source: int
+    params_output: int
+    tokens: int
+    precision: str
+    steps: list[StepResult] = field(default_factory=list)
+    broken_by: str | None = None
+    dead_slices: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def table(self) -> str:
+        rows = [("step", "loss", "rel change", "max |dlogit|", "rule", "ok")]
+        rows.append(("source", f"{self.loss_source:.6f}", "", "", "", ""))
+        for s in self.steps:
+            rows.append((s.op, f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule, "yes" if s.passed else "NO"))
+        rows.append(("output", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}", f"{self.max_logit_diff:.3e}", self.rule,
+                     "yes" if self.passed else "NO"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
+        lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
+        if self.dead_slices:
+            lines.append(f"dead slices (no gradient): {len(self.dead_slices)}")
+        return "\n".join(lines)
