@@ -19,11 +19,12 @@ from . import __version__
 from .errors import SurgeryError
 from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
 from .io.resolve import resolve_source
+from .ops import Exactness
 from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan, format_plan
 from .recipe.loader import LoadedRecipe, load_recipe
 from .verify import (
-    Report, StepResult, compare, evaluate_model, judge, load_output, model_from_tensors, tokenize,
+    Report, StepResult, compare, dead_slices, evaluate_model, judge, load_output, model_from_tensors, tokenize,
 )
 
 
@@ -103,6 +104,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     del source_model
     vocab = p.initial.spec.vocab_size
     steps: list[StepResult] = []
+    dead: list[dict] = []
     broken = None
     final_cmp = None
     for i, step in enumerate(p.steps):
@@ -111,22 +113,28 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
             continue
         if last:
             model = load_output(out_dir, dtype, device)
+            dead = dead_slices(model, ids, p.final.new_slices)
         else:
             model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
         cmp = compare(ref, evaluate_model(model, ids))
         del model
         ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
+        if not last and step.cumulative.exactness == Exactness.APPROXIMATE:
+            ok, rule = None, "approximate so far: informational, later ops may restore it"
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff,
                                 step.cumulative.exactness.value, rule, ok))
         if last:
             final_cmp = (cmp, ok, rule)
-        elif not ok and step.cumulative.exactness.value != "approximate" and broken is None:
+        elif ok is False and broken is None:
             broken = f"ops[{i}] {step.op.op}"
     if final_cmp is None:  # no ops: a plain copy
         cmp = compare(ref, evaluate_model(load_output(out_dir, dtype, device), ids))
         ok, rule = judge(p.promise, cmp, v.tolerance, dtype, vocab)
         final_cmp = (cmp, ok, rule)
     cmp, ok, rule = final_cmp
+    if dead:
+        ok = False
+        rule += f"; {len(dead)} new slice(s) get no gradient"
     if not ok and broken is None and p.steps:
         broken = _first_failing(steps, p)
     return Report(
@@ -134,13 +142,13 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, passed=ok, rule=rule,
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]), precision=str(dtype).replace("torch.", ""),
-        steps=steps, broken_by=broken if not ok else None,
+        steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
     )
 
 
 def _first_failing(steps: list[StepResult], p: Plan) -> str | None:
     for s, step in zip(steps, p.steps):
-        if not s.passed:
+        if s.passed is False:
             return f"ops[{step.index}] {step.op.op}"
     return None
 
@@ -176,7 +184,7 @@ def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Repor
              f"# {loaded.recipe.name}", ""]
     if loaded.recipe.description:
         lines += [loaded.recipe.description.strip(), ""]
-    lines += [f"Made with [surgery](https://github.com/) {__version__} from `{src}` in {seconds:.1f} s.", "",
+    lines += [f"Made with surgery {__version__} from `{src}` in {seconds:.1f} s.", "",
               f"Promise: **{p.promise.exactness.value}**: {p.promise.reason}.", ""]
     if p.final.spec.live_width:
         lines += ["This checkpoint ships its model code (`modeling_surgery.py`): load it with "

@@ -118,16 +118,35 @@ class ModelSpec:
     def set_hidden_size(self, hidden: int) -> None:
         self.config["hidden_size"] = hidden
 
+    def set_intermediate_size(self, size: int) -> None:
+        self.config["intermediate_size"] = size
+
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps
 
-    def set_num_layers(self, n: int, inserted_after: list[int] | None = None) -> None:
+    def set_num_layers(self, n: int, inserted_after: list[int] | None = None, origin: list[int] | None = None) -> None:
+        """Set the depth and keep per-layer config lists (`layer_types`) in step with the layers.
+
+        `origin[i]` is the old layer that output layer i is, or is made from (a copy, or the
+        neighbour a new block was placed next to): its entry is what layer i gets. Without it,
+        `inserted_after` lists old layers each followed by one new block (-1: before layer 0), and
+        with neither the old layers keep their place and new ones repeat the last entry.
+        """
         old = self.num_layers
+        if origin is None:
+            after = sorted(inserted_after or [])
+            origin, k = [], 0
+            for j in range(-1, old):
+                if j >= 0:
+                    origin.append(j)
+                while k < len(after) and after[k] == j:
+                    origin.append(min(max(j, 0), old - 1))
+                    k += 1
+            origin = (origin + [old - 1] * n)[:n]
+        if len(origin) != n or not all(0 <= j < old for j in origin):
+            raise ValueError(f"origin must list {n} old layer indices in [0, {old}), got {origin}")
         self.config["num_hidden_layers"] = n
         for f in self.arch.layer_type_fields:
             types = self.config.get(f)
             if isinstance(types, list) and len(types) == old:
-                new = list(types)
-                for pos in sorted(inserted_after or [], reverse=True):
-                    new.insert(pos + 1, types[min(pos, old - 1)])
-                self.config[f] = (new + [types[-1]] * n)[:n]
+                self.config[f] = [types[j] for j in origin]

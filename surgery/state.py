@@ -45,7 +45,8 @@ class ModelState:
         return state
 
     def copy(self) -> "ModelState":
-        return ModelState(self.spec.copy(), dict(self.tensors), list(self.new_slices))
+        slices = [NewSlice(s.tensor, s.axis, list(s.index), s.op) for s in self.new_slices]
+        return ModelState(self.spec.copy(), dict(self.tensors), slices)
 
     def info(self, name: str) -> TensorInfo:
         info = self.spec.arch.classify(name)
@@ -93,6 +94,12 @@ class ModelState:
                 n = s.arch.parameter_name(role, "weight", layer)
                 if n not in self.tensors:
                     raise SurgeryError(f"missing tensor {n!r}", where=where)
+
+    def rename(self, mapping: dict[str, str]) -> None:
+        """Rename tensors (new layer or head indices), keeping recorded new slices attached."""
+        self.tensors = {mapping.get(n, n): t for n, t in self.tensors.items()}
+        for s in self.new_slices:
+            s.tensor = mapping.get(s.tensor, s.tensor)
 
     @property
     def num_parameters(self) -> int:

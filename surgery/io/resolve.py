@@ -21,14 +21,14 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
         name = source.split(":", 1)[1]
         path = ASSETS / name
         if not path.is_dir() or name not in builtin_names():
-            raise SurgeryError(f"unknown builtin {name!r}; available: {', '.join(builtin_names())}", where="source")
+            raise SurgeryError(f"unknown builtin {name!r}; available: {', '.join(builtin_names())}")
         return path
     path = Path(source).expanduser()
     if path.exists():
         return path
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return download(source, revision)
-    raise SurgeryError(f"{source!r} is neither an existing directory, builtin:NAME, nor a hub id ORG/NAME", where="source")
+    raise SurgeryError(f"{source!r} is neither an existing directory, builtin:NAME, nor a hub id ORG/NAME")
 
 
 def download(repo_id: str, revision: str | None) -> Path:
@@ -43,6 +43,5 @@ def download(repo_id: str, revision: str | None) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SurgeryError(
             f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}); "
-            f"download it elsewhere and pass --source PATH",
-            where="source",
+            f"download it elsewhere and pass --source PATH"
         ) from None

@@ -7,10 +7,12 @@ from pydantic import Field
 
 from .base import Exactness, Init, Op, OpContext, Promise
 from .grow_heads import GrowHeads
+from .grow_layers import GrowLayers
+from .grow_mlp import GrowMlp
 from .patch_layernorm import PatchLayerNorm
 from .rescale_norm import RescaleNorm
 
-OPS: list[type[Op]] = [GrowHeads, RescaleNorm, PatchLayerNorm]
+OPS: list[type[Op]] = [GrowHeads, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers]
 
 AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
 

@@ -86,6 +86,6 @@ class Op(BaseModel):
         raise NotImplementedError
 
     def label(self) -> str:
-        args = self.model_dump(exclude={"op"}, exclude_defaults=True)
+        args = self.model_dump(mode="json", exclude={"op"}, exclude_defaults=True, by_alias=True)
         inner = ", ".join(f"{k}={v}" for k, v in args.items())
         return f"{self.op}({inner})" if inner else self.op

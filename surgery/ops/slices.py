@@ -86,6 +86,9 @@ def grow_axis(
     shape[axis] = new_size
     dest_t = torch.tensor(dest, dtype=torch.long)
     state.tensors[name] = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label)
+    for s in state.new_slices:
+        if s.tensor == name and s.axis == axis:
+            s.index = [dest[i] for i in s.index]
     if track:
         new = missing_positions(new_size, dest)
         if new:

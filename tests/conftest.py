@@ -1,0 +1,32 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ASSETS = Path(__file__).resolve().parent.parent / "surgery" / "assets"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-llama") -> Path:
+    """Save a factories model as a transformers checkpoint with a real tokenizer beside it."""
+    model.save_pretrained(path)
+    for f in TOKENIZER_FILES:
+        src = ASSETS / tokenizer_from / f
+        if src.is_file():
+            shutil.copyfile(src, path / f)
+    return path
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def make(text: str, name: str = "recipe.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return make
