@@ -77,6 +77,18 @@ def _cumulative(promises: list[Promise], spec: ModelSpec) -> Promise:
     return Promise(worst, "; ".join(dict.fromkeys(reasons)))
 
 
+def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
+    """transformers must accept the config an op produces, or the output would not load."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"})
+    except (ValueError, TypeError) as e:
+        cause = getattr(e, "__cause__", None) or e
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise loaded.error(SurgeryError(f"transformers rejects the resulting config: {msg}", loc=("ops", i))) from None
+
+
 def _diff_config(before: dict, after: dict) -> dict[str, tuple]:
     keys = [k for k in dict.fromkeys(list(before) + list(after)) if k not in ("transformers_version", "auto_map")]
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
@@ -114,6 +126,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
         nxt.check_shapes(where=f"after ops[{i}] ({op.op}) [internal error]")
+        _check_config(nxt.spec, loaded, i)
         promises.append(promise)
         touched = []
         for name, node in nxt.tensors.items():
