@@ -12,7 +12,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "surgery" / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-llama") -> Path:
+def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-stablelm") -> Path:
     """Save a factories model as a transformers checkpoint with a real tokenizer beside it."""
     model.save_pretrained(path)
     for f in TOKENIZER_FILES:
