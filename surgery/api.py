@@ -18,6 +18,7 @@ import yaml
 from . import __version__
 from .errors import SurgeryError
 from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .io.native import add_hf_tokenizer, is_native, write_native
 from .io.resolve import resolve_source
 from .ops import Exactness
 from .io.writer import AtomicOutput
@@ -35,8 +36,10 @@ class RunResult:
     report: Report | None
 
 
-def load(recipe: str | Path, sets: list[str] | None = None, source: str | None = None, output: str | None = None) -> LoadedRecipe:
-    return load_recipe(recipe, sets=sets, source=source, output=output)
+def load(recipe: str | Path, sets: list[str] | None = None, source: str | None = None, output: str | None = None,
+         libraries: list[str] | None = None) -> LoadedRecipe:
+    """A recipe by path, library name or hf:// address, with overrides applied and validated."""
+    return load_recipe(recipe, sets=sets, source=source, output=output, libraries=libraries)
 
 
 def validate(recipe: str | Path, **overrides) -> LoadedRecipe:
@@ -64,8 +67,9 @@ def run(
     force: bool = False,
     verify: bool = True,
     progress: bool = False,
+    libraries: list[str] | None = None,
 ) -> RunResult:
-    loaded = recipe if isinstance(recipe, LoadedRecipe) else load(recipe, sets=sets, source=source, output=output)
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load(recipe, sets, source, output, libraries)
     r = loaded.recipe
     out_spec = r.output_spec
     if out_spec is None:
@@ -77,9 +81,13 @@ def run(
         raise loaded.error(e) from None
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
-        write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-        write_config(p.final, tmp, out_spec.dtype)
+        if out_spec.format == "mistral":
+            write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress)
+        else:
+            write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
+        add_hf_tokenizer(p.source_dir, tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None
@@ -94,7 +102,7 @@ def run(
 
 def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     """Loss and logits of the source, of every intermediate step (per_op), and of the written output."""
-    from .verify import load_output as _load
+    from .io.native import load_model as _load  # native dirs are converted in memory
 
     v = p.loaded.recipe.verify
     dtype = compute_dtype_for(p.initial)
@@ -112,7 +120,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         if not (v.per_op or last):
             continue
         if last:
-            model = load_output(out_dir, dtype, device)
+            model = _load(out_dir, dtype, device)
             dead = dead_slices(model, ids, p.final.new_slices)
         else:
             model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
@@ -128,7 +136,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         elif ok is False and broken is None:
             broken = f"ops[{i}] {step.op.op}"
     if final_cmp is None:  # no ops: a plain copy
-        cmp = compare(ref, evaluate_model(load_output(out_dir, dtype, device), ids))
+        cmp = compare(ref, evaluate_model(_load(out_dir, dtype, device), ids))
         ok, rule = judge(p.promise, cmp, v.tolerance, dtype, vocab)
         final_cmp = (cmp, ok, rule)
     cmp, ok, rule = final_cmp
@@ -156,7 +164,7 @@ def _first_failing(steps: list[StepResult], p: Plan) -> str | None:
 def source_fingerprint(p: Plan) -> str:
     """Content hash of the source: config and tensor headers (names, shapes, dtypes, file sizes)."""
     h = hashlib.sha256()
-    h.update((p.source_dir / "config.json").read_bytes())
+    h.update((p.source_dir / ("params.json" if is_native(p.source_dir) else "config.json")).read_bytes())
     for name, meta in sorted(p.checkpoint.tensors.items()):
         h.update(f"{name}:{meta.shape}:{meta.dtype}:{meta.file.stat().st_size}".encode())
     return h.hexdigest()

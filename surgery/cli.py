@@ -5,19 +5,28 @@ Exit 0: done. Exit 1: the surgery ran but verification failed. Exit 2: bad input
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import SurgeryError, VerificationFailed
 
 
+def _library(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--library", action="append", default=[], metavar="DIR",
+                   help="extra recipe library directory (also SURGERY_RECIPES_PATH); repeatable")
+
+
 def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe file")
+    p.add_argument("recipe", help="recipe file, library name, or hf://ORG/REPO/path.yaml")
     p.add_argument("--source", help="override the recipe's source (directory, hub id or builtin:NAME)")
     p.add_argument("--output", help="override the recipe's output directory")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value by dotted path, e.g. ops.0.num_heads=48 (repeatable)")
+    _library(p)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,20 +44,106 @@ def parser() -> argparse.ArgumentParser:
     _overrides(p)
     p = sub.add_parser("validate", help="check a recipe against the schema")
     _overrides(p)
+
+    p = sub.add_parser("recipes", help="the recipe library: list, show, cp")
+    rsub = p.add_subparsers(dest="recipes_command", required=True)
+    q = rsub.add_parser("list", help="name, ops, exactness and description of every library recipe")
+    _library(q)
+    q = rsub.add_parser("show", help="print a library recipe")
+    q.add_argument("name")
+    _library(q)
+    q = rsub.add_parser("cp", help="copy a library recipe to edit it")
+    q.add_argument("name")
+    q.add_argument("dest")
+    _library(q)
+
+    sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+
+    p = sub.add_parser("check", help="run every recipe of a library on a tiny model and check its promise")
+    p.add_argument("library_dir", nargs="?", help="library directory (default: the built-in recipes)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="check only these recipes")
+
+    for register in _extensions():
+        register(sub)
     return ap
+
+
+def _extensions():
+    """Commands that live in their own modules (each adds its parser and a `func`)."""
+    out = []
+    for mod, name in (("surgery.inspect", "add_inspect_parser"), ("surgery.convert", "add_convert_parser"),
+                      ("surgery.verify_command", "add_verify_parser")):
+        try:
+            module = __import__(mod, fromlist=[name])
+        except ModuleNotFoundError:
+            continue
+        out.append(getattr(module, name))
+    return out
+
+
+def _recipes(args) -> int:
+    from .plan import compile_plan
+    from .io.resolve import resolve_source
+    from .recipe.library import entries, find_recipe, guess_test_source
+    from .recipe.loader import load_recipe
+
+    if args.recipes_command == "list":
+        rows = [("name", "architecture", "ops", "exactness", "description")]
+        for e in entries(args.library):
+            src = e.test_source or guess_test_source(e.source)
+            arch, exact = "?", "?"
+            if src:
+                try:
+                    loaded = load_recipe(e.path, libraries=args.library, source=src)
+                    p = compile_plan(loaded, resolve_source(src))
+                    arch, exact = p.initial.spec.arch.name, p.promise.exactness.value
+                except SurgeryError:
+                    pass
+            rows.append((e.name, arch, ", ".join(e.ops) or "(copy)", exact, e.description))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        return 0
+    path = find_recipe(args.name, args.library)
+    if args.recipes_command == "show":
+        print(path.read_text(), end="")
+        return 0
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / path.name
+    if dest.exists():
+        raise SurgeryError("destination exists; not overwriting", where=str(dest))
+    shutil.copyfile(path, dest)
+    print(f"copied {path.name} to {dest}")
+    return 0
 
 
 def _run(args) -> int:
     from . import api
     from .plan import format_plan
 
-    kw = dict(sets=args.sets, source=args.source, output=args.output)
+    if args.command == "recipes":
+        return _recipes(args)
+    if args.command == "schema":
+        from .recipe.schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    if args.command == "check":
+        from .recipe.check import check_library, format_results
+
+        results = check_library([args.library_dir] if args.library_dir else None, args.only or None)
+        print(format_results(results))
+        return 0 if all(r.passed for r in results) else 1
+    if hasattr(args, "func"):
+        return args.func(args)
+    kw = dict(sets=args.sets, source=args.source, output=args.output, libraries=args.library)
     if args.command == "validate":
-        loaded = api.validate(args.recipe, **kw)
+        loaded = api.load(args.recipe, **kw)
         print(f"{loaded.file}: ok ({len(loaded.recipe.ops)} ops)")
         return 0
     if args.command == "plan":
-        print(format_plan(api.plan(args.recipe, **kw)))
+        print(format_plan(api.plan(api.load(args.recipe, **kw))))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=sys.stderr.isatty(), **kw)

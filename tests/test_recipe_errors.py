@@ -76,27 +76,27 @@ def test_cli_prints_one_line_and_exits_2_without_traceback(write_recipe, capsys)
 
 
 @pytest.mark.parametrize(
-    "ops, expected",
+    "ops, expected, where",
     [
-        ("  - op: grow_heads\n    num_heads: 2\n", "shrink"),
-        ("  - op: grow_heads\n    num_heads: x1.1\n", "not an integer"),
-        ("  - op: grow_heads\n    num_heads: 'x2'\n    num_kv_heads: 3\n", "does not divide"),
-        ("  - op: rescale_norm\n", "nothing to rescale"),
-        ("  - op: grow_heads\n    num_heads: 0\n", "positive"),
+        ("  - op: grow_heads\n    num_heads: 2\n", "shrink", "recipe.yaml:5:16: ops.0.num_heads"),
+        ("  - op: grow_heads\n    num_heads: x1.1\n", "not an integer", "recipe.yaml:5:16: ops.0.num_heads"),
+        ("  - op: grow_heads\n    num_heads: 'x2'\n    num_kv_heads: 3\n", "does not divide", "recipe.yaml:6:19: ops.0.num_kv_heads"),
+        ("  - op: rescale_norm\n", "nothing to rescale", "recipe.yaml:4:9: ops.0.op"),
+        ("  - op: grow_heads\n    num_heads: 0\n", "positive", "recipe.yaml:5:16: ops.0.num_heads"),
     ],
 )
-def test_impossible_sizes_are_refused_at_plan_time_with_position(write_recipe, ops, expected, capsys):
+def test_impossible_sizes_are_refused_at_plan_time_with_position(write_recipe, ops, expected, where, capsys):
     path = write_recipe(f"name: t\nsource: builtin:tiny-llama\nops:\n{ops}")
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
-    assert expected in err and "recipe.yaml:4:" in err
+    assert expected in err and where in err
 
 
 def test_patch_layernorm_on_an_rmsnorm_model_is_a_validation_error(write_recipe, capsys):
     path = write_recipe("name: t\nsource: builtin:tiny-llama\nops:\n  - op: grow_heads\n    num_heads: x2\n  - op: patch_layernorm\n")
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "RMSNorm" in err and "recipe.yaml:6:" in err
+    assert "RMSNorm" in err and "recipe.yaml:6:9: ops.1.op" in err
 
 
 def test_hub_source_offline_fails_clearly_and_suggests_a_path(write_recipe, capsys, monkeypatch):

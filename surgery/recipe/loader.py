@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ class LoadedRecipe:
     recipe: Recipe
     file: str
     data: dict
-    positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
-    overridden: dict[tuple, str] = field(default_factory=dict)
+    positions: dict[tuple, str] = field(default_factory=dict)  # path in the recipe -> "file:line:col"
+    overridden: dict[tuple, str] = field(default_factory=dict)  # path -> "--set ..." that set it
 
     def where(self, loc: tuple | None) -> str:
         return locate(self.file, self.positions, self.overridden, loc or ())
@@ -35,23 +36,21 @@ def locate(file: str, positions: dict, overridden: dict, loc: tuple) -> str:
     for n in range(len(loc), -1, -1):
         key = tuple(loc[:n])
         if key in overridden:
-            return f"{overridden[key]}"
+            return overridden[key]
         if key in positions:
-            line, col = positions[key]
-            return f"{file}:{line}:{col}"
+            return positions[key]
     return file
 
 
-def _positions(node: yaml.Node, path: tuple, out: dict) -> None:
-    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+def _positions(node: yaml.Node, path: tuple, file: str, out: dict) -> None:
+    out[path] = f"{file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            key = k.value
-            _positions(v, path + (key,), out)
-            out[path + (key, "__key__")] = (k.start_mark.line + 1, k.start_mark.column + 1)
+            _positions(v, path + (k.value,), file, out)
+            out[path + (k.value, "__key__")] = f"{file}:{k.start_mark.line + 1}:{k.start_mark.column + 1}"
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _positions(v, path + (i,), out)
+            _positions(v, path + (i,), file, out)
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
@@ -66,7 +65,7 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
         raise SurgeryError(f"malformed YAML: {e}", where=file) from None
     positions: dict = {}
     if node is not None:
-        _positions(node, (), positions)
+        _positions(node, (), file, positions)
     return data, positions
 
 
@@ -103,24 +102,92 @@ def apply_set(data: dict, assignment: str, overridden: dict) -> None:
     overridden[tuple(path)] = where
 
 
+def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tuple = ()) -> tuple[dict, dict, str]:
+    """A recipe file with its `extends` chain merged in: (data, positions, file)."""
+    from .library import find_recipe
+
+    path = find_recipe(str(ref), libraries)
+    file = str(path)
+    if file in seen:
+        raise SurgeryError(f"extends forms a cycle: {' -> '.join(seen + (file,))}", where=file)
+    data, positions = parse_yaml(path.read_text(), file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SurgeryError("a recipe is a YAML mapping (name:, source:, ops:, ...)", where=f"{file}:1:1")
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        if "ops+" in data:
+            raise SurgeryError("ops+ appends to the ops of an extended recipe; this recipe extends none",
+                               where=positions.get(("ops+", "__key__"), file))
+        return data, positions, file
+    if not isinstance(base_ref, str):
+        raise SurgeryError("extends takes a recipe name or path", where=positions.get(("extends",), file))
+    local = path.parent / base_ref
+    try:
+        base, base_pos, _ = read_document(local if local.is_file() else base_ref, libraries, seen + (file,))
+    except SurgeryError as e:
+        raise e.located(positions.get(("extends",), file)) from None
+    return merge(base, base_pos, data, positions)
+
+
+def merge(base: dict, base_pos: dict, child: dict, child_pos: dict, path: tuple = ()) -> tuple[dict, dict, str]:
+    """Mappings merge key by key, lists and values replace; `ops+:` appends to the base's ops."""
+    out = dict(base)
+    pos = {k: v for k, v in base_pos.items()}
+    for key, value in child.items():
+        kpath = path + (key,)
+        if key == "ops+" and not path:
+            start = len(base.get("ops") or [])
+            out["ops"] = list(base.get("ops") or []) + list(value or [])
+            for k, v in child_pos.items():
+                if k[:1] == ("ops+",) and len(k) > 1 and isinstance(k[1], int):
+                    pos[("ops", start + k[1]) + k[2:]] = v
+            continue
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            sub, sub_pos, _ = merge(base[key], {}, value, {}, kpath)
+            out[key] = sub
+        else:
+            out[key] = value
+            pos = {k: v for k, v in pos.items() if k[: len(kpath)] != kpath}
+        pos.update({k: v for k, v in child_pos.items() if k[: len(kpath)] == kpath})
+    return out, pos, ""
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute(data: Any, variables: dict, positions: dict, overridden: dict, file: str, path: tuple = ()) -> Any:
+    """`${name}` from `vars:`; a string that is exactly one reference takes the variable's type."""
+    if isinstance(data, dict):
+        return {k: substitute(v, variables, positions, overridden, file, path + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [substitute(v, variables, positions, overridden, file, path + (i,)) for i, v in enumerate(data)]
+    if isinstance(data, str) and "${" in data:
+        for name in _VAR.findall(data):
+            if name not in variables:
+                known = ", ".join(sorted(variables)) or "none defined"
+                raise SurgeryError(f"unknown variable ${{{name}}}; vars: {known}", loc=path,
+                                   where=locate(file, positions, overridden, path))
+        whole = _VAR.fullmatch(data)
+        if whole:
+            return variables[whole.group(1)]
+        return _VAR.sub(lambda m: str(variables[m.group(1)]), data)
+    return data
+
+
 def load_recipe(
     path: str | Path,
     sets: list[str] | None = None,
     source: str | None = None,
     output: str | None = None,
-    text: str | None = None,
+    libraries: list[str] | None = None,
 ) -> LoadedRecipe:
-    file = str(path)
-    if text is None:
-        p = Path(path)
-        if not p.is_file():
-            raise SurgeryError("recipe file not found", where=file)
-        text = p.read_text()
-    data, positions = parse_yaml(text, file)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SurgeryError("a recipe is a YAML mapping (name:, source:, ops:, ...)", where=f"{file}:1:1")
+    """Read, merge `extends`, apply overrides, substitute `vars`, validate."""
+    data, positions, _ = read_document(path, libraries)
+    from .library import find_recipe
+
+    file = str(find_recipe(str(path), libraries))
     overridden: dict = {}
     for s in sets or []:
         apply_set(data, s, overridden)
@@ -133,6 +200,10 @@ def load_recipe(
         else:
             data["output"] = output
         overridden[("output",)] = "--output"
+    variables = data.pop("vars", None) or {}
+    if not isinstance(variables, dict):
+        raise SurgeryError("vars is a mapping of names to values", where=positions.get(("vars",), file))
+    data = substitute(data, variables, positions, overridden, file)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

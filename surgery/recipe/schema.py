@@ -21,6 +21,7 @@ class OutputSpec(Strict):
     path: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard_size: Union[str, int] = "5GB"
+    format: Literal["hf", "mistral"] = "hf"
 
     @field_validator("shard_size")
     @classmethod
@@ -47,6 +48,7 @@ class Recipe(Strict):
     name: str = Field(min_length=1)
     description: Optional[str] = None
     source: Union[str, SourceSpec]
+    test_source: Optional[str] = Field(None, description="small model `surgery check` runs this recipe on (e.g. builtin:tiny-llama)")
     output: Union[str, OutputSpec, None] = None
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -62,3 +64,15 @@ class Recipe(Strict):
         if self.output is None:
             return None
         return self.output if isinstance(self.output, OutputSpec) else OutputSpec(path=self.output)
+
+
+def json_schema() -> dict:
+    """The JSON Schema editors use (`# yaml-language-server: $schema=...` in every recipe)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "surgery recipe"
+    props = schema.setdefault("properties", {})
+    props["extends"] = {"type": "string", "description": "recipe name or path this one builds on; ops lists replace unless ops+ appends"}
+    props["ops+"] = {"type": "array", "description": "ops appended to the extended recipe's ops"}
+    props["vars"] = {"type": "object", "description": "values substituted for ${name} anywhere in the recipe"}
+    return schema

@@ -1,0 +1,62 @@
+"""`surgery check`: every recipe of a library, run on a tiny model of its family, keeps its promise."""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SurgeryError
+from .library import entries, guess_test_source
+
+
+@dataclass
+class CheckResult:
+    name: str
+    source: str
+    promise: str
+    rel_change: float | None
+    dead: int
+    passed: bool
+    seconds: float
+    problem: str = ""
+
+
+def check_library(libraries: list[str] | None = None, names: list[str] | None = None) -> list[CheckResult]:
+    from .. import api
+
+    results = []
+    for e in entries(libraries):
+        if names and e.name not in names:
+            continue
+        src = e.test_source or guess_test_source(e.source)
+        t0 = time.perf_counter()
+        if src is None:
+            results.append(CheckResult(e.name, "-", "-", None, 0, False, 0.0, "no test_source and no builtin of its family"))
+            continue
+        with tempfile.TemporaryDirectory(prefix="surgery-check-") as tmp:
+            try:
+                r = api.run(e.path, source=src, output=str(Path(tmp) / "out"), libraries=libraries)
+            except SurgeryError as err:
+                results.append(CheckResult(e.name, src, "-", None, 0, False, time.perf_counter() - t0, str(err)))
+                continue
+        rep = r.report
+        results.append(CheckResult(e.name, src, r.plan.promise.exactness.value, rep.rel_change, len(rep.dead_slices),
+                                   rep.passed, time.perf_counter() - t0, "" if rep.passed else rep.rule))
+    return results
+
+
+def format_results(results: list[CheckResult]) -> str:
+    rows = [("recipe", "test source", "promise", "rel change", "dead", "ok", "s")]
+    for r in results:
+        rows.append((r.name, r.source, r.promise, "-" if r.rel_change is None else f"{r.rel_change:+.2e}", str(r.dead),
+                     "yes" if r.passed else "NO", f"{r.seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if r.problem:
+            lines.append(f"{r.name}: {r.problem}")
+    ok = sum(r.passed for r in results)
+    lines.append(f"{ok} passed, {len(results) - ok} failed")
+    return "\n".join(lines)
