@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .execute import compute_dtype_for, copy_side_files, materialize, pick_devic
 from .io.native import add_hf_tokenizer, is_native, write_native
 from .io.resolve import resolve_source
 from .ops import Exactness
-from .io.writer import AtomicOutput
+from .io.writer import AtomicOutput, file_digests
 from .plan import Plan, compile_plan, format_plan
 from .recipe.loader import LoadedRecipe, load_recipe
 from .verify import (
@@ -81,13 +82,9 @@ def run(
         raise loaded.error(e) from None
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
-        if out_spec.format == "mistral":
-            write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress)
-        else:
-            write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-            write_config(p.final, tmp, out_spec.dtype)
+        tensor_digests = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+        write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
-        add_hf_tokenizer(p.source_dir, tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None
@@ -95,8 +92,8 @@ def run(
             t1 = time.perf_counter()
             report = verify_plan(p, tmp, dev)
             report.seconds = time.perf_counter() - t1
-            (tmp / "surgery_report.json").write_text(report.to_json())
         write_model_card(loaded, p, tmp, report, surgery_seconds)
+        write_report(tmp, report, surgery_seconds, tensor_digests)
     return RunResult(Path(out_spec.path), p, report)
 
 
@@ -152,6 +149,20 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]), precision=str(dtype).replace("torch.", ""),
         steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
     )
+
+
+REPORT = "surgery_report.json"
+
+
+def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, tensor_digests: dict[str, str]) -> None:
+    """The verification result plus integrity hashes: every output file and every tensor."""
+    doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3)}
+    if report is not None:
+        doc.update(json.loads(report.to_json()))
+        doc["verify_seconds"] = round(report.seconds, 3)
+    doc["tensor_sha256"] = tensor_digests
+    doc["files_sha256"] = file_digests(out_dir, skip=(REPORT,))
+    (out_dir / REPORT).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _first_failing(steps: list[StepResult], p: Plan) -> str | None:

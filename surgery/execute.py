@@ -61,7 +61,8 @@ def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dt
 
 
 def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device, dtype: str = "auto",
-                  shard_size: str | int = "5GB", progress: bool = True) -> list[str]:
+                  shard_size: str | int = "5GB", progress: bool = True) -> dict[str, str]:
+    """Stream every output tensor into its shard; returns each tensor's SHA-256."""
     tensors = output_tensors(state, dtype)
     planned = [PlannedTensor(n, node.shape, d) for n, node, d in tensors]
     shards = assign_shards(planned, parse_size(shard_size))
@@ -74,6 +75,7 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         t = evaluate(node, reader, device, cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
+    digests: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for shard, fname in zip(shards, names):
@@ -85,12 +87,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
                 if queue:
                     nxt = queue.pop(0)
                     pending.append((nxt, pool.submit(compute, nxt.name)))
-                writer.write(p.name, fut.result())
+                digests[p.name] = writer.write(p.name, fut.result())
                 bar.update(p.nbytes)
             writer.close()
     bar.close()
     write_index(out_dir, shards, names)
-    return names
+    return digests
 
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:

@@ -7,6 +7,7 @@ are standard safetensors (the tests read them back with `safe_open`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -92,15 +93,17 @@ class ShardWriter:
         self.f.truncate(self.data_start + offset)
         self.remaining = set(self.planned)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> str:
+        """Write one tensor's bytes at its offset; returns their SHA-256 (recorded in the report)."""
         p = self.planned[name]
         if tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
             raise AssertionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {p.shape} {p.dtype}")
-        data = tensor.detach().to("cpu").contiguous()
-        buf = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        buf = data.view(torch.uint8).numpy() if data.numel() else b""
         self.f.seek(self.data_start + self.offsets[name])
         self.f.write(buf)
         self.remaining.discard(name)
+        return hashlib.sha256(buf).hexdigest()
 
     def close(self) -> None:
         if self.remaining:
@@ -194,3 +197,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def file_digests(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file of an output, read in 16 MiB blocks."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[str(f.relative_to(directory))] = h.hexdigest()
+    return out
