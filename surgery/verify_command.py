@@ -1,0 +1,109 @@
+"""`surgery verify OUTPUT --against SOURCE` and `surgery verify --integrity OUTPUT`.
+
+Compares any two checkpoints (made by surgery or not) on the same tokens: one model is evaluated
+and freed before the other is loaded, so memory holds one model plus the reference logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SurgeryError
+from .io.resolve import resolve_source
+from .io.writer import file_digests
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class PairReport:
+    loss_reference: float
+    loss_candidate: float
+    rel_change: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    kl_divergence: float
+    top1_agreement: float
+    tokens: int
+    precision: str
+    compared_vocab: int
+    seconds: float
+
+    def text(self) -> str:
+        return "\n".join([
+            f"loss  reference {self.loss_reference:.6f}  candidate {self.loss_candidate:.6f}  rel change {self.rel_change:+.3e}",
+            f"logits  max |diff| {self.max_logit_diff:.3e}  mean |diff| {self.mean_logit_diff:.3e}  (first {self.compared_vocab} tokens of the vocab)",
+            f"next-token KL {self.kl_divergence:.3e}  top-1 agreement {self.top1_agreement:.4f}",
+            f"{self.tokens} tokens, {self.precision}, {self.seconds:.1f} s",
+        ])
+
+
+def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
+                        dtype: str = "float32", device: str = "auto") -> PairReport:
+    from .execute import pick_device
+    from .verify import evaluate_model, load_output, tokenize
+
+    t0 = time.perf_counter()
+    dt = DTYPES[dtype]
+    dev = pick_device(device)
+    ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
+    ids = tokenize(ref_dir, data, max_tokens)
+    ref = evaluate_model(load_output(ref_dir, dt, dev), ids)
+    cand = evaluate_model(load_output(cand_dir, dt, dev), ids)
+    v = ref.logits.shape[-1]
+    a, b = ref.logits.double(), cand.logits[..., :v].double()
+    diff = (a - b).abs()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    return PairReport(
+        loss_reference=ref.loss, loss_candidate=cand.loss,
+        rel_change=(cand.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
+        max_logit_diff=float(diff.max()), mean_logit_diff=float(diff.mean()), kl_divergence=float(kl),
+        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()), tokens=int(ids.shape[1]),
+        precision=dtype, compared_vocab=v, seconds=time.perf_counter() - t0,
+    )
+
+
+def check_integrity(output: Path) -> list[str]:
+    """Files whose SHA-256 differs from the one the report recorded (missing files included)."""
+    report = output / "surgery_report.json"
+    if not report.is_file():
+        raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
+    recorded = json.loads(report.read_text()).get("files_sha256")
+    if not recorded:
+        raise SurgeryError("the report records no file hashes", where=str(report))
+    now = file_digests(output, skip=("surgery_report.json",))
+    return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
+
+
+def add_verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
+    p.add_argument("output", help="the checkpoint to check")
+    p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
+    p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
+    p.add_argument("--data", default="builtin:python-license")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(args) -> int:
+    if args.integrity:
+        bad = check_integrity(Path(args.output))
+        if bad:
+            print(f"integrity FAILED: {len(bad)} file(s) changed or missing: {', '.join(bad)}")
+            return 1
+        print("integrity ok: every file matches its recorded SHA-256")
+        if not args.against:
+            return 0
+    if not args.against:
+        raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device)
+    print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
+    return 0

@@ -1,0 +1,48 @@
+"""`surgery verify`: comparisons of any two checkpoints, and integrity re-checks."""
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import save_checkpoint
+from factories import make_config, make_model
+from surgery import api
+from surgery.cli import main
+from surgery.verify_command import compare_checkpoints
+
+
+def test_known_perturbation_of_lm_head_is_reported_at_its_size(tmp_path):
+    model = make_model(make_config("llama", vocab=512), dtype=torch.float32)
+    src = save_checkpoint(model, tmp_path / "src")
+    model.lm_head.weight.data[7, 3] += 0.5  # logit of token 7 moves by 0.5 * (final hidden)[3]
+    pert = save_checkpoint(model, tmp_path / "pert")
+    rep = compare_checkpoints(str(pert), str(src), max_tokens=64)
+    with torch.no_grad():
+        from surgery.verify import tokenize
+
+        ids = tokenize(src, "builtin:python-license", 64)
+        hidden = model.model(input_ids=ids).last_hidden_state[0, :, 3]
+    assert abs(rep.max_logit_diff - 0.5 * float(hidden.abs().max())) < 1e-4
+    assert rep.kl_divergence > 0 and rep.top1_agreement <= 1
+
+
+def test_exact_growth_compares_at_float_rounding_level(tmp_path):
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "o"), verify=False)
+    rep = compare_checkpoints(str(tmp_path / "o"), "builtin:tiny-stablelm", max_tokens=256)
+    assert abs(rep.rel_change) < 1e-5 and rep.max_logit_diff < 1e-4 and rep.kl_divergence < 1e-9
+
+
+def test_float64_comparison_sees_only_the_float32_storage_rounding(tmp_path):
+    # The grown weights (norms x sqrt(d/D)) are stored in float32 like the source: ~1e-7 relative each.
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "o"), verify=False)
+    rep = compare_checkpoints(str(tmp_path / "o"), "builtin:tiny-stablelm", max_tokens=128, dtype="float64")
+    assert rep.precision == "float64" and rep.max_logit_diff < 1e-5 and abs(rep.rel_change) < 1e-6
+
+
+def test_integrity_detects_a_changed_tensor_file(tmp_path, capsys):
+    out = tmp_path / "o"
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(out), verify=False)
+    assert main(["verify", "--integrity", str(out)]) == 0
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"][0] += 1
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", "--integrity", str(out)]) == 1
+    assert "model.safetensors" in capsys.readouterr().out
