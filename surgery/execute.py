@@ -54,6 +54,23 @@ def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor,
     return out
 
 
+class FiniteReader:
+    """Refuses source tensors holding NaN or Inf: no growth can promise anything about them."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self.reader.load(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            from .errors import SurgeryError
+
+            bad = int((~torch.isfinite(t)).sum())
+            raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
+                               where=str(getattr(self.reader, "path", "source")))
+        return t
+
+
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
     cd = dtype or compute_dtype_for(state)
@@ -68,6 +85,7 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     shards = assign_shards(planned, parse_size(shard_size))
     names = shard_file_names(len(shards))
     cd = compute_dtype_for(state)
+    reader = FiniteReader(reader)
     nodes = {n: (node, d) for n, node, d in tensors}
 
     def compute(name: str) -> torch.Tensor:
