@@ -135,8 +135,9 @@ def _run(args) -> int:
         results = check_library([args.library_dir] if args.library_dir else None, args.only or None)
         print(format_results(results))
         return 0 if all(r.passed for r in results) else 1
-    if hasattr(args, "func"):
-        return args.func(args)
+    handler = getattr(args, "func", None) or getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
     kw = dict(sets=args.sets, source=args.source, output=args.output, libraries=args.library)
     if args.command == "validate":
         loaded = api.load(args.recipe, **kw)
