@@ -26,7 +26,7 @@ from .io.writer import AtomicOutput, file_digests
 from .plan import Plan, compile_plan, format_plan
 from .recipe.loader import LoadedRecipe, load_recipe
 from .verify import (
-    Report, StepResult, compare, dead_slices, evaluate_model, judge, load_output, model_from_tensors, tokenize,
+    Report, StepResult, compare, dead_slices, evaluate_model, variance_culprit, judge, load_output, model_from_tensors, tokenize,
 )
 
 
@@ -82,9 +82,13 @@ def run(
         raise loaded.error(e) from None
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
-        tensor_digests = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-        write_config(p.final, tmp, out_spec.dtype)
+        if out_spec.format == "mistral":
+            tensor_digests = write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress)
+        else:
+            tensor_digests = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
+        add_hf_tokenizer(p.source_dir, tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None
@@ -122,8 +126,11 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         else:
             model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
         cmp = compare(ref, evaluate_model(model, ids))
-        del model
         ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
+        if ok is False and step.cumulative.exactness == Exactness.REINIT:
+            name, gain = variance_culprit(model, ids)
+            rule += f"; {name} amplifies its input's std {gain:.1f}x"
+        del model
         if not last and step.cumulative.exactness == Exactness.APPROXIMATE:
             ok, rule = None, "approximate so far: informational, later ops may restore it"
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff,

@@ -231,3 +231,25 @@ def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128) -> list
             dead.append({"tensor": s.tensor, "op": s.op, "dead": n, "of": len(s.index)})
     model.zero_grad(set_to_none=True)
     return dead
+
+
+@torch.no_grad()
+def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[str, float]:
+    """The linear layer whose output std is largest relative to its input's: the usual reason a
+    re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004)."""
+    gains: dict[str, float] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(m, inp, out, name=name):
+                i = float(inp[0].float().std())
+                gains[name] = max(gains.get(name, 0.0), float(out.float().std()) / i if i > 0 else 0.0)
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        x = ids[:, :max_tokens].to(next(model.parameters()).device)
+        model(input_ids=x)
+    finally:
+        for h in hooks:
+            h.remove()
+    name = max(gains, key=gains.get)
+    return name, gains[name]

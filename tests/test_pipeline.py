@@ -137,3 +137,10 @@ def test_plan_prints_shapes_deltas_and_promise_without_reading_weights(llama_dir
     assert "config num_attention_heads: 4 -> 8" in out
     assert "model.layers.0.self_attn.q_proj.weight: [32, 32] -> [64, 64]" in out
     assert "promise: exact" in out
+
+
+def test_reinit_with_an_lm_head_of_std_1_fails_and_names_the_lm_head(write_recipe, tmp_path, capsys):
+    text = ("name: t\nsource: builtin:tiny-llama\nops:\n  - op: reinit\n    method: hf\n"
+            "  - op: reinit\n    method: normal\n    targets: [lm_head]\n    std: 1.0\nverify:\n  max_tokens: 256\n")
+    assert main(["run", str(write_recipe(text)), "--output", str(tmp_path / "o")]) == 1
+    assert "lm_head amplifies" in capsys.readouterr().err
