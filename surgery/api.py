@@ -26,7 +26,7 @@ from .io.writer import AtomicOutput, file_digests
 from .plan import Plan, compile_plan, format_plan
 from .recipe.loader import LoadedRecipe, load_recipe
 from .verify import (
-    Report, StepResult, compare, dead_slices, evaluate_model, variance_culprit, judge, load_output, model_from_tensors, tokenize,
+    Report, StepResult, compare, dead_slices, evaluate_model, variance_culprit, write_report_files, judge, load_output, model_from_tensors, tokenize,
 )
 
 
@@ -96,6 +96,7 @@ def run(
             t1 = time.perf_counter()
             report = verify_plan(p, tmp, dev)
             report.seconds = time.perf_counter() - t1
+            write_report_files(tmp, report, loaded.recipe.name)
         write_model_card(loaded, p, tmp, report, surgery_seconds)
         write_report(tmp, report, surgery_seconds, tensor_digests)
     return RunResult(Path(out_spec.path), p, report)
@@ -151,7 +152,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         broken = _first_failing(steps, p)
     return Report(
         loss_source=ref.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
-        mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, passed=ok, rule=rule,
+        mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]), precision=str(dtype).replace("torch.", ""),
         steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
@@ -216,7 +217,7 @@ def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Repor
         lines += ["This checkpoint ships its model code (`modeling_surgery.py`): load it with "
                   "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", ""]
     if report is not None:
-        lines += ["## Verification", "", "```", report.table(), "```", ""]
+        lines += ["## Verification", "", "```", report.table(), "```", "", "Details: [surgery_report.md](surgery_report.md).", ""]
     lines += ["## Recipe", "", "```yaml", (out_dir / "surgery_recipe.yaml").read_text().rstrip(), "```", "",
               "## Plan", "", "```", format_plan(p), "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines))

@@ -124,18 +124,24 @@ class Comparison:
     max_logit_diff: float
     mean_logit_diff: float
     top1_agreement: float
+    kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
+    compared_vocab: int
 
 
 def compare(ref: Evaluation, other: Evaluation) -> Comparison:
+    """Over the reference's vocabulary (a grown vocab is compared on its first V tokens)."""
     v = ref.logits.shape[-1]
     a, b = ref.logits.double(), other.logits[..., :v].double()
     diff = (a - b).abs()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
     return Comparison(
         loss=other.loss,
         rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
         max_logit_diff=float(diff.max()),
         mean_logit_diff=float(diff.mean()),
         top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+        kl_divergence=max(float(kl), 0.0),
+        compared_vocab=v,
     )
 
 
@@ -169,6 +175,7 @@ class Report:
     max_logit_diff: float
     mean_logit_diff: float
     top1_agreement: float
+    kl_divergence: float
     passed: bool
     rule: str
     promise: str
@@ -253,3 +260,49 @@ def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[s
             h.remove()
     name = max(gains, key=gains.get)
     return name, gains[name]
+
+
+def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
+    """`surgery_report.md` (the story as a table) and, with matplotlib, `surgery_report.png`."""
+    written = []
+    plotted = plot_steps(report, out_dir / "surgery_report.png", title)
+    lines = [f"# Verification of {title}", "", f"Promise: {report.promise}", "",
+             "| step | loss | rel. change | max abs logit diff | rule | ok |", "|---|---|---|---|---|---|",
+             f"| source | {report.loss_source:.6f} | | | | |"]
+    mark = {True: "yes", False: "**NO**", None: "-"}
+    for s in report.steps:
+        lines.append(f"| `{s.op}` | {s.loss:.6f} | {s.rel_change:+.3e} | {s.max_logit_diff:.3e} | {s.rule} | {mark[s.passed]} |")
+    lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e}, max |logit diff| "
+              f"{report.max_logit_diff:.3e}, next-token KL {report.kl_divergence:.3e}, top-1 agreement {report.top1_agreement:.4f}.",
+              f"{report.tokens} tokens in {report.precision}. Verdict: **{'passed' if report.passed else 'FAILED'}**"
+              + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
+    if report.dead_slices:
+        lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
+    if plotted:
+        lines += ["![loss per step](surgery_report.png)", ""]
+        written.append("surgery_report.png")
+    (out_dir / "surgery_report.md").write_text("\n".join(lines))
+    return ["surgery_report.md"] + written
+
+
+def plot_steps(report: Report, path: Path, title: str) -> bool:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    labels = ["source"] + [s.op.split("(")[0] for s in report.steps]
+    losses = [report.loss_source] + [s.loss for s in report.steps]
+    fig = Figure(figsize=(max(4.0, 1.3 * len(labels)), 3.2), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(range(len(losses)), losses, marker="o", color="tab:blue")
+    ax.axhline(report.loss_source, color="tab:gray", linestyle="--", linewidth=1, label="source loss")
+    for i, s in enumerate(report.steps, start=1):
+        if s.passed is False:
+            ax.plot([i], [s.loss], marker="x", color="tab:red", markersize=10)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("loss")
+    ax.set_title(f"{title}: loss after each op", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True

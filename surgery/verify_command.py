@@ -6,7 +6,6 @@ and freed before the other is loaded, so memory holds one model plus the referen
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,25 +45,19 @@ class PairReport:
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
                         dtype: str = "float32", device: str = "auto") -> PairReport:
     from .execute import pick_device
-    from .verify import evaluate_model, load_output, tokenize
+    from .verify import compare, evaluate_model, load_output, tokenize
 
     t0 = time.perf_counter()
     dt = DTYPES[dtype]
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
     ids = tokenize(ref_dir, data, max_tokens)
-    ref = evaluate_model(load_output(ref_dir, dt, dev), ids)
-    cand = evaluate_model(load_output(cand_dir, dt, dev), ids)
-    v = ref.logits.shape[-1]
-    a, b = ref.logits.double(), cand.logits[..., :v].double()
-    diff = (a - b).abs()
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    ref = evaluate_model(load_output(ref_dir, dt, dev), ids)  # freed before the candidate loads
+    cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev), ids))
     return PairReport(
-        loss_reference=ref.loss, loss_candidate=cand.loss,
-        rel_change=(cand.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
-        max_logit_diff=float(diff.max()), mean_logit_diff=float(diff.mean()), kl_divergence=float(kl),
-        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()), tokens=int(ids.shape[1]),
-        precision=dtype, compared_vocab=v, seconds=time.perf_counter() - t0,
+        loss_reference=ref.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
+        tokens=int(ids.shape[1]), precision=dtype, compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0,
     )
 
 
