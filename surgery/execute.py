@@ -90,6 +90,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
 
     def compute(name: str) -> torch.Tensor:
         node, d = nodes[name]
+        if node.fn is None and node.dtype == d:
+            return reader.load(node.source)  # untouched tensor: its bytes go straight through
         t = evaluate(node, reader, device, cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
