@@ -79,6 +79,8 @@ def run(
     try:
         dev = pick_device(device or r.device)
     except SurgeryError as e:
+        if device:  # from --device, not from the recipe
+            e.where, e.loc = f"--device {device}", None
         raise loaded.error(e) from None
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
@@ -112,6 +114,13 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     source_model = _load(p.source_dir, dtype, device)
     ref = evaluate_model(source_model, ids)
     del source_model
+    # A lower-precision output is judged against the source rounded to the same precision, so the
+    # check measures the surgery, not the cast; the report says so.
+    storage = _storage_dtype(p)
+    ref_final, judged_in = ref, dtype
+    if storage is not None:
+        ref_final = evaluate_model(_load(p.source_dir, storage, device).to(dtype), ids)
+        judged_in = storage
     vocab = p.initial.spec.vocab_size
     steps: list[StepResult] = []
     dead: list[dict] = []
@@ -124,10 +133,12 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         if last:
             model = _load(out_dir, dtype, device)
             dead = dead_slices(model, ids, p.final.new_slices)
+            cmp = compare(ref_final, evaluate_model(model, ids))
+            ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
         else:
             model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
-        cmp = compare(ref, evaluate_model(model, ids))
-        ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
+            cmp = compare(ref, evaluate_model(model, ids))
+            ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
         if ok is False and step.cumulative.exactness == Exactness.REINIT:
             name, gain = variance_culprit(model, ids)
             rule += f"; {name} amplifies its input's std {gain:.1f}x"
@@ -154,12 +165,29 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         loss_source=ref.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
-        params_output=p.final.num_parameters, tokens=int(ids.shape[1]), precision=str(dtype).replace("torch.", ""),
+        params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
+        precision=_name(dtype) + (f" compute, weights stored as {_name(storage)} (reference rounded alike)" if storage else ""),
         steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
     )
 
 
 REPORT = "surgery_report.json"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _storage_dtype(p: Plan) -> torch.dtype | None:
+    """The output's dtype when it is coarser than the source's, else None."""
+    from .execute import DTYPES
+
+    out = p.loaded.recipe.output_spec
+    if out is None or out.dtype == "auto":
+        return None
+    storage = DTYPES[out.dtype]
+    src = max((t.dtype for t in p.initial.tensors.values() if t.dtype.is_floating_point), key=lambda d: d.itemsize)
+    return storage if storage.itemsize < src.itemsize else None
 
 
 def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, tensor_digests: dict[str, str]) -> None:

@@ -144,3 +144,10 @@ def test_reinit_with_an_lm_head_of_std_1_fails_and_names_the_lm_head(write_recip
             "  - op: reinit\n    method: normal\n    targets: [lm_head]\n    std: 1.0\nverify:\n  max_tokens: 256\n")
     assert main(["run", str(write_recipe(text)), "--output", str(tmp_path / "o")]) == 1
     assert "lm_head amplifies" in capsys.readouterr().err
+
+
+def test_bfloat16_output_is_judged_against_the_source_rounded_alike(tmp_path):
+    r = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "o"),
+                sets=["output.dtype=bfloat16", "verify.max_tokens=512"])
+    assert r.report.passed, r.report.rule
+    assert "stored as bfloat16" in r.report.precision and "bfloat16 rounding" in r.report.rule

@@ -45,7 +45,13 @@ def locate(file: str, positions: dict, overridden: dict, loc: tuple) -> str:
 def _positions(node: yaml.Node, path: tuple, file: str, out: dict) -> None:
     out[path] = f"{file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
     if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
         for k, v in node.value:
+            here = f"{file}:{k.start_mark.line + 1}:{k.start_mark.column + 1}"
+            if isinstance(k, yaml.ScalarNode) and k.value in seen:
+                raise SurgeryError(f"duplicate key {k.value!r} (first at line {seen[k.value]}); YAML would keep only the last",
+                                   where=here)
+            seen[k.value] = k.start_mark.line + 1
             _positions(v, path + (k.value,), file, out)
             out[path + (k.value, "__key__")] = f"{file}:{k.start_mark.line + 1}:{k.start_mark.column + 1}"
     elif isinstance(node, yaml.SequenceNode):
@@ -92,6 +98,9 @@ def apply_set(data: dict, assignment: str, overridden: dict) -> None:
             idx = part
             if not last and idx not in cur:
                 cur[idx] = {}
+                overridden[tuple(path) + (idx,)] = where
+            if not last and idx in ("source", "output") and isinstance(cur[idx], str):
+                cur[idx] = {"path": cur[idx]}  # the short form of a mapping with a path
         else:
             raise SurgeryError(f"{'.'.join(parts[:i])} is a value, not a mapping or list", where=where)
         path.append(idx)
@@ -110,7 +119,13 @@ def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tup
     file = str(path)
     if file in seen:
         raise SurgeryError(f"extends forms a cycle: {' -> '.join(seen + (file,))}", where=file)
-    data, positions = parse_yaml(path.read_text(), file)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise SurgeryError("not a text file (a recipe is UTF-8 YAML)", where=file) from None
+    except OSError as e:
+        raise SurgeryError(f"cannot read the recipe: {e.strerror}", where=file) from None
+    data, positions = parse_yaml(text, file)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -124,8 +139,15 @@ def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tup
     if not isinstance(base_ref, str):
         raise SurgeryError("extends takes a recipe name or path", where=positions.get(("extends",), file))
     local = path.parent / base_ref
+    here = positions.get(("extends",), file)
     try:
-        base, base_pos, _ = read_document(local if local.is_file() else base_ref, libraries, seen + (file,))
+        base_path = find_recipe(str(local) if local.is_file() else base_ref, libraries)
+    except SurgeryError as e:
+        raise SurgeryError(f"extends {base_ref!r}: {e.message}", where=here) from None
+    if str(base_path) in seen + (file,):
+        raise SurgeryError(f"extends forms a cycle: {' -> '.join(seen + (file, str(base_path)))}", where=here)
+    try:
+        base, base_pos, _ = read_document(base_path, libraries, seen + (file,))
     except SurgeryError as e:
         raise e.located(positions.get(("extends",), file)) from None
     return merge(base, base_pos, data, positions)
