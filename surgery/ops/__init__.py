@@ -6,13 +6,16 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from .base import Exactness, Init, Op, OpContext, Promise
+from .clone_width import CloneWidth
+from .grow_head_dim import GrowHeadDim
 from .grow_heads import GrowHeads
 from .grow_layers import GrowLayers
 from .grow_mlp import GrowMlp
 from .patch_layernorm import PatchLayerNorm
 from .rescale_norm import RescaleNorm
+from .reinit import Reinit
 
-OPS: list[type[Op]] = [GrowHeads, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers]
+OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, Reinit]
 
 AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
 

@@ -1,0 +1,137 @@
+"""clone_width: every width replicated k times (HyperCloning, Apple 2024; Net2Net's wider net).
+
+The residual becomes [x, x, ..., x]. Writers repeat their output rows (the embedding its columns),
+readers take [W/k, ..., W/k] on their input side, so every copy computes what the source computed.
+Attention heads are replicated as whole blocks: query head c*h + j is a copy of head j and, with
+the same n_rep, falls in kv group c*g + j // n_rep, the copy of its old group, so GQA stays right.
+The MLP's neurons are replicated the same way. [x, x] has the mean and the variance of x, so stock
+LayerNorm and RMSNorm stay exact with their weights (and biases) repeated and eps unchanged; head_dim
+and rotary are untouched, and per-head q/k norms are copied with their heads.
+
+lm_head divides its input by k. With tied embeddings lm_head is the (repeated) embedding, so the
+final norm's weight and bias are divided by k instead.
+
+`noise` breaks the symmetry between copies without changing the function: each reader's input
+blocks get perturbations that sum to zero over the k blocks (+n and -n for k = 2), drawn with std
+`noise` times the tensor's own std. Writers stay noise-free, so the copies of the residual stay equal.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..arch import Axis, TensorRole as R
+from ..errors import SurgeryError
+from ..lazy import generator
+from ..state import ModelState, NewSlice
+from .base import Exactness, Op, OpContext, Promise
+
+TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER)
+
+
+def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
+                  extra_scale: float) -> torch.Tensor:
+    std = float(t.float().std()) if noise and t.numel() > 1 else 0.0
+    for axis in tiled:
+        t = torch.cat([t] * k, dim=axis)
+    if input_axis is not None:
+        t = t / k
+        if noise and std > 0:
+            shape = list(t.shape)
+            n = shape[input_axis] // k
+            blocks = shape[:input_axis] + [k, n] + shape[input_axis + 1:]
+            z = torch.randn(blocks, generator=generator(*seed), dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+            z = (z - z.mean(dim=input_axis, keepdim=True)) * (noise * std)  # sums to zero over the k blocks
+            t = t + z.reshape(shape)
+    if extra_scale != 1.0:
+        t = t * extra_scale
+    return t
+
+
+class CloneWidth(Op):
+    op: Literal["clone_width"]
+    factor: int = Field(ge=2, description="how many copies of every width (hidden, heads, kv heads, MLP)")
+    noise: float = Field(0.0, ge=0, allow_inf_nan=False,
+                         description="symmetry-breaking noise on readers' input blocks, relative to each tensor's std")
+
+    reads = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "tie_word_embeddings",
+             "residual", "model_code")
+    writes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "embed", "lm_head", "attn",
+              "mlp", "norms", "residual")
+    summary = "replicate hidden size, heads and MLP k times (HyperCloning); exact in stock code, noise optional"
+
+    def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        spec = state.spec
+        k = self.factor
+        if spec.live_width:
+            raise SurgeryError(
+                "clone_width cannot follow patch_layernorm: the patched LayerNorm centres over the first "
+                f"{spec.live_width} dims, and cloning scatters the original dims over {k} blocks; clone first, then grow and patch",
+                loc=("op",),
+            )
+        if spec.meta.get("layernorm_zero_padded"):
+            raise SurgeryError(
+                "the LayerNorm residual has zero-padded dims waiting for patch_layernorm, which centres over a prefix of "
+                "dims that cloning would scatter; clone first, or grow with residual_fill: mean",
+                loc=("op",),
+            )
+        h, g, d, m = spec.num_heads, spec.num_kv_heads, spec.hidden_size, spec.intermediate_size
+        label = f"clone_width: x{k}"
+        final_scale = 1.0 / k if spec.tied else 1.0
+        copies: dict[str, str] = {}
+        for name, info, node in list(state.items()):
+            if info.role in (R.ATTN_Q_NORM, R.ATTN_K_NORM):
+                count = h if info.role == R.ATTN_Q_NORM else g
+                for c in range(1, k):
+                    new_name = spec.arch.parameter_name(info.role, info.kind, info.layer, info.head + c * count)
+                    state.tensors[new_name] = node.map(lambda t: t.clone(), label=f"{label}: copy of head {info.head}")
+                    copies[new_name] = name
+                continue
+            axes = info.axes
+            tiled = [i for i, ax in enumerate(axes) if ax in TILED]
+            if not tiled:
+                continue
+            input_axis = 1 if len(axes) == 2 and info.role != R.EMBED and axes[1] in TILED else None
+            extra = final_scale if info.role == R.NORM_FINAL else 1.0
+            shape = tuple(s * k if i in tiled else s for i, s in enumerate(node.shape))
+            seed = ctx.seed_parts(name, "clone")
+            state.tensors[name] = node.map(
+                lambda t, tiled=tiled, ia=input_axis, seed=seed, extra=extra: _clone_tensor(t, tiled, ia, k, self.noise, seed, extra),
+                shape, label,
+            )
+            for s in state.new_slices:
+                if s.tensor == name and s.axis in tiled:
+                    size = node.shape[s.axis]
+                    s.index = [c * size + i for c in range(k) for i in s.index]
+        for new_name, old in copies.items():
+            for s in list(state.new_slices):
+                if s.tensor == old:
+                    state.new_slices.append(NewSlice(new_name, s.axis, list(s.index), s.op))
+
+        pending = spec.norm_width != d
+        spec.set_hidden_size(k * d)
+        spec.set_heads(k * h, k * g)
+        spec.set_intermediate_size(k * m)
+        spec.norm_width *= k  # [x, x] keeps each norm's statistics: no rescale needed, or the same one as before
+        if "surgery_norm_width" in spec.config:
+            spec.config["surgery_norm_width"] *= k
+        spec.meta.pop("signal_width", None)  # the live dims are no longer a prefix (and all of them are live)
+        if not pending:
+            spec.residual_fill = "clone"
+        notes = []
+        if spec.tied:
+            notes.append(f"tied embeddings: the final norm's weight and bias are divided by {k} instead of lm_head")
+        if self.noise:
+            notes.append(f"noise {self.noise:g} on readers' input blocks sums to zero over the copies: exact up to rounding")
+        if self.noise or k & (k - 1):
+            half = sorted({str(n.dtype)[6:] for n in state.tensors.values() if n.dtype in (torch.bfloat16, torch.float16)})
+            if half:
+                notes.append(f"readers' W/{k}{' +- noise' if self.noise else ''} is rounded when stored in {', '.join(half)}: "
+                             "the copies then sum to W only up to that rounding (exact in float32 storage)")
+        return Promise(
+            Exactness.EXACT,
+            f"every width replicated x{k}: [x]*{k} keeps each norm's mean and variance; readers divide their input by {k}",
+            notes,
+        )

@@ -1,0 +1,219 @@
+"""grow_head_dim: wider attention heads, head count kept; the article's solution 2.
+
+Every head's q/k/v rows grow per head (reshape to (heads, head_dim, in), pad, reshape back; biases
+too) and o_proj's input columns the same way, with zero columns for the new dims, so the attention
+output is unchanged. Three details make it exact:
+
+- Scores are scaled by `head_dim ** -0.5`: q (weights and bias) is scaled by sqrt(D_h/d_h).
+- New q/k dims must add nothing to q.k: under `init: trainable` k's new rows are random and q's are
+  zero (q's get gradient from the random k dims at once, so it is no saddle); v's new rows are
+  random because o_proj's new columns are zero.
+- Rotary: with partial rotary (NeoX layout, StableLM) the rotary dims are the first
+  `int(head_dim * partial_rotary_factor)` of each head; the factor is scaled by d_h/D_h so they stay
+  put. With full rotary (rotate_half pairs i and i + d/2) the old halves go to [0:d/2] and
+  [D/2 : D/2 + d/2] and `rope_theta' = rope_theta ** (D_h/d_h)`, which keeps the first d/2 inverse
+  frequencies theta ** (-2i/d); the new pairs get lower frequencies.
+
+Where head_dim is derived from hidden_size / num_heads (`Architecture.head_dim_field is None`), the
+residual grows to heads * D_h through `grow_residual`, so `rescale_norm` and `patch_layernorm`
+(or `residual_fill: mean`) compose with it as they do with grow_heads. Elsewhere head_dim is a
+config field and the residual is kept.
+
+Per-head q/k LayerNorms (StableLM `qk_layernorm`) normalise over head_dim. The new pre-norm q/k dims
+are filled with their head's mean (rows and bias entries: the mean of the head's old ones), so the
+mean is unchanged and the variance over D_h is d_h/D_h of the old one; k's norm weights are scaled
+by sqrt(d_h/D_h) and q's norm bias by sqrt(D_h/d_h) (q's weights need no change: the variance
+factor and the score factor cancel). That is exact once eps is scaled by d_h/D_h, which is what
+`rescale_norm` does when it follows this op and the residual grew by the same ratio; the plan cannot
+prove that pairing, so the promise is approximate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..arch import TensorRole as R
+from ..errors import SurgeryError
+from ..state import ModelState
+from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
+from .residual import grow_residual
+from .slices import Fill, grow_axis, scale
+
+# rope types whose old inverse frequencies depend on rope_theta and head_dim only through
+# theta ** (-2i/head_dim) (llama3 and linear rescale each frequency by its own value).
+FULL_ROTARY_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class HeadMean(Fill):
+    """New entries of each head: the mean of that head's old entries along the axis.
+
+    The axis holds `heads` contiguous blocks; missing positions come head by head (growth pads
+    inside each head's block), so each head's mean is repeated over its new positions.
+    """
+
+    heads: int = 1
+
+    def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+        x = old.movedim(axis, 0)
+        d = x.shape[0] // self.heads
+        per = n // self.heads
+        m = x.reshape(self.heads, d, *x.shape[1:]).mean(dim=1, keepdim=True)
+        out = m.expand(self.heads, per, *x.shape[1:]).reshape(n, *x.shape[1:])
+        return out.movedim(0, axis).contiguous()
+
+
+def within_head_positions(d_h: int, new: int, rotary: str) -> list[int]:
+    """Where each old dim of a head goes in the grown head."""
+    if rotary == "full":
+        half = d_h // 2
+        return [i if i < half else new // 2 + (i - half) for i in range(d_h)]
+    return list(range(d_h))
+
+
+def per_head_dest(heads: int, new: int, pos: list[int]) -> list[int]:
+    return [p * new + i for p in range(heads) for i in pos]
+
+
+def _rope_value(spec, key: str):
+    """A rope setting as transformers resolves it: rope_parameters first, then the legacy top-level key."""
+    rp = spec.config.get("rope_parameters")
+    if isinstance(rp, dict) and key in rp:
+        return rp[key]
+    return spec.config.get(key)
+
+
+def _set_rope_value(spec, key: str, value) -> None:
+    spec.rope[key] = value
+    if key in spec.config:  # a legacy top-level copy: keep it consistent
+        spec.config[key] = value
+
+
+class GrowHeadDim(Op):
+    op: Literal["grow_head_dim"]
+    head_dim: SizeValue
+    init: Init = Init.TRAINABLE
+    residual_fill: Literal["zero", "mean"] = "zero"
+
+    reads = ("head_dim", "num_attention_heads", "num_key_value_heads", "hidden_size", "rope")
+    writes = ("head_dim", "hidden_size", "rope", "attn", "residual")
+    summary = "widen every attention head (per-head padding, q rescaled, rotary kept); grows the residual where head_dim is derived"
+
+    def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        spec = state.spec
+        arch = spec.arch
+        h, g, d_h, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+        new = resolve_size(self.head_dim, d_h, "head_dim")
+        if new == d_h:
+            raise SurgeryError(f"head_dim is already {d_h}: nothing to grow", loc=("head_dim",))
+        if new < d_h:
+            raise SurgeryError(f"head_dim would shrink from {d_h} to {new}; only growth is supported", loc=("head_dim",))
+        derived = arch.head_dim_field is None
+        if derived and d != h * d_h:
+            raise SurgeryError(f"hidden_size {d} is not num_heads {h} x head_dim {d_h}", loc=("head_dim",))
+        notes: list[str] = []
+        rope_changes = self._rope_changes(spec, d_h, new, notes)
+
+        trainable = self.init == Init.TRAINABLE
+        qk_norm = spec.qk_norm
+        label = f"grow_head_dim: {d_h} -> {new}"
+        pos = within_head_positions(d_h, new, arch.rotary)
+        q_dest, kv_dest = per_head_dest(h, new, pos), per_head_dest(g, new, pos)
+        q_factor = math.sqrt(new / d_h)
+
+        def fill(name: str, role: R, heads: int) -> Fill:
+            if qk_norm and role in (R.ATTN_Q, R.ATTN_K):
+                return HeadMean("head_mean", heads=heads)  # keeps the per-head LayerNorm's mean
+            if trainable and role in (R.ATTN_K, R.ATTN_V):
+                return Fill("random", ctx.seed_parts(name, "head_dim"))
+            return Fill("zeros")  # q always (the random new k dims then add nothing to q.k); all under init: zeros
+
+        for name, info, node in list(state.items(R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O)):
+            if info.role == R.ATTN_Q:
+                # q's new rows are not tracked: they get gradient from the random k dims, except in heads whose
+                # o_proj columns are still zero (a head added by grow_heads), which only wake up a step later.
+                grow_axis(state, name, 0, h * new, q_dest, fill(name, info.role, h), label)
+                if not qk_norm:
+                    state.tensors[name] = scale(state.tensors[name], q_factor, f"{label}: q x sqrt({new}/{d_h})")
+            elif info.role in (R.ATTN_K, R.ATTN_V):
+                grow_axis(state, name, 0, g * new, kv_dest, fill(name, info.role, g), label)
+            elif info.kind == "weight":  # o_proj: per-head zero input columns
+                grow_axis(state, name, 1, h * new, q_dest, Fill("zeros"), label, track="grow_head_dim" if trainable else None)
+
+        if qk_norm:
+            for name, info, node in list(state.items(R.ATTN_Q_NORM, R.ATTN_K_NORM)):
+                if info.kind == "weight":
+                    f = Fill("const_mean") if trainable else Fill("zeros")
+                else:
+                    f = Fill("zeros")
+                grow_axis(state, name, 0, new, pos, f, label)
+                if info.role == R.ATTN_Q_NORM and info.kind == "bias":
+                    state.tensors[name] = scale(state.tensors[name], q_factor, f"{label}: q norm bias x sqrt({new}/{d_h})")
+                if info.role == R.ATTN_K_NORM and info.kind == "weight":
+                    state.tensors[name] = scale(state.tensors[name], 1 / q_factor, f"{label}: k norm x sqrt({d_h}/{new})")
+
+        half = sorted({str(n.dtype)[6:] for _, _, n in state.items(R.ATTN_Q) if n.dtype in (torch.bfloat16, torch.float16)})
+        if half and not qk_norm:
+            notes.append(f"q x sqrt({new}/{d_h}) is rounded when stored in {', '.join(half)}")
+        spec.set_head_dim(new)
+        for key, value in rope_changes.items():
+            _set_rope_value(spec, key, value)
+        if derived:
+            grow_residual(state, h * new, self.init, self.residual_fill, ctx, "grow_head_dim")
+        elif self.residual_fill != "zero":
+            notes.append(f"{arch.name} keeps its residual (head_dim is a config field): residual_fill has no effect")
+
+        if qk_norm:
+            return Promise(
+                Exactness.APPROXIMATE,
+                "per-head q/k LayerNorms now normalise over more dims: exact only once eps is scaled by "
+                f"{d_h}/{new} (rescale_norm right after this op does that, as the residual grew by the same ratio)",
+                notes + ["new q/k dims hold their head's mean, so they start at zero after the norm and move apart "
+                         "only as training changes them"],
+            )
+        return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
+                       notes)
+
+    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> dict:
+        rotary = spec.arch.rotary
+        rope_type = _rope_value(spec, "rope_type") or "default"
+        if rotary == "partial":
+            factor = _rope_value(spec, "partial_rotary_factor")
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+                raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
+            rot = int(d_h * factor)
+            # factor * d_h / new reads best; rot / new can land one ulp low (6 / 47 * 47 < 6), the next float up cannot
+            for candidate in (factor * d_h / new, rot / new, math.nextafter(rot / new, math.inf)):
+                if int(new * candidate) == rot:
+                    return {"partial_rotary_factor": candidate}
+            raise SurgeryError(
+                f"head_dim {new} cannot keep the {rot} rotary dims: no partial_rotary_factor f gives int({new} * f) == {rot} "
+                f"in floating point; pick another head_dim",
+                loc=("head_dim",),
+            )
+        if rotary == "full":
+            if d_h % 2 or new % 2:
+                raise SurgeryError(f"head_dim must be even for rotary embeddings (rotate_half pairs i and i + head_dim/2), got {new}",
+                                   loc=("head_dim",))
+            factor = _rope_value(spec, "partial_rotary_factor")
+            if factor not in (None, 1, 1.0):
+                raise SurgeryError(f"partial_rotary_factor {factor} with full rotary is not supported", loc=("head_dim",))
+            if rope_type not in FULL_ROTARY_TYPES:
+                raise SurgeryError(
+                    f"rope_type {rope_type!r} derives its frequencies from head_dim in ways grow_head_dim cannot keep; "
+                    f"supported: {', '.join(FULL_ROTARY_TYPES)}",
+                    loc=("head_dim",),
+                )
+            theta = _rope_value(spec, "rope_theta")
+            if theta is None:
+                theta = spec.rope["rope_theta"]
+            new_theta = float(theta) ** (new / d_h)
+            notes.append(
+                f"rope_theta {theta:g} -> {new_theta:g} keeps the first {d_h // 2} frequencies; transformers computes them in "
+                "float32, so logits move by about 1e-6"
+            )
+            return {"rope_theta": new_theta}
+        raise SurgeryError(f"rotary layout {rotary!r} is not supported by grow_head_dim", loc=("head_dim",))
