@@ -60,8 +60,12 @@ def load_text(data: str) -> str:
 def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
+    from .io.native import is_native, native_tokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(source_dir))
+        tok = native_tokenizer(source_dir) if is_native(source_dir) else AutoTokenizer.from_pretrained(str(source_dir))
+    except SurgeryError:
+        raise
     except Exception as e:  # transformers raises many types for a missing tokenizer
         raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}); verification needs one, or pass --no-verify",
                            where=str(source_dir)) from None
@@ -105,10 +109,17 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device):
     hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(str(out_dir))
     cls = model_class(cfg)
-    model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise AssertionError(f"output does not load cleanly: {bad}")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would be a second message; `bad` below says it in one line
+    try:
+        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:  # a source or compared checkpoint that disagrees with its config (an output doing so is a bug)
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
+                         for k, v in bad.items())
+        raise SurgeryError(f"does not load cleanly with transformers ({what})", where=str(out_dir))
     return model.to(device).eval()
 
 
@@ -219,33 +230,49 @@ class Report:
         return "\n".join(lines)
 
 
-def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128) -> list[dict]:
-    """One backward pass: every new unit made trainable must receive a non-zero gradient.
+def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+    """Every new unit made trainable must receive gradient: one it never gets is dead.
 
-    A unit (one index of a new slice) whose gradient is exactly zero is dead: zero on both sides,
-    it would stay zero through training.
+    A unit (one index of a new slice) is judged on the first backward pass, and, where it got
+    exactly zero, again after one small SGD step: some units are only one step from the signal
+    (with tied embeddings the last writer of the new residual dims waits for the embedding's new
+    columns to move). Zero gradient on both passes means zero on both sides: a saddle it never leaves.
     """
     if not slices:
         return []
     params = dict(model.named_parameters())
+    x = ids[:, :max_tokens].to(next(model.parameters()).device)
+
+    def dead_units() -> dict[int, int]:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(input_ids=x, labels=x).loss.backward()
+        out = {}
+        for i, s in enumerate(slices):
+            p = params.get(s.tensor)
+            if p is None or p.grad is None:
+                out[i] = len(s.index)
+                continue
+            g = p.grad.index_select(s.axis, torch.tensor(s.index, device=p.grad.device)).abs()
+            other = [d for d in range(g.dim()) if d != s.axis]
+            n = int(((g.amax(dim=other) if other else g) == 0).sum())
+            if n:
+                out[i] = n
+        return out
+
+    dead = dead_units()
+    if dead:
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        dead = {i: n for i, n in dead_units().items() if i in dead}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
     model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        x = ids[:, :max_tokens].to(next(model.parameters()).device)
-        model(input_ids=x, labels=x).loss.backward()
-    dead = []
-    for s in slices:
-        p = params.get(s.tensor)
-        if p is None or p.grad is None:
-            dead.append({"tensor": s.tensor, "op": s.op, "dead": len(s.index), "of": len(s.index)})
-            continue
-        g = p.grad.index_select(s.axis, torch.tensor(s.index, device=p.grad.device)).abs()
-        other = [d for d in range(g.dim()) if d != s.axis]
-        per_unit = g.amax(dim=other) if other else g
-        n = int((per_unit == 0).sum())
-        if n:
-            dead.append({"tensor": s.tensor, "op": s.op, "dead": n, "of": len(s.index)})
-    model.zero_grad(set_to_none=True)
-    return dead
+    return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
 
 
 @torch.no_grad()

@@ -45,7 +45,8 @@ class PairReport:
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
                         dtype: str = "float32", device: str = "auto") -> PairReport:
     from .execute import pick_device
-    from .verify import compare, evaluate_model, load_output, tokenize
+    from .io.native import load_model as load_output  # native folders are converted in memory
+    from .verify import compare, evaluate_model, tokenize
 
     t0 = time.perf_counter()
     dt = DTYPES[dtype]

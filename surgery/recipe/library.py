@@ -102,9 +102,11 @@ def entries(libraries: list[str] | None = None) -> list[LibraryEntry]:
 
 def guess_test_source(source: str) -> str | None:
     """The builtin of the same family, for recipes that name no test_source."""
+    if source.startswith("builtin:"):
+        return source
     s = source.lower()
     for key, builtin in (("stablelm", "builtin:tiny-stablelm"), ("mistral", "builtin:tiny-mistral-hf"),
                          ("llama", "builtin:tiny-llama")):
         if key in s:
             return builtin
-    return source if source.startswith("builtin:") else None
+    return None

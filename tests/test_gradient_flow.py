@@ -1,0 +1,35 @@
+"""The gradient-flow check: new units made trainable get gradient; true saddles are reported dead."""
+import torch
+
+from factories import make_config, make_model
+from surgery import api
+from surgery.verify import dead_slices
+
+IDS = torch.randint(0, 48, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_trainable_growth_of_a_tied_model_has_no_dead_slices():
+    model = make_model(make_config("mistral", tied=True), dtype=torch.float32)
+    grown, plan = api.transform(model, [{"op": "grow_heads", "num_heads": "x2"}, {"op": "rescale_norm"}])
+    assert plan.final.new_slices
+    assert dead_slices(grown, IDS, plan.final.new_slices) == []
+
+
+def test_heads_whose_values_are_zero_are_reported_dead():
+    model = make_model(make_config("llama", hidden_heads=2, kv_heads=2, head_dim=8), dtype=torch.float32)
+    grown, plan = api.transform(model, [{"op": "grow_heads", "num_heads": 4, "num_kv_heads": 4, "residual": "keep"}])
+    with torch.no_grad():
+        for layer in grown.model.layers:
+            layer.self_attn.v_proj.weight[16:] = 0  # zero on both sides: values and o_proj columns
+            layer.self_attn.v_proj.bias[16:] = 0
+    dead = dead_slices(grown, IDS, plan.final.new_slices)
+    assert {d["tensor"] for d in dead} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
+    assert all(d["dead"] == d["of"] == 16 for d in dead)
+
+
+def test_dead_check_leaves_the_weights_unchanged():
+    model = make_model(make_config("mistral", tied=True), dtype=torch.float32)
+    grown, plan = api.transform(model, [{"op": "grow_heads", "num_heads": "x2"}, {"op": "rescale_norm"}])
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    dead_slices(grown, IDS, plan.final.new_slices)
+    assert all(torch.equal(before[k], v) for k, v in grown.state_dict().items())
