@@ -172,3 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the output was not written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `surgery inspect ... | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
