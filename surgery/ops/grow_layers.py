@@ -44,7 +44,8 @@ def spread_positions(old: int, count: int) -> list[int]:
 
 def layout(old: int, new: int, positions: list[int], from_layers: list[int] | None) -> list[tuple[bool, int]]:
     """For each output layer: (is_new, old layer it is or is made from)."""
-    made_from = dict(zip(positions, from_layers))  # paired in the order listed if from_layers is not None else {}
+    # from_layers pairs with positions in the order listed
+    made_from = dict(zip(positions, from_layers)) if from_layers is not None else {}
     out: list[tuple[bool, int]] = []
     nxt = 0
     taken = set(positions)

@@ -279,7 +279,7 @@ def validation_error(e: ValidationError, data: dict, file: str, positions: dict,
         key = real[-1]
         parent = real[:-1]
         cls = _model_for(parent, data)
-        allowed = [k for k in cls.model_fields if k != "op"] if cls else []
+        allowed = [f.alias or k for k, f in cls.model_fields.items() if k != "op"] if cls else []
         close = difflib.get_close_matches(str(key), allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         where = locate(file, positions, overridden, parent + (key, "__key__"))
