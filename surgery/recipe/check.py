@@ -36,7 +36,7 @@ def check_library(libraries: list[str] | None = None, names: list[str] | None = 
             continue
         with tempfile.TemporaryDirectory(prefix="surgery-check-") as tmp:
             try:
-                r = api.run(e.path, source=src, output=str(Path(tmp) / "out"), libraries=libraries)
+                r = api.run(e.path, source=src, output=str(Path(tmp) / "out"), libraries=libraries, sets=e.test_overrides)
             except SurgeryError as err:
                 results.append(CheckResult(e.name, src, "-", None, 0, False, time.perf_counter() - t0, str(err)))
                 continue

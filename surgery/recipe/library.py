@@ -79,6 +79,7 @@ class LibraryEntry:
     ops: list[str]
     test_source: str | None
     source: str
+    test_overrides: list[str]
 
 
 def entries(libraries: list[str] | None = None) -> list[LibraryEntry]:
@@ -96,7 +97,8 @@ def entries(libraries: list[str] | None = None) -> list[LibraryEntry]:
                 continue  # an earlier library shadows a later one
             seen.add(path.stem)
             desc = (r.description or "").strip().splitlines()[0] if r.description else ""
-            out.append(LibraryEntry(path.stem, path, d, desc, [o.op for o in r.ops], r.test_source, r.source_spec.path))
+            out.append(LibraryEntry(path.stem, path, d, desc, [o.op for o in r.ops], r.test_source, r.source_spec.path,
+                                   r.test_overrides))
     return out
 
 

@@ -49,6 +49,8 @@ class Recipe(Strict):
     description: Optional[str] = None
     source: Union[str, SourceSpec]
     test_source: Optional[str] = Field(None, description="small model `surgery check` runs this recipe on (e.g. builtin:tiny-llama)")
+    test_overrides: list[str] = Field(default_factory=list,
+                                      description="KEY=VALUE overrides `surgery check` applies to fit the test_source")
     output: Union[str, OutputSpec, None] = None
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
