@@ -148,9 +148,14 @@ def _run(args) -> int:
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=sys.stderr.isatty(), **kw)
+    return finish(result)
+
+
+def finish(result, what: str = "") -> int:
+    """Print a run's verification table; a broken promise is exit 1."""
     if result.report is not None:
         print(result.report.table())
-    print(f"wrote {result.output}")
+    print(f"wrote {result.output}{what}")
     if result.report is not None and not result.report.passed:
         raise VerificationFailed(f"verification failed: {result.report.rule}")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import VerificationFailed
 
 
 def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
@@ -47,15 +46,11 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
 
 def run_convert(args) -> int:
     from . import api
+    from .cli import finish
 
     loaded = convert_recipe(args.source, args.output, args.to, args.dtype)
     result = api.run(loaded, device=args.device, force=args.force, verify=not args.no_verify, progress=sys.stderr.isatty())
-    if result.report is not None:
-        print(result.report.table())
-    print(f"wrote {result.output} ({args.to})")
-    if result.report is not None and not result.report.passed:
-        raise VerificationFailed(f"verification failed: {result.report.rule}")
-    return 0
+    return finish(result, f" ({args.to})")
 
 
 __all__ = ["add_convert_parser", "convert_recipe", "run_convert"]
