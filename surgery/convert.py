@@ -9,7 +9,6 @@ import argparse
 import sys
 
 
-
 def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
     """The LoadedRecipe of a conversion (no ops)."""
     from pydantic import ValidationError
