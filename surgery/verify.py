@@ -47,6 +47,8 @@ def load_text(data: str) -> str:
     if data == "builtin:python-license":
         return license_text()
     p = Path(data).expanduser()
+    if p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return dataset_text(p)
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
@@ -54,7 +56,30 @@ def load_text(data: str) -> str:
         return "\n\n".join(f.read_text(errors="replace") for f in files)
     if p.is_file():
         return p.read_text(errors="replace")
-    raise SurgeryError("not found: use builtin:python-license, a text file or a directory of .txt files", where=f"verify.data {data}")
+    raise SurgeryError("not found: use builtin:python-license, a text file, a directory of .txt files, or a dataset saved "
+                       "with datasets' save_to_disk", where=f"verify.data {data}")
+
+
+def dataset_text(path: Path, max_chars: int = 2_000_000) -> str:
+    """The text column of a local dataset (`datasets.save_to_disk`); `datasets` is optional."""
+    try:
+        import datasets
+    except ImportError:
+        raise SurgeryError("a dataset directory needs the `datasets` package: pip install datasets", where=str(path)) from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["validation"] if "validation" in ds else ds[sorted(ds)[0]]
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")), None)
+    if column is None:
+        raise SurgeryError(f"no text column in the dataset (columns: {', '.join(ds.column_names)})", where=str(path))
+    parts, size = [], 0
+    for row in ds:
+        parts.append(row[column])
+        size += len(row[column])
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)
 
 
 def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
@@ -101,7 +126,7 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
     return model.to(device).eval()
 
 
-def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device):
+def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
     """Load a written checkpoint the way users will, and refuse any missing or unexpected key."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -112,7 +137,16 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would be a second message; `bad` below says it in one line
     try:
-        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True)
+        extra = {}
+        if device_map:  # larger than one device: accelerate places (and offloads) the layers
+            try:
+                import accelerate  # noqa: F401
+            except ImportError:
+                raise SurgeryError("device_map needs the `accelerate` package: pip install accelerate", where=str(out_dir)) from None
+            import tempfile
+
+            extra = {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="surgery-offload-")}
+        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra)
     finally:
         hf_logging.set_verbosity(level)
     bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -120,7 +154,7 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device):
         what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
                          for k, v in bad.items())
         raise SurgeryError(f"does not load cleanly with transformers ({what})", where=str(out_dir))
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 @dataclass

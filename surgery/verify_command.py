@@ -43,7 +43,7 @@ class PairReport:
 
 
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
-                        dtype: str = "float32", device: str = "auto") -> PairReport:
+                        dtype: str = "float32", device: str = "auto", device_map: str | None = None) -> PairReport:
     from .execute import pick_device
     from .io.native import load_model as load_output  # native folders are converted in memory
     from .verify import compare, evaluate_model, tokenize
@@ -53,8 +53,8 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
     ids = tokenize(ref_dir, data, max_tokens)
-    ref = evaluate_model(load_output(ref_dir, dt, dev), ids)  # freed before the candidate loads
-    cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev), ids))
+    ref = evaluate_model(load_output(ref_dir, dt, dev, device_map), ids)  # freed before the candidate loads
+    cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
     return PairReport(
         loss_reference=ref.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
@@ -83,6 +83,7 @@ def add_verify_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="auto")
+    p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
 
@@ -98,6 +99,6 @@ def run_verify(args) -> int:
             return 0
     if not args.against:
         raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
-    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device)
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.device_map)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
     return 0

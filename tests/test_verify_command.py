@@ -7,6 +7,7 @@ from factories import make_config, make_model
 from surgery import api
 from surgery.cli import main
 from surgery.verify_command import compare_checkpoints
+from conftest import ASSETS
 
 
 def test_known_perturbation_of_lm_head_is_reported_at_its_size(tmp_path):
@@ -46,3 +47,17 @@ def test_integrity_detects_a_changed_tensor_file(tmp_path, capsys):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     assert main(["verify", "--integrity", str(out)]) == 1
     assert "model.safetensors" in capsys.readouterr().out
+
+
+def test_a_local_dataset_directory_is_verification_data(tmp_path):
+    datasets = __import__("pytest").importorskip("datasets")
+    text = (ASSETS / "python-license.txt").read_text()
+    datasets.Dataset.from_dict({"id": [1, 2], "text": [text[:3000], text[3000:6000]]}).save_to_disk(str(tmp_path / "ds"))
+    rep = compare_checkpoints("builtin:tiny-llama", "builtin:tiny-llama", data=str(tmp_path / "ds"), max_tokens=4096)
+    assert 1000 < rep.tokens < 4096 and rep.max_logit_diff == 0
+
+
+def test_device_map_auto_loads_through_accelerate(tmp_path):
+    __import__("pytest").importorskip("accelerate")
+    rep = compare_checkpoints("builtin:tiny-llama", "builtin:tiny-llama", max_tokens=64, device_map="auto")
+    assert rep.max_logit_diff == 0 and rep.tokens == 64
