@@ -27,13 +27,20 @@ NOT_COPIED = {"config.json", "README.md", ".gitattributes", "surgery_report.json
 
 
 def pick_device(name: str) -> torch.device:
+    from .errors import SurgeryError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SurgeryError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N", loc=("device",)) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SurgeryError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N", loc=("device",))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import SurgeryError
-
         raise SurgeryError("device cuda requested but torch sees no GPU; use device: auto or cpu", loc=("device",))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SurgeryError(f"no GPU {dev.index}: torch sees {torch.cuda.device_count()}", loc=("device",))
     return dev
 
 
@@ -117,6 +124,9 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:
     config = dict(state.spec.config)
+    if not config.get("surgery_live_width"):
+        # A source's own remote code was written for the model before surgery: never pass it on.
+        config.pop("auto_map", None)
     if dtype != "auto":
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
@@ -130,7 +140,8 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
     """Tokenizer files, generation config and the like, copied verbatim."""
     copied = []
     for f in sorted(source_dir.iterdir()):
-        if f.is_file() and f.name not in NOT_COPIED and not WEIGHT_FILE.match(f.name) and f.name != "params.json":
+        if f.is_file() and f.name not in NOT_COPIED and not WEIGHT_FILE.match(f.name) and f.name != "params.json" \
+                and f.suffix != ".py":
             shutil.copyfile(f, out_dir / f.name)
             copied.append(f.name)
     return copied

@@ -89,11 +89,31 @@ class ModelState:
         head = s.arch.parameter_name(TensorRole.LM_HEAD, "weight")
         if not s.tied and head not in self.tensors:
             raise SurgeryError(f"missing tensor {head!r} (and tie_word_embeddings is false)", where=where)
+        # Every family here has a gated MLP and pre-norms; a parallel-residual StableLM has no
+        # post_attention_layernorm. Biases depend on config flags: only their consistency is checked.
+        per_layer = [TensorRole.ATTN_Q, TensorRole.ATTN_K, TensorRole.ATTN_V, TensorRole.ATTN_O,
+                     TensorRole.MLP_GATE, TensorRole.MLP_UP, TensorRole.MLP_DOWN, TensorRole.NORM_ATTN]
+        if not s.config.get("use_parallel_residual"):
+            per_layer.append(TensorRole.NORM_MLP)
+        final = s.arch.parameter_name(TensorRole.NORM_FINAL, "weight")
+        if final not in self.tensors:
+            raise SurgeryError(f"missing tensor {final!r}", where=where)
         for layer in range(s.num_layers):
-            for role in (TensorRole.ATTN_Q, TensorRole.ATTN_K, TensorRole.ATTN_V, TensorRole.ATTN_O, TensorRole.MLP_DOWN):
+            for role in per_layer:
                 n = s.arch.parameter_name(role, "weight", layer)
                 if n not in self.tensors:
                     raise SurgeryError(f"missing tensor {n!r}", where=where)
+        # What one layer has (a bias, a per-head norm), every layer has.
+        layers_with: dict[tuple, set[int]] = {}
+        for name in self.tensors:
+            info = self.info(name)
+            if info.layer is not None:
+                layers_with.setdefault((info.role, info.kind, info.head), set()).add(info.layer)
+        for (role, kind, head), have in layers_with.items():
+            lacking = sorted(set(range(s.num_layers)) - have)
+            if lacking:
+                n = s.arch.parameter_name(role, kind, lacking[0], head)
+                raise SurgeryError(f"missing tensor {n!r} (layer {min(have)} has one)", where=where)
 
     def rename(self, mapping: dict[str, str]) -> None:
         """Rename tensors (new layer or head indices), keeping recorded new slices attached."""

@@ -6,6 +6,7 @@ checkpoint is described without reading its weights.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,23 @@ def read_safetensors_header(path: Path) -> dict:
             if n > size - 8 or n > 100_000_000:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         data_len = size - 8 - n
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
             start, end = info["data_offsets"]
             if end > data_len:
                 raise ValueError(f"tensor {name!r} ends at byte {end} but the data is {data_len} bytes (truncated?)")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is not None:
+                want = math.prod(info["shape"]) * dtype.itemsize
+                if not 0 <= start <= end or end - start != want:
+                    raise ValueError(f"tensor {name!r} spans bytes {start}..{end} but its shape {info['shape']} "
+                                     f"and dtype {info['dtype']} need {want}")
         return header
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"corrupt safetensors file: {e}", where=str(path)) from None
@@ -60,13 +71,18 @@ class Checkpoint:
         self.path = Path(path)
         cfg = self.path / "config.json"
         if not self.path.is_dir():
-            raise SurgeryError("source directory does not exist", where=str(self.path))
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            raise SurgeryError(f"source {what}: expected a checkpoint directory", where=str(self.path))
         if not cfg.is_file():
             raise SurgeryError("no config.json: not a transformers checkpoint directory", where=str(self.path))
         try:
             self.config = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise SurgeryError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", where=str(cfg)) from None
+        except UnicodeDecodeError:
+            raise SurgeryError("config.json is not UTF-8 text", where=str(cfg)) from None
+        if not isinstance(self.config, dict):
+            raise SurgeryError("config.json is not a JSON object", where=str(cfg))
         self.tensors: dict[str, TensorMeta] = {}
         self._pickles: dict[Path, dict] = {}
         self._open: dict[Path, object] = {}
@@ -78,7 +94,12 @@ class Checkpoint:
             index = self.path / "model.safetensors.index.json"
             files = st
             if index.is_file():
-                wm = json.loads(index.read_text()).get("weight_map", {})
+                try:
+                    wm = json.loads(index.read_text()).get("weight_map", {})
+                    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                        raise TypeError("weight_map is not a mapping of tensor names to file names")
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+                    raise SurgeryError(f"corrupt index: {e}", where=str(index)) from None
                 files = sorted({self.path / f for f in wm.values()})
                 missing = [str(f.name) for f in files if not f.is_file()]
                 if missing:

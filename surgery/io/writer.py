@@ -161,6 +161,12 @@ class AtomicOutput:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                # a full disk (ENOSPC), a file size limit (EFBIG), a read-only or vanished directory
+                what = exc.strerror or str(exc) or type(exc).__name__
+                if exc.filename:
+                    what += f" ({exc.filename})"
+                raise SurgeryError(f"cannot write the output: {what}; nothing was written", where=str(self.target)) from None
             return
         try:
             if self.target.exists():

@@ -1,0 +1,262 @@
+"""Interrupted runs: the source stays byte-identical and the target is absent or complete.
+
+Real `surgery run` processes are killed (SIGKILL) or interrupted (SIGINT, Ctrl-C) at random moments
+(a fixed seed) while they write a checkpoint of many small shards. A moment is drawn as a number
+of files in the run's temporary directory (so it falls inside the write whatever the machine's
+speed), or as a delay after launch. The runs go side by side, each into its own directory, to keep
+the test short. Then a later run beside their leftover temporary
+directories removes them, and an exception in the middle of a write (in-process) leaves nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import save_checkpoint
+from factories import make_config, make_model
+from surgery import api
+from surgery.cli import main
+from surgery.io import writer
+from surgery.io.writer import TMP_PREFIX
+
+SEED = int(os.environ.get("SURGERY_KILL_SEED", "20240609"))  # vary it to stress: the moments change
+RECIPE = """\
+name: kill-me
+source: {src}
+ops:
+  - op: grow_mlp
+    intermediate_size: x2
+output:
+  path: {out}
+  shard_size: 16KB
+"""
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def temporaries(parent: Path) -> list[Path]:
+    return sorted(parent.glob(f"{TMP_PREFIX}*"))
+
+
+def assert_complete(out: Path) -> None:
+    """A complete output: loads with transformers without missing keys, and its hashes re-check."""
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.intermediate_size == 256
+    assert main(["verify", "--integrity", str(out)]) == 0
+
+
+@dataclass
+class Run:
+    sig: signal.Signals
+    parent: Path
+    delay: float | None = None  # seconds after launch, or
+    files: int | None = None  # when the temporary directory holds this many files, or
+    at_target: bool = False  # as soon as the target exists (renamed into place, process still up)
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    signalled: bool = False
+    signalled_while_writing: bool = False
+    returncode: int | None = None
+    stderr: str = ""
+
+    @property
+    def out(self) -> Path:
+        return self.parent / "out"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    config = make_config("llama", vocab=512, layers=8, hidden_heads=8, kv_heads=4, head_dim=8, intermediate=128)
+    return save_checkpoint(make_model(config, dtype=torch.float32), tmp_path_factory.mktemp("src") / "llama8")
+
+
+def files_in_temporary(parent: Path) -> int | None:
+    """Files in the run's temporary directory; None while there is none."""
+    for t in temporaries(parent):
+        try:
+            return sum(1 for _ in t.iterdir())
+        except FileNotFoundError:  # renamed into place meanwhile
+            return None
+    return None
+
+
+def planned_shards(recipe: Path) -> int:
+    from surgery.execute import output_tensors
+
+    final = api.plan(recipe).final
+    planned = [writer.PlannedTensor(n, node.shape, d) for n, node, d in output_tensors(final, "auto")]
+    return len(writer.assign_shards(planned, writer.parse_size("16KB")))
+
+
+@pytest.fixture(scope="module")
+def interrupted(source, tmp_path_factory):
+    """Six real runs at once: one killed early, three while writing, one just after the rename, one
+    sent Ctrl-C while writing."""
+    rng = random.Random(SEED)
+    root = tmp_path_factory.mktemp("kills")
+    before = tree_digest(source)
+    probe = root / "probe.yaml"
+    probe.write_text(RECIPE.format(src=source, out=root / "unused"))
+    shards = planned_shards(probe)  # the output holds these plus ~8 small files
+    assert shards > 40
+    runs = [Run(signal.SIGKILL, root / "r0", delay=rng.uniform(0.5, 3.0))]
+    runs += [Run(signal.SIGKILL, root / f"r{i}", files=rng.randint(1, shards + 6)) for i in range(1, 4)]
+    runs += [Run(signal.SIGKILL, root / "r4", at_target=True)]
+    runs += [Run(signal.SIGINT, root / "r5", files=rng.randint(1, shards // 2))]
+    for r in runs:
+        r.parent.mkdir()
+        recipe = r.parent / "recipe.yaml"
+        recipe.write_text(RECIPE.format(src=source, out=r.out))
+        r.proc = subprocess.Popen([sys.executable, "-m", "surgery", "run", str(recipe), "--no-verify"],
+                                  cwd=r.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        r.started = time.monotonic()
+    deadline = time.monotonic() + 240
+    try:
+        while any(r.proc.poll() is None and not r.signalled for r in runs):
+            assert time.monotonic() < deadline, "runs did not finish"
+            now = time.monotonic()
+            for r in runs:
+                if r.signalled or r.proc.poll() is not None:
+                    continue
+                n = files_in_temporary(r.parent)
+                if r.delay is not None:
+                    due = now - r.started >= r.delay
+                elif r.at_target:
+                    due = r.out.exists()
+                else:
+                    due = n is not None and n >= r.files
+                if due:
+                    r.signalled_while_writing = n is not None
+                    r.proc.send_signal(r.sig)
+                    r.signalled = True
+            time.sleep(0.005)
+    except BaseException:
+        for r in runs:
+            if r.proc.poll() is None:
+                r.proc.kill()
+        raise
+    for r in runs:
+        _, r.stderr = r.proc.communicate(timeout=120)
+        r.returncode = r.proc.returncode
+    return runs, before
+
+
+def test_killed_runs_leave_the_source_identical_and_the_target_absent_or_complete(interrupted, source):
+    runs, before = interrupted
+    assert tree_digest(source) == before
+    kills = [r for r in runs if r.sig == signal.SIGKILL]
+    assert sum(r.signalled_while_writing for r in kills) >= 2, "too few kills landed while writing"
+    for r in kills:
+        if r.signalled:
+            assert r.returncode == -signal.SIGKILL, r.stderr
+        else:  # it finished before its moment came
+            assert r.returncode == 0, r.stderr
+        if r.out.exists():
+            assert_complete(r.out)
+        else:  # absent: at most the temporary the killed process was writing is left beside it
+            assert len(temporaries(r.parent)) <= 1
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(interrupted, source):
+    runs, before = interrupted
+    r = next(r for r in runs if r.sig == signal.SIGINT)
+    assert r.signalled_while_writing, "the interrupt landed outside the write"
+    assert r.returncode == 130, r.stderr
+    assert r.stderr == "interrupted; the output was not written\n"
+    assert not r.out.exists() and not temporaries(r.parent)
+    assert tree_digest(source) == before
+
+
+def test_next_run_removes_stale_temporaries_and_succeeds(interrupted, source, capsys):
+    runs, _ = interrupted
+    parent = runs[1].parent
+    dead_pids = [r.proc.pid for r in runs if r.signalled]
+    # Whatever the kills left, plus one stale temporary of a dead process for certain, and one of a
+    # live process that must be kept.
+    for r in runs:
+        for t in temporaries(r.parent):
+            t.rename(parent / t.name)
+    stale = parent / f"{TMP_PREFIX}out-{dead_pids[0]}-zz9"
+    stale.mkdir(exist_ok=True)
+    (stale / "model-00001-of-00099.safetensors").write_bytes(b"partial")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = parent / f"{TMP_PREFIX}out-{live.pid}-zz9"
+        kept.mkdir()
+        leftovers = [t for t in temporaries(parent) if t != kept]
+        assert stale in leftovers
+        target = parent / "again"
+        assert main(["run", str(parent / "recipe.yaml"), "--output", str(target), "--no-verify"]) == 0
+        assert temporaries(parent) == [kept], "stale temporaries of dead processes must go, live ones stay"
+        assert_complete(target)
+    finally:
+        live.kill()
+        live.wait()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("after", [0, 7])
+def test_an_exception_mid_write_leaves_no_target_and_no_temporary(source, tmp_path, monkeypatch, after):
+    real = writer.ShardWriter.write
+    written = []
+
+    def failing(self, name, tensor):
+        if len(written) == after:
+            raise RuntimeError("boom")
+        written.append(name)
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", failing)
+    before = tree_digest(source)
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(src=source, out=out))
+    with pytest.raises(RuntimeError, match="boom"):
+        api.run(recipe, verify=False)
+    assert len(written) == after
+    assert not out.exists() and not temporaries(tmp_path)
+    assert tree_digest(source) == before
+
+
+def test_a_failure_after_the_weights_are_written_leaves_nothing(source, tmp_path, monkeypatch):
+    def broken_verify(*a, **k):
+        raise RuntimeError("verification crashed")
+
+    monkeypatch.setattr(api, "verify_plan", broken_verify)
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(src=source, out=out))
+    with pytest.raises(RuntimeError, match="verification crashed"):
+        api.run(recipe, verify=True)
+    assert not out.exists() and not temporaries(tmp_path)
+
+
+def test_force_replaces_a_complete_output_only_when_the_new_one_is_complete(source, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(src=source, out=out))
+    api.run(recipe, verify=False)
+    first = tree_digest(out)
+
+    def failing(self, name, tensor):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(writer.ShardWriter, "write", failing)
+    with pytest.raises(RuntimeError):
+        api.run(recipe, verify=False, force=True)
+    assert tree_digest(out) == first and not temporaries(tmp_path)
