@@ -69,7 +69,9 @@ class FiniteReader:
 
     def load(self, name: str) -> torch.Tensor:
         t = self.reader.load(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # min and max propagate NaN and reach +-Inf: one pass without a boolean temporary, ~40x faster
+        # than isfinite(t).all() on CPU (benchmarks/RESULTS.md)
+        if t.is_floating_point() and t.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
             from .errors import SurgeryError
 
             bad = int((~torch.isfinite(t)).sum())

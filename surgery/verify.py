@@ -145,7 +145,12 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_
                 raise SurgeryError("device_map needs the `accelerate` package: pip install accelerate", where=str(out_dir)) from None
             import tempfile
 
-            extra = {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="surgery-offload-")}
+            import atexit
+            import shutil
+
+            offload = tempfile.mkdtemp(prefix="surgery-offload-")
+            atexit.register(shutil.rmtree, offload, True)
+            extra = {"device_map": device_map, "offload_folder": offload}
         model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra)
     finally:
         hf_logging.set_verbosity(level)

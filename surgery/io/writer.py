@@ -131,6 +131,8 @@ class AtomicOutput:
     """
 
     def __init__(self, target: Path, force: bool, source: Path | None):
+        if not str(target).strip() or Path(target).expanduser().absolute() == Path.cwd():
+            raise SurgeryError("the output must be a directory path other than the current directory", where=f"output {str(target)!r}")
         self.target = Path(target).expanduser().absolute()
         self.force = force
         if source is not None:
@@ -172,7 +174,11 @@ class AtomicOutput:
             if self.target.exists():
                 old = self.target.with_name(f"{TMP_PREFIX}{self.target.name}-{os.getpid()}-old")
                 os.rename(self.target, old)
-                os.rename(self.tmp, self.target)
+                try:
+                    os.rename(self.tmp, self.target)
+                except OSError:
+                    os.rename(old, self.target)  # put the previous output back
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(self.tmp, self.target)

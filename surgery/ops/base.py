@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import Annotated, ClassVar, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from ..errors import SurgeryError
 from ..state import ModelState
@@ -69,7 +69,13 @@ def resolve_size(value: int | str, current: int, field_name: str) -> int:
     return new
 
 
-SizeValue = Union[int, str]
+def _size_value(v):
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError("must be an integer or a relative size like 'x1.25' or '+8'")
+    return v
+
+
+SizeValue = Annotated[Union[int, str], BeforeValidator(_size_value)]
 
 
 class Op(BaseModel):

@@ -150,10 +150,11 @@ def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tup
         base, base_pos, _ = read_document(base_path, libraries, seen + (file,))
     except SurgeryError as e:
         raise e.located(positions.get(("extends",), file)) from None
-    return merge(base, base_pos, data, positions)
+    merged, merged_pos = merge(base, base_pos, data, positions)
+    return merged, merged_pos, file
 
 
-def merge(base: dict, base_pos: dict, child: dict, child_pos: dict, path: tuple = ()) -> tuple[dict, dict, str]:
+def merge(base: dict, base_pos: dict, child: dict, child_pos: dict, path: tuple = ()) -> tuple[dict, dict]:
     """Mappings merge key by key, lists and values replace; `ops+:` appends to the base's ops."""
     out = dict(base)
     pos = {k: v for k, v in base_pos.items()}
@@ -167,13 +168,13 @@ def merge(base: dict, base_pos: dict, child: dict, child_pos: dict, path: tuple 
                     pos[("ops", start + k[1]) + k[2:]] = v
             continue
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            sub, sub_pos, _ = merge(base[key], {}, value, {}, kpath)
+            sub, _ = merge(base[key], {}, value, {}, kpath)
             out[key] = sub
         else:
             out[key] = value
             pos = {k: v for k, v in pos.items() if k[: len(kpath)] != kpath}
         pos.update({k: v for k, v in child_pos.items() if k[: len(kpath)] == kpath})
-    return out, pos, ""
+    return out, pos
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -206,10 +207,7 @@ def load_recipe(
     libraries: list[str] | None = None,
 ) -> LoadedRecipe:
     """Read, merge `extends`, apply overrides, substitute `vars`, validate."""
-    data, positions, _ = read_document(path, libraries)
-    from .library import find_recipe
-
-    file = str(find_recipe(str(path), libraries))
+    data, positions, file = read_document(path, libraries)
     overridden: dict = {}
     for s in sets or []:
         apply_set(data, s, overridden)
@@ -297,7 +295,7 @@ def validation_error(e: ValidationError, data: dict, file: str, positions: dict,
     if typ == "missing":
         return SurgeryError(f"missing required key {missing_key[0] if missing_key else field_name!r}", loc=real + missing_key,
                             where=locate(file, positions, overridden, real))
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err.get("ctx", {}).get("expected"):
         msg += f" (allowed: {err['ctx']['expected']})"
     got = err.get("input")
