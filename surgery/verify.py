@@ -7,15 +7,19 @@ promise implies: exact ops against float rounding, approximate ones against the 
 from __future__ import annotations
 
 import builtins
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SurgeryError
 from .ops import Exactness, Promise
+from .report import Report, StepResult
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Relative loss change accepted for a step promised exact, by evaluation precision.
@@ -214,61 +218,6 @@ def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtyp
     return cmp.rel_change <= tolerance, f"approximate: rel change <= tolerance {tolerance:g}"
 
 
-@dataclass
-class StepResult:
-    op: str
-    loss: float
-    rel_change: float
-    max_logit_diff: float
-    exactness: str
-    rule: str
-    passed: bool | None  # None: an intermediate approximate step, reported but not judged
-
-
-@dataclass
-class Report:
-    loss_source: float
-    loss_output: float
-    rel_change: float
-    max_logit_diff: float
-    mean_logit_diff: float
-    top1_agreement: float
-    kl_divergence: float
-    passed: bool
-    rule: str
-    promise: str
-    params_source: int
-    params_output: int
-    tokens: int
-    precision: str
-    steps: list[StepResult] = field(default_factory=list)
-    broken_by: str | None = None
-    dead_slices: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    def table(self) -> str:
-        rows = [("step", "loss", "rel change", "max |dlogit|", "rule", "ok")]
-        rows.append(("source", f"{self.loss_source:.6f}", "", "", "", ""))
-        mark = {True: "yes", False: "NO", None: "-"}
-        for i, s in enumerate(self.steps):
-            name = s.op + (" [written output]" if i == len(self.steps) - 1 else "")
-            rows.append((name, f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule, mark[s.passed]))
-        if not self.steps:
-            rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
-                         f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
-        lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
-        if self.dead_slices:
-            lines.append(f"dead slices (no gradient): {len(self.dead_slices)}")
-        return "\n".join(lines)
-
-
 def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
@@ -336,47 +285,92 @@ def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[s
     return name, gains[name]
 
 
-def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
-    """`surgery_report.md` (the story as a table) and, with matplotlib, `surgery_report.png`."""
-    written = []
-    plotted = plot_steps(report, out_dir / "surgery_report.png", title)
-    lines = [f"# Verification of {title}", "", f"Promise: {report.promise}", "",
-             "| step | loss | rel. change | max abs logit diff | rule | ok |", "|---|---|---|---|---|---|",
-             f"| source | {report.loss_source:.6f} | | | | |"]
-    mark = {True: "yes", False: "**NO**", None: "-"}
-    for s in report.steps:
-        lines.append(f"| `{s.op}` | {s.loss:.6f} | {s.rel_change:+.3e} | {s.max_logit_diff:.3e} | {s.rule} | {mark[s.passed]} |")
-    lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e}, max |logit diff| "
-              f"{report.max_logit_diff:.3e}, next-token KL {report.kl_divergence:.3e}, top-1 agreement {report.top1_agreement:.4f}.",
-              f"{report.tokens} tokens in {report.precision}. Verdict: **{'passed' if report.passed else 'FAILED'}**"
-              + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
-    if report.dead_slices:
-        lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
-    if plotted:
-        lines += ["![loss per step](surgery_report.png)", ""]
-        written.append("surgery_report.png")
-    (out_dir / "surgery_report.md").write_text("\n".join(lines))
-    return ["surgery_report.md"] + written
+def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
+    """Loss and logits of the source, of every intermediate step (per_op), and of the written output."""
+    from .execute import compute_dtype_for, materialize
+    from .io.native import load_model as _load  # native dirs are converted in memory
+
+    v = p.loaded.recipe.verify
+    dtype = compute_dtype_for(p.initial)
+    ids = tokenize(p.source_dir, v.data, v.max_tokens)
+    source_model = _load(p.source_dir, dtype, device)
+    ref = evaluate_model(source_model, ids)
+    del source_model
+    # A lower-precision output is judged against the source rounded to the same precision, so the
+    # check measures the surgery, not the cast; the report says so.
+    storage = _storage_dtype(p)
+    ref_final, judged_in = ref, dtype
+    if storage is not None:
+        ref_final = evaluate_model(_load(p.source_dir, storage, device).to(dtype), ids)
+        judged_in = storage
+    vocab = p.initial.spec.vocab_size
+    steps: list[StepResult] = []
+    dead: list[dict] = []
+    broken = None
+    final_cmp = None
+    for i, step in enumerate(p.steps):
+        last = i == len(p.steps) - 1
+        if not (v.per_op or last):
+            continue
+        if last:
+            model = _load(out_dir, dtype, device)
+            dead = dead_slices(model, ids, p.final.new_slices)
+            cmp = compare(ref_final, evaluate_model(model, ids))
+            ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
+        else:
+            model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
+            cmp = compare(ref, evaluate_model(model, ids))
+            ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
+        if ok is False and step.cumulative.exactness == Exactness.REINIT:
+            name, gain = variance_culprit(model, ids)
+            rule += f"; {name} amplifies its input's std {gain:.1f}x"
+        del model
+        if not last and step.cumulative.exactness == Exactness.APPROXIMATE:
+            ok, rule = None, "approximate so far: informational, later ops may restore it"
+        steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff,
+                                step.cumulative.exactness.value, rule, ok))
+        if last:
+            final_cmp = (cmp, ok, rule)
+        elif ok is False and broken is None:
+            broken = f"ops[{i}] {step.op.op}"
+    if final_cmp is None:  # no ops: a plain copy
+        cmp = compare(ref, evaluate_model(_load(out_dir, dtype, device), ids))
+        ok, rule = judge(p.promise, cmp, v.tolerance, dtype, vocab)
+        final_cmp = (cmp, ok, rule)
+    cmp, ok, rule = final_cmp
+    if dead:
+        ok = False
+        rule += f"; {len(dead)} new slice(s) get no gradient"
+    if not ok and broken is None and p.steps:
+        broken = _first_failing(steps, p)
+    return Report(
+        loss_source=ref.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
+        promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
+        params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
+        precision=_name(dtype) + (f" compute, weights stored as {_name(storage)} (reference rounded alike)" if storage else ""),
+        steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
+    )
 
 
-def plot_steps(report: Report, path: Path, title: str) -> bool:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    labels = ["source"] + [s.op.split("(")[0] for s in report.steps]
-    losses = [report.loss_source] + [s.loss for s in report.steps]
-    fig = Figure(figsize=(max(4.0, 1.3 * len(labels)), 3.2), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(range(len(losses)), losses, marker="o", color="tab:blue")
-    ax.axhline(report.loss_source, color="tab:gray", linestyle="--", linewidth=1, label="source loss")
-    for i, s in enumerate(report.steps, start=1):
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _storage_dtype(p: Plan) -> torch.dtype | None:
+    """The output's dtype when it is coarser than the source's, else None."""
+    from .execute import DTYPES
+
+    out = p.loaded.recipe.output_spec
+    if out is None or out.dtype == "auto":
+        return None
+    storage = DTYPES[out.dtype]
+    src = max((t.dtype for t in p.initial.tensors.values() if t.dtype.is_floating_point), key=lambda d: d.itemsize)
+    return storage if storage.itemsize < src.itemsize else None
+
+
+def _first_failing(steps: list[StepResult], p: Plan) -> str | None:
+    for s, step in zip(steps, p.steps):
         if s.passed is False:
-            ax.plot([i], [s.loss], marker="x", color="tab:red", markersize=10)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("loss")
-    ax.set_title(f"{title}: loss after each op", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+            return f"ops[{step.index}] {step.op.op}"
+    return None

@@ -105,7 +105,7 @@ def test_hub_recipe_offline_is_a_clear_error(capsys, monkeypatch):
 
 
 def test_resolved_recipe_reruns_to_bit_identical_tensors(tmp_path):
-    a = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "a"), verify=False)
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "a"), verify=False)
     resolved = tmp_path / "a" / "surgery_recipe.yaml"
     data = yaml.safe_load(resolved.read_text())
     assert data["source"]["path"].endswith("tiny-stablelm") and "sha256" in resolved.read_text()

@@ -155,7 +155,7 @@ def test_bfloat16_output_is_judged_against_the_source_rounded_alike(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine; runs where one is lent")
 def test_gpu_run_writes_the_same_bits_as_the_cpu_run(tmp_path):
-    cpu = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "cpu"), device="cpu", verify=False)
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "cpu"), device="cpu", verify=False)
     gpu = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "gpu"), device="cuda")
     assert gpu.report.passed
     a = json.loads((tmp_path / "cpu" / "surgery_report.json").read_text())["tensor_sha256"]

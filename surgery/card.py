@@ -1,0 +1,56 @@
+"""What a run writes beside the weights for people: the resolved recipe and the model card."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .io.native import is_native
+from .plan import Plan, format_plan
+from .recipe.loader import LoadedRecipe
+from .report import Report
+
+
+def source_fingerprint(p: Plan) -> str:
+    """Content hash of the source: config and tensor headers (names, shapes, dtypes, file sizes)."""
+    h = hashlib.sha256()
+    h.update((p.source_dir / ("params.json" if is_native(p.source_dir) else "config.json")).read_bytes())
+    for name, meta in sorted(p.checkpoint.tensors.items()):
+        h.update(f"{name}:{meta.shape}:{meta.dtype}:{meta.file.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def resolved_recipe(loaded: LoadedRecipe, p: Plan) -> dict:
+    data = loaded.recipe.model_dump(mode="json", exclude_none=True)
+    src = loaded.recipe.source_spec
+    data["source"] = {"path": src.path, **({"revision": src.revision} if src.revision else {})}
+    return data
+
+
+def write_resolved_recipe(loaded: LoadedRecipe, p: Plan, out_dir: Path) -> None:
+    header = (
+        f"# Resolved by surgery {__version__} from {loaded.file}\n"
+        f"# source content sha256 (config + tensor headers): {source_fingerprint(p)}\n"
+    )
+    body = yaml.safe_dump(resolved_recipe(loaded, p), sort_keys=False)
+    (out_dir / "surgery_recipe.yaml").write_text(header + body)
+
+
+def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Report | None, seconds: float) -> None:
+    src = loaded.recipe.source_spec.path
+    lines = ["---", f"base_model: {src}", "tags:", "- surgery", "---", "",
+             f"# {loaded.recipe.name}", ""]
+    if loaded.recipe.description:
+        lines += [loaded.recipe.description.strip(), ""]
+    lines += [f"Made with surgery {__version__} from `{src}` in {seconds:.1f} s.", "",
+              f"Promise: **{p.promise.exactness.value}**: {p.promise.reason}.", ""]
+    if p.final.spec.live_width:
+        lines += ["This checkpoint ships its model code (`modeling_surgery.py`): load it with "
+                  "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", ""]
+    if report is not None:
+        lines += ["## Verification", "", "```", report.table(), "```", "", "Details: [surgery_report.md](surgery_report.md).", ""]
+    lines += ["## Recipe", "", "```yaml", (out_dir / "surgery_recipe.yaml").read_text().rstrip(), "```", "",
+              "## Plan", "", "```", format_plan(p), "```", ""]
+    (out_dir / "README.md").write_text("\n".join(lines))

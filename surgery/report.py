@@ -1,0 +1,123 @@
+"""The verification report: the per-op story as a table, JSON with integrity hashes, markdown, a plot."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .io.writer import file_digests
+
+REPORT = "surgery_report.json"
+
+
+@dataclass
+class StepResult:
+    op: str
+    loss: float
+    rel_change: float
+    max_logit_diff: float
+    exactness: str
+    rule: str
+    passed: bool | None  # None: an intermediate approximate step, reported but not judged
+
+
+@dataclass
+class Report:
+    loss_source: float
+    loss_output: float
+    rel_change: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+    kl_divergence: float
+    passed: bool
+    rule: str
+    promise: str
+    params_source: int
+    params_output: int
+    tokens: int
+    precision: str
+    steps: list[StepResult] = field(default_factory=list)
+    broken_by: str | None = None
+    dead_slices: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def table(self) -> str:
+        rows = [("step", "loss", "rel change", "max |dlogit|", "rule", "ok")]
+        rows.append(("source", f"{self.loss_source:.6f}", "", "", "", ""))
+        mark = {True: "yes", False: "NO", None: "-"}
+        for i, s in enumerate(self.steps):
+            name = s.op + (" [written output]" if i == len(self.steps) - 1 else "")
+            rows.append((name, f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule, mark[s.passed]))
+        if not self.steps:
+            rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
+                         f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
+        lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
+        if self.dead_slices:
+            lines.append(f"dead slices (no gradient): {len(self.dead_slices)}")
+        return "\n".join(lines)
+
+
+def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, tensor_digests: dict[str, str]) -> None:
+    """The verification result plus integrity hashes: every output file and every tensor."""
+    doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3)}
+    if report is not None:
+        doc.update(json.loads(report.to_json()))
+        doc["verify_seconds"] = round(report.seconds, 3)
+    doc["tensor_sha256"] = tensor_digests
+    doc["files_sha256"] = file_digests(out_dir, skip=(REPORT,))
+    (out_dir / REPORT).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
+    """`surgery_report.md` (the story as a table) and, with matplotlib, `surgery_report.png`."""
+    written = []
+    plotted = plot_steps(report, out_dir / "surgery_report.png", title)
+    lines = [f"# Verification of {title}", "", f"Promise: {report.promise}", "",
+             "| step | loss | rel. change | max abs logit diff | rule | ok |", "|---|---|---|---|---|---|",
+             f"| source | {report.loss_source:.6f} | | | | |"]
+    mark = {True: "yes", False: "**NO**", None: "-"}
+    for s in report.steps:
+        lines.append(f"| `{s.op}` | {s.loss:.6f} | {s.rel_change:+.3e} | {s.max_logit_diff:.3e} | {s.rule} | {mark[s.passed]} |")
+    lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e}, max |logit diff| "
+              f"{report.max_logit_diff:.3e}, next-token KL {report.kl_divergence:.3e}, top-1 agreement {report.top1_agreement:.4f}.",
+              f"{report.tokens} tokens in {report.precision}. Verdict: **{'passed' if report.passed else 'FAILED'}**"
+              + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
+    if report.dead_slices:
+        lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
+    if plotted:
+        lines += ["![loss per step](surgery_report.png)", ""]
+        written.append("surgery_report.png")
+    (out_dir / "surgery_report.md").write_text("\n".join(lines))
+    return ["surgery_report.md"] + written
+
+
+def plot_steps(report: Report, path: Path, title: str) -> bool:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    labels = ["source"] + [s.op.split("(")[0] for s in report.steps]
+    losses = [report.loss_source] + [s.loss for s in report.steps]
+    fig = Figure(figsize=(max(4.0, 1.3 * len(labels)), 3.2), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(range(len(losses)), losses, marker="o", color="tab:blue")
+    ax.axhline(report.loss_source, color="tab:gray", linestyle="--", linewidth=1, label="source loss")
+    for i, s in enumerate(report.steps, start=1):
+        if s.passed is False:
+            ax.plot([i], [s.loss], marker="x", color="tab:red", markersize=10)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("loss")
+    ax.set_title(f"{title}: loss after each op", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
