@@ -167,13 +167,11 @@ class GrowHeadDim(Op):
             notes.append(f"{arch.name} keeps its residual (head_dim is a config field): residual_fill has no effect")
 
         if qk_norm:
-            return Promise(
-                Exactness.APPROXIMATE,
-                "per-head q/k LayerNorms now normalise over more dims: exact only once eps is scaled by "
-                f"{d_h}/{new} (rescale_norm right after this op does that, as the residual grew by the same ratio)",
-                notes + ["new q/k dims hold their head's mean, so they start at zero after the norm and move apart "
-                         "only as training changes them"],
-            )
+            # The per-head LayerNorms now normalise over more dims: exact once the shared eps is scaled by
+            # d_h/D_h, which rescale_norm does when the residual grew by the same ratio (plan.state_promise).
+            spec.meta["qk_eps_owed"] = spec.meta.get("qk_eps_owed", 1.0) * d_h / new
+            notes.append(f"per-head q/k norms need eps x {d_h}/{new}; new q/k dims hold their head's mean, so they "
+                         "start at zero after the norm and move apart only as training changes them")
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
                        notes)
 

@@ -39,6 +39,9 @@ class RescaleNorm(Op):
         spec.norm_width = big
         notes = []
         if spec.qk_norm:
-            spec.meta["qk_norm_eps_perturbed"] = True
-            notes.append("eps is shared with the per-head q/k norms, which now see a smaller eps: slightly inexact")
+            # eps is shared with the per-head q/k norms: they owe whatever scale their head_dim growth needs
+            owed = spec.meta.get("qk_eps_owed", 1.0) / ratio
+            spec.meta["qk_eps_owed"] = owed
+            if abs(owed - 1) > 1e-12:
+                notes.append(f"eps is shared with the per-head q/k norms, which need it x{owed:g} of what they get: slightly inexact")
         return Promise(Exactness.EXACT, f"norm weights x sqrt({d}/{big}), eps x {d}/{big}", notes)
