@@ -109,8 +109,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     with ThreadPoolExecutor(max_workers=1) as pool:
         for shard, fname in zip(shards, names):
             writer = ShardWriter(out_dir / fname, shard)
-            pending = [(p, pool.submit(compute, p.name)) for p in shard[:2]]
-            queue = list(shard[2:])
+            pending = [(p, pool.submit(compute, p.name)) for p in shard[:1]]  # one tensor computed ahead
+            queue = list(shard[1:])
             while pending:
                 p, fut = pending.pop(0)
                 if queue:

@@ -64,22 +64,41 @@ def generator(*parts) -> torch.Generator:
 
 
 def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compute_dtype: torch.dtype) -> torch.Tensor:
-    """Compute one tensor; intermediate results live only for this call."""
+    """Compute one tensor; each intermediate result is dropped as soon as its last consumer ran."""
+    uses: dict[int, int] = {}
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        for i in n.inputs:
+            uses[id(i)] = uses.get(id(i), 0) + 1
+            stack.append(i)
     memo: dict[int, torch.Tensor] = {}
 
     def go(n: LazyTensor) -> torch.Tensor:
         key = id(n)
         if key in memo:
-            return memo[key]
-        if n.fn is None:
+            t = memo[key]
+        elif n.fn is None:
             t = reader.load(n.source).to(device=device, dtype=compute_dtype)
         else:
-            args = [go(i) for i in n.inputs]
+            args = [take(i) for i in n.inputs]
             t = n.fn(*args)
+            del args
             t = t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device)
         if tuple(t.shape) != n.shape:
             raise AssertionError(f"{n.label}: computed shape {tuple(t.shape)} != planned {n.shape}")
-        memo[key] = t
+        return t
+
+    def take(n: LazyTensor) -> torch.Tensor:
+        t = go(n)
+        uses[id(n)] -= 1
+        if uses[id(n)] > 0:
+            memo[id(n)] = t
+        else:
+            memo.pop(id(n), None)
         return t
 
     return go(node)

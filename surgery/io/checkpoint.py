@@ -28,6 +28,7 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int | None = None  # absolute byte offset of the data in a safetensors file
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -62,6 +63,35 @@ def read_safetensors_header(path: Path) -> dict:
         return header
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"corrupt safetensors file: {e}", where=str(path)) from None
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def read_tensor(meta: TensorMeta) -> torch.Tensor:
+    """One tensor read with plain file reads into memory it owns.
+
+    safetensors' `safe_open` maps the file, and every page a run touches then counts in its
+    resident memory until the process ends: a streaming copy of a 4 GB checkpoint would show
+    4 GB of RSS. Reading each tensor into its own buffer keeps memory at a few tensors.
+    """
+    n = torch.empty((), dtype=meta.dtype).element_size()
+    for s in meta.shape:
+        n *= s
+    buf = torch.empty(n, dtype=torch.uint8)
+    if n:
+        with open(meta.file, "rb", buffering=0) as f:
+            f.seek(meta.offset)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < n:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise SurgeryError("file ends inside tensor data (truncated?)", where=str(meta.file))
+                got += k
+    return buf.view(meta.dtype).reshape(meta.shape)
 
 
 class Checkpoint:
@@ -105,12 +135,15 @@ class Checkpoint:
                 if missing:
                     raise SurgeryError(f"index names missing shard(s): {', '.join(missing)}", where=str(index))
             for f in files:
-                for name, info in read_safetensors_header(f).items():
+                header = read_safetensors_header(f)
+                data_start = 8 + _header_length(f)
+                for name, info in header.items():
                     if name == "__metadata__":
                         continue
                     if info["dtype"] not in _ST_DTYPES:
                         raise SurgeryError(f"tensor {name!r} has unsupported dtype {info['dtype']}", where=str(f))
-                    self.tensors[name] = TensorMeta(tuple(info["shape"]), _ST_DTYPES[info["dtype"]], f)
+                    self.tensors[name] = TensorMeta(tuple(info["shape"]), _ST_DTYPES[info["dtype"]], f,
+                                                    data_start + info["data_offsets"][0])
         else:
             bins = sorted(self.path.glob("pytorch_model*.bin"))
             if not bins:
@@ -127,6 +160,8 @@ class Checkpoint:
         meta = self.tensors[name]
         if meta.file in self._pickles:
             return self._pickles[meta.file][name]
+        if meta.offset is not None:
+            return read_tensor(meta)
         h = self._open.get(meta.file)
         if h is None:
             h = self._open[meta.file] = safe_open(str(meta.file), framework="pt")
