@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
 from .io.native import add_hf_tokenizer, write_native
 from .io.resolve import resolve_source
 from .io.writer import AtomicOutput
@@ -78,9 +78,9 @@ def run(
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
-            tensor_digests = write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress)
+            written = Written(write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress))
         else:
-            tensor_digests = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            written = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(p.source_dir, tmp)
@@ -93,7 +93,7 @@ def run(
             report.seconds = time.perf_counter() - t1
             write_report_files(tmp, report, loaded.recipe.name)
         write_model_card(loaded, p, tmp, report, surgery_seconds)
-        write_report(tmp, report, surgery_seconds, tensor_digests)
+        write_report(tmp, report, surgery_seconds, written)
     return RunResult(Path(out_spec.path), p, report)
 
 

@@ -10,13 +10,14 @@ import json
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .lazy import LazyTensor, evaluate
-from .io.writer import PlannedTensor, ShardWriter, assign_shards, parse_size, shard_file_names, write_index
+from .io.writer import PlannedTensor, ShardWriter, assign_shards, layout_order, parse_size, shard_file_names, write_index
 from .ops.patch_layernorm import MODELING_FILE
 from .state import ModelState
 
@@ -24,6 +25,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pth|pt|ckpt)$|.*\.index\.json$")
 NOT_COPIED = {"config.json", "README.md", ".gitattributes", "surgery_report.json", "surgery_report.md",
               "surgery_recipe.yaml", MODELING_FILE}
+
+
+@dataclass
+class Written:
+    tensors: dict[str, str]  # tensor name -> SHA-256 of its bytes
+    files: dict[str, str] = field(default_factory=dict)  # file -> SHA-256, where computed while writing
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,8 +94,8 @@ def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dt
 
 
 def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device, dtype: str = "auto",
-                  shard_size: str | int = "5GB", progress: bool = True) -> dict[str, str]:
-    """Stream every output tensor into its shard; returns each tensor's SHA-256."""
+                  shard_size: str | int = "5GB", progress: bool = True) -> "Written":
+    """Stream every output tensor into its shard; returns the SHA-256 of each tensor and shard."""
     tensors = output_tensors(state, dtype)
     planned = [PlannedTensor(n, node.shape, d) for n, node, d in tensors]
     shards = assign_shards(planned, parse_size(shard_size))
@@ -105,10 +112,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         return t.to(dtype=d) if t.is_floating_point() else t
 
     digests: dict[str, str] = {}
+    files: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for shard, fname in zip(shards, names):
             writer = ShardWriter(out_dir / fname, shard)
+            shard = layout_order(shard)
             pending = [(p, pool.submit(compute, p.name)) for p in shard[:1]]  # one tensor computed ahead
             queue = list(shard[1:])
             while pending:
@@ -118,10 +127,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
                     pending.append((nxt, pool.submit(compute, nxt.name)))
                 digests[p.name] = writer.write(p.name, fut.result())
                 bar.update(p.nbytes)
-            writer.close()
+            file_digest = writer.close()
+            if file_digest:
+                files[fname] = file_digest
     bar.close()
     write_index(out_dir, shards, names)
-    return digests
+    return Written(digests, files)
 
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:

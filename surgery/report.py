@@ -66,14 +66,14 @@ class Report:
         return "\n".join(lines)
 
 
-def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, tensor_digests: dict[str, str]) -> None:
+def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written) -> None:
     """The verification result plus integrity hashes: every output file and every tensor."""
     doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3)}
     if report is not None:
         doc.update(json.loads(report.to_json()))
         doc["verify_seconds"] = round(report.seconds, 3)
-    doc["tensor_sha256"] = tensor_digests
-    doc["files_sha256"] = file_digests(out_dir, skip=(REPORT,))
+    doc["tensor_sha256"] = written.tensors
+    doc["files_sha256"] = file_digests(out_dir, skip=(REPORT,), known=written.files)
     (out_dir / REPORT).write_text(json.dumps(doc, indent=2) + "\n")
 
 

@@ -71,8 +71,16 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def layout_order(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
+    return sorted(tensors, key=lambda t: t.name)
+
+
 class ShardWriter:
-    """One safetensors file whose layout is fixed up front; tensors arrive in any order."""
+    """One safetensors file whose layout (tensors sorted by name) is fixed up front.
+
+    Tensors may arrive in any order; when they arrive in layout order (`layout_order`, as the
+    executor sends them) the file's SHA-256 is computed on the way: no second read for the report.
+    """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
         self.path = path
@@ -80,7 +88,7 @@ class ShardWriter:
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self.offsets: dict[str, int] = {}
-        for t in sorted(tensors, key=lambda t: t.name):
+        for t in layout_order(tensors):
             header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             self.offsets[t.name] = offset
             offset += t.nbytes
@@ -88,10 +96,12 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
         self.data_start = 8 + len(raw)
         self.f = open(path, "wb")
-        self.f.write(len(raw).to_bytes(8, "little"))
-        self.f.write(raw)
+        head = len(raw).to_bytes(8, "little") + raw
+        self.f.write(head)
         self.f.truncate(self.data_start + offset)
         self.remaining = set(self.planned)
+        self.file_hash = hashlib.sha256(head)
+        self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
 
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Write one tensor's bytes at its offset; returns their SHA-256 (recorded in the report)."""
@@ -103,14 +113,21 @@ class ShardWriter:
         self.f.seek(self.data_start + self.offsets[name])
         self.f.write(buf)
         self.remaining.discard(name)
+        if self.hashed_to == self.offsets[name]:
+            self.file_hash.update(buf)
+            self.hashed_to += p.nbytes
+        else:
+            self.hashed_to = None
         return hashlib.sha256(buf).hexdigest()
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Finish the file; its SHA-256 when every tensor came in layout order."""
         if self.remaining:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self.remaining)[:5]}")
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
+        return self.file_hash.hexdigest() if self.hashed_to is not None else None
 
 
 def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
@@ -211,13 +228,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def file_digests(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """SHA-256 of every file of an output, read in 16 MiB blocks."""
+def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None) -> dict[str, str]:
+    """SHA-256 of every file of an output, read in 16 MiB blocks unless already `known`."""
     out = {}
     for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
+        rel = str(f.relative_to(directory))
+        if known and rel in known:
+            out[rel] = known[rel]
+            continue
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
-        out[str(f.relative_to(directory))] = h.hexdigest()
+        out[rel] = h.hexdigest()
     return out
