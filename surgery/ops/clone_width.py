@@ -34,19 +34,22 @@ TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER)
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
                   extra_scale: float) -> torch.Tensor:
     std = float(t.float().std()) if noise and t.numel() > 1 else 0.0
+    own = False  # whether t is a tensor made here, so in-place arithmetic cannot touch an input
     for axis in tiled:
-        t = torch.cat([t] * k, dim=axis)
+        t, own = torch.cat([t] * k, dim=axis), True
     if input_axis is not None:
-        t = t / k
+        t = t.div_(k) if own else t / k
+        own = True
         if noise and std > 0:
             shape = list(t.shape)
             n = shape[input_axis] // k
             blocks = shape[:input_axis] + [k, n] + shape[input_axis + 1:]
             z = torch.randn(blocks, generator=generator(*seed), dtype=torch.float32).to(device=t.device, dtype=t.dtype)
-            z = (z - z.mean(dim=input_axis, keepdim=True)) * (noise * std)  # sums to zero over the k blocks
-            t = t + z.reshape(shape)
+            z.sub_(z.mean(dim=input_axis, keepdim=True)).mul_(noise * std)  # sums to zero over the k blocks
+            t.add_(z.reshape(shape))
+            del z
     if extra_scale != 1.0:
-        t = t * extra_scale
+        t = t.mul_(extra_scale) if own else t * extra_scale
     return t
 
 
