@@ -99,18 +99,10 @@ def run(
 
 def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu"):
     """Apply ops to a transformers model in memory; returns (new model, plan). For notebooks and tests."""
-    from pydantic import ValidationError
-
     from .io.checkpoint import InMemoryCheckpoint
-    from .recipe.loader import validation_error
-    from .recipe.schema import Recipe
+    from .recipe.loader import validate_recipe
 
-    data = {"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e, data, "<ops>", {}, {}) from None
-    loaded = LoadedRecipe(recipe, "<ops>", data)
+    loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
     ckpt = InMemoryCheckpoint(config, dict(model.state_dict()))
     p = compile_plan(loaded, Path("<memory>"), ckpt)

@@ -11,10 +11,7 @@ import sys
 
 def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
     """The LoadedRecipe of a conversion (no ops)."""
-    from pydantic import ValidationError
-
-    from .recipe.loader import LoadedRecipe, validation_error
-    from .recipe.schema import Recipe
+    from .recipe.loader import validate_recipe
 
     data = {
         "name": f"convert-to-{to}",
@@ -23,11 +20,7 @@ def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
         "output": {"path": output, "format": to, "dtype": dtype},
         "ops": [],
     }
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e, data, "surgery convert", {}, {}) from None
-    return LoadedRecipe(recipe, "surgery convert", data)
+    return validate_recipe(data, "surgery convert")
 
 
 def add_convert_parser(sub) -> argparse.ArgumentParser:

@@ -224,11 +224,16 @@ def load_recipe(
     if not isinstance(variables, dict):
         raise SurgeryError("vars is a mapping of names to values", where=positions.get(("vars",), file))
     data = substitute(data, variables, positions, overridden, file)
+    return validate_recipe(data, file, positions, overridden)
+
+
+def validate_recipe(data: dict, file: str, positions: dict | None = None, overridden: dict | None = None) -> LoadedRecipe:
+    """A recipe mapping (from YAML or built in code) validated, errors pointing at `file`."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise validation_error(e, data, file, positions, overridden) from None
-    return LoadedRecipe(recipe, file, data, positions, overridden)
+        raise validation_error(e, data, file, positions or {}, overridden or {}) from None
+    return LoadedRecipe(recipe, file, data, positions or {}, overridden or {})
 
 
 def _real_loc(data: Any, loc: tuple) -> tuple[tuple, tuple]:
