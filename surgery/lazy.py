@@ -10,7 +10,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import networkx as nx
 import torch
 
 
@@ -41,10 +40,6 @@ class LazyTensor:
 
 def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
     return LazyTensor(tuple(shape), dtype, None, (), f"read {name}", source=name)
-
-
-def combine(inputs: list[LazyTensor], fn: Callable[..., torch.Tensor], shape, label: str) -> LazyTensor:
-    return LazyTensor(tuple(shape), inputs[0].dtype, fn, tuple(inputs), label)
 
 
 def constant(shape, dtype: torch.dtype, fill: Callable[[tuple[int, ...]], torch.Tensor], label: str) -> LazyTensor:
@@ -102,26 +97,3 @@ def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compu
         return t
 
     return go(node)
-
-
-def sources_of(node: LazyTensor) -> set[str]:
-    out, stack, seen = set(), [node], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if n.source is not None:
-            out.add(n.source)
-        stack.extend(n.inputs)
-    return out
-
-
-def tensor_graph(tensors: dict[str, LazyTensor]) -> nx.DiGraph:
-    """Output tensors and the source tensors each is computed from (for plan and scheduling)."""
-    g = nx.DiGraph()
-    for name, node in tensors.items():
-        g.add_node(("out", name), shape=node.shape)
-        for src in sources_of(node):
-            g.add_edge(("src", src), ("out", name))
-    return g

@@ -164,6 +164,7 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
         after = ", ".join("source" if p == "source" else f"ops[{p[0]}] {p[1]}" for p in preds)
         lines.append("")
         lines.append(f"ops[{step.index}] {step.op.label()}   (after: {after})")
+        lines.append(f"  what: {step.op.summary}")
         for k, (a, b) in step.config_changes.items():
             lines.append(f"  config {k}: {a} -> {b}")
         shown = step.touched[:max_tensors]

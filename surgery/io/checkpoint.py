@@ -167,9 +167,6 @@ class Checkpoint:
             h = self._open[meta.file] = safe_open(str(meta.file), framework="pt")
         return h.get_tensor(name)
 
-    def files(self) -> list[Path]:
-        return sorted({m.file for m in self.tensors.values()})
-
 
 def load_pickle(path: Path) -> dict:
     """`torch.load` that refuses to run code: weights_only, memory-mapped."""
