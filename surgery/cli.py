@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import SurgeryError, VerificationFailed
+from .text_table import text_table
 
 
 def _library(p: argparse.ArgumentParser) -> None:
@@ -100,9 +101,7 @@ def _recipes(args) -> int:
                 except SurgeryError:
                     pass
             rows.append((e.name, arch, ", ".join(e.ops) or "(copy)", exact, e.description))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("\n".join(text_table(rows)))
         return 0
     path = find_recipe(args.name, args.library)
     if args.recipes_command == "show":

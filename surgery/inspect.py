@@ -23,6 +23,7 @@ from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
 from .io.checkpoint import Checkpoint
 from .io.native import NativeCheckpoint, is_native
 from .io.resolve import resolve_source
+from .text_table import text_table
 from .spec import ModelSpec
 
 CHUNK = 1 << 22  # elements per reduction step: the statistics of a 7B embedding in bounded memory
@@ -157,14 +158,7 @@ def format_table(result: Inspection) -> str:
                 ratio = s.ratio
                 r += [f"{p.expected_std:.3e}", f"{ratio:.3f}" if ratio is not None else "", p.describe()]
         rows.append(r)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    numeric = set(range(3, 8)) | ({8, 9} if with_pred else set())
-    lines = []
-    for k, row in enumerate(rows):
-        cells = [c.rjust(w) if (i in numeric and k) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = text_table(rows, right=set(range(3, 8)) | ({8, 9} if with_pred else set()))
     total = sum(s.numel for s in result.stats)
     lines.append(f"{len(result.stats)} tensor(s), {total:,} values, from {result.path}")
     if with_pred:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import __version__
 from .io.writer import file_digests
+from .text_table import text_table
 
 REPORT = "surgery_report.json"
 
@@ -56,9 +57,7 @@ class Report:
         if not self.steps:
             rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
                          f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows)
         verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
         lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
         if self.dead_slices:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SurgeryError
+from ..text_table import text_table
 from .library import entries, guess_test_source
 
 
@@ -51,9 +52,7 @@ def format_results(results: list[CheckResult]) -> str:
     for r in results:
         rows.append((r.name, r.source, r.promise, "-" if r.rel_change is None else f"{r.rel_change:+.2e}", str(r.dead),
                      "yes" if r.passed else "NO", f"{r.seconds:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows)
     for r in results:
         if r.problem:
             lines.append(f"{r.name}: {r.problem}")
