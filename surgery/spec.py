@@ -97,6 +97,18 @@ class ModelSpec:
             self.config["rope_parameters"] = rp
         return rp
 
+    def rope_value(self, key: str):
+        """A rope setting as transformers resolves it: rope_parameters first, then the legacy top-level key."""
+        rp = self.config.get("rope_parameters")
+        if isinstance(rp, dict) and key in rp:
+            return rp[key]
+        return self.config.get(key)
+
+    def set_rope_value(self, key: str, value) -> None:
+        self.rope[key] = value
+        if key in self.config:  # a legacy top-level copy: keep it consistent
+            self.config[key] = value
+
     def describe(self) -> str:
         s = (
             f"{self.arch.name}: hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads} kv, "

@@ -78,20 +78,6 @@ def per_head_dest(heads: int, new: int, pos: list[int]) -> list[int]:
     return [p * new + i for p in range(heads) for i in pos]
 
 
-def _rope_value(spec, key: str):
-    """A rope setting as transformers resolves it: rope_parameters first, then the legacy top-level key."""
-    rp = spec.config.get("rope_parameters")
-    if isinstance(rp, dict) and key in rp:
-        return rp[key]
-    return spec.config.get(key)
-
-
-def _set_rope_value(spec, key: str, value) -> None:
-    spec.rope[key] = value
-    if key in spec.config:  # a legacy top-level copy: keep it consistent
-        spec.config[key] = value
-
-
 class GrowHeadDim(Op):
     op: Literal["grow_head_dim"]
     head_dim: SizeValue
@@ -160,7 +146,7 @@ class GrowHeadDim(Op):
             notes.append(f"q x sqrt({new}/{d_h}) is rounded when stored in {', '.join(half)}")
         spec.set_head_dim(new)
         for key, value in rope_changes.items():
-            _set_rope_value(spec, key, value)
+            spec.set_rope_value(key, value)
         if derived:
             grow_residual(state, h * new, self.init, self.residual_fill, ctx, "grow_head_dim")
         elif self.residual_fill != "zero":
@@ -177,9 +163,9 @@ class GrowHeadDim(Op):
 
     def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> dict:
         rotary = spec.arch.rotary
-        rope_type = _rope_value(spec, "rope_type") or "default"
+        rope_type = spec.rope_value("rope_type") or "default"
         if rotary == "partial":
-            factor = _rope_value(spec, "partial_rotary_factor")
+            factor = spec.rope_value("partial_rotary_factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
             rot = int(d_h * factor)
@@ -196,7 +182,7 @@ class GrowHeadDim(Op):
             if d_h % 2 or new % 2:
                 raise SurgeryError(f"head_dim must be even for rotary embeddings (rotate_half pairs i and i + head_dim/2), got {new}",
                                    loc=("head_dim",))
-            factor = _rope_value(spec, "partial_rotary_factor")
+            factor = spec.rope_value("partial_rotary_factor")
             if factor not in (None, 1, 1.0):
                 raise SurgeryError(f"partial_rotary_factor {factor} with full rotary is not supported", loc=("head_dim",))
             if rope_type not in FULL_ROTARY_TYPES:
@@ -205,7 +191,7 @@ class GrowHeadDim(Op):
                     f"supported: {', '.join(FULL_ROTARY_TYPES)}",
                     loc=("head_dim",),
                 )
-            theta = _rope_value(spec, "rope_theta")
+            theta = spec.rope_value("rope_theta")
             if theta is None:
                 theta = spec.rope["rope_theta"]
             new_theta = float(theta) ** (new / d_h)
