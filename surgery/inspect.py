@@ -21,8 +21,7 @@ import torch
 from .errors import SurgeryError
 from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
 from .io.checkpoint import Checkpoint
-from .io.native import NativeCheckpoint, is_native
-from .io.resolve import resolve_source
+from .io.resolve import open_checkpoint, resolve_source
 from .text_table import text_table
 from .spec import ModelSpec
 
@@ -110,7 +109,7 @@ def inspect_checkpoint(source: str | Path, tensors: str = "*", method: str | Ini
                        std: float | None = None) -> Inspection:
     """Statistics of the tensors of `source` whose name matches `tensors` (a glob or a role name)."""
     path = resolve_source(str(source))
-    ckpt = NativeCheckpoint(path) if is_native(path) else Checkpoint(path)
+    ckpt = open_checkpoint(path)
     try:
         spec = ModelSpec.from_config(ckpt.config, where=str(path / "config.json"))
     except SurgeryError:

@@ -13,7 +13,7 @@ import networkx as nx
 
 from .errors import SurgeryError
 from .io.checkpoint import Checkpoint
-from .io.native import NativeCheckpoint, is_native
+from .io.resolve import open_checkpoint
 from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
@@ -113,7 +113,7 @@ def op_graph(ops: list[Op]) -> nx.DiGraph:
 
 
 def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None) -> Plan:
-    ckpt = checkpoint or (NativeCheckpoint(source_dir) if is_native(source_dir) else Checkpoint(source_dir))
+    ckpt = checkpoint or open_checkpoint(source_dir)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe

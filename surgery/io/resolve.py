@@ -45,3 +45,11 @@ def download(repo_id: str, revision: str | None) -> Path:
             f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}); "
             f"download it elsewhere and pass --source PATH"
         ) from None
+
+
+def open_checkpoint(path: Path):
+    """A checkpoint directory in either layout: Mistral native (params.json) or transformers."""
+    from .checkpoint import Checkpoint
+    from .native import NativeCheckpoint, is_native
+
+    return NativeCheckpoint(path) if is_native(path) else Checkpoint(path)
