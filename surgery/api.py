@@ -20,6 +20,7 @@ from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, load_recipe
 from .report import Report, write_report, write_report_files
+from .tokenizer import NewToken, write_tokenizer
 from .verify import model_from_tensors, verify_plan
 
 
@@ -69,6 +70,10 @@ def run(
     if out_spec is None:
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
     p = plan(loaded)
+    added = [NewToken(**a) for a in p.final.spec.meta.get("added_tokens", [])]
+    if added and out_spec.format == "mistral":
+        raise loaded.error(SurgeryError("Mistral's native tokenizer.model (sentencepiece) cannot take the new tokens; "
+                                        "write format: hf (tokenizer.json)", loc=("output", "format")))
     try:
         dev = pick_device(device or r.device)
     except SurgeryError as e:
@@ -84,6 +89,8 @@ def run(
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(p.source_dir, tmp)
+        if added:
+            write_tokenizer(p.source_dir, tmp, added)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None

@@ -19,7 +19,8 @@ from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
 from .state import ModelState
 
-_RANK = {Exactness.EXACT: 0, Exactness.EXACT_SHIPPED_CODE: 1, Exactness.APPROXIMATE: 2, Exactness.REINIT: 3}
+_RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
+         Exactness.REINIT: 4}
 
 
 @dataclass
@@ -123,7 +124,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     for i, op in enumerate(recipe.ops):
         nxt = state.copy()
         try:
-            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, source_dir=source_dir if source_dir.is_dir() else None))
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
