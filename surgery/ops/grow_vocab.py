@@ -96,6 +96,12 @@ class GrowVocab(Op):
             raise ValueError(f"token {dup!r} is listed twice")
         return self
 
+    def label(self) -> str:
+        parts = [f"+{len(self.add_tokens)} tokens"] if self.add_tokens else []
+        if self.pad_to_multiple_of:
+            parts.append(f"pad_to_multiple_of={self.pad_to_multiple_of}")
+        return f"{self.op}({', '.join(parts + [f'init={self.init.value}'])})"
+
     @staticmethod
     def token(t: Union[str, TokenSpec]) -> TokenSpec:
         return t if isinstance(t, TokenSpec) else TokenSpec(content=t)

@@ -1,0 +1,214 @@
+"""grow_vocab: new tokens in the tokenizer and new rows in the model; old tokens' logits exact, the loss
+moved by the new rows' probability mass and nothing else."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ASSETS, save_checkpoint
+from factories import FAMILIES, make_config, make_model
+from surgery import api
+from surgery.cli import main
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import InMemoryCheckpoint
+from surgery.ops import Exactness
+from surgery.verify import Evaluation, compare, dead_slices, judge, with_new_tokens
+
+IDS = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+TOKENS3 = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]
+
+
+def _eval(model, ids) -> Evaluation:
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    return Evaluation(float(out.loss), out.logits[0])
+
+
+def _recipe(write_recipe, source: str, ops: list[dict], out: Path, **verify) -> Path:
+    text = {"name": "v", "source": source, "output": str(out), "ops": ops, "verify": {"max_tokens": 512, **verify}}
+    return write_recipe(json.dumps(text))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(FAMILIES), tied=st.booleans(), n=st.integers(0, 4),
+       pad=st.sampled_from([None, 1, 8, 48]), init=st.sampled_from(["mean", "hewitt", "zeros"]))
+def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, pad, init):
+    if n == 0 and pad is None:
+        pad = 48
+    model = make_model(make_config(family, tied=tied))
+    ops = [{"op": "grow_vocab", "add_tokens": [f"tok{i}" for i in range(n)], "pad_to_multiple_of": pad, "init": init}]
+    grown, plan = api.transform(model, ops)
+    old = 64
+    new = old + n if not pad else -(-(old + n) // pad) * pad
+    assert grown.config.vocab_size == plan.final.spec.vocab_size == new
+    assert grown.get_input_embeddings().weight.shape[0] == grown.get_output_embeddings().weight.shape[0] == new
+    ref, out = _eval(model, IDS), _eval(grown, IDS)
+    cmp = compare(ref, out)
+    assert cmp.max_logit_diff <= 1e-12 * cmp.logit_scale  # float64: the same sums, to the last bits
+    if new > old:
+        assert out.loss > ref.loss
+        # transformers computes the loss in float32 even for a float64 model: agreement to float32 rounding
+        assert abs(cmp.rel_change - cmp.expected_rel_change) <= 1e-6
+        assert plan.promise.exactness == Exactness.EXACT_OLD_TOKENS
+        ok, rule = judge(plan.promise, cmp, 1e-4, torch.float64, old)
+        assert ok, rule
+    if new == old:
+        return
+    emb = grown.get_input_embeddings().weight.detach()
+    mean = model.get_input_embeddings().weight.detach().mean(0)
+    if init == "mean":
+        assert torch.allclose(emb[old:], mean.expand(new - old, -1), atol=1e-12)
+    elif init == "zeros":
+        assert not emb[old:].any()
+    else:  # hewitt: the mean plus a draw with 1e-9 x the covariance: tiny, non-zero, different per row
+        spread = (emb[old:] - mean).abs().max()
+        assert 0 < spread < 1e-3 * model.get_input_embeddings().weight.std()
+    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
+
+
+def test_a_moved_old_logit_fails_the_rule_even_when_the_loss_barely_moves():
+    model = make_model(make_config("llama"))
+    grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"]}])
+    ref = _eval(model, IDS)
+    with torch.no_grad():
+        grown.lm_head.weight[7] += 1e-3  # an old token's row
+    ok, rule = judge(plan.promise, compare(ref, _eval(grown, IDS)), 1e-4, torch.float64, 64)
+    assert not ok and "old-token max |dlogit|" in rule
+
+
+def test_the_loss_must_move_by_the_new_rows_mass_and_nothing_else():
+    model = make_model(make_config("llama"))
+    grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"]}])
+    ref, out = _eval(model, IDS), _eval(grown, IDS)
+    wrong = Evaluation(out.loss * (1 + 1e-3), out.logits)  # a loss the new rows' logits do not explain
+    ok, _ = judge(plan.promise, compare(ref, wrong), 1e-4, torch.float64, 64)
+    assert not ok
+    assert judge(plan.promise, compare(ref, out), 1e-4, torch.float64, 64)[0]
+
+
+def test_hewitt_draws_are_reproducible_and_depend_on_the_seed():
+    model = make_model(make_config("mistral"))
+    ops = [{"op": "grow_vocab", "add_tokens": ["a", "b", "c"], "init": "hewitt"}]
+    a = api.transform(model, ops, seed=0)[0].lm_head.weight[64:]
+    b = api.transform(model, ops, seed=0)[0].lm_head.weight[64:]
+    c = api.transform(model, ops, seed=1)[0].lm_head.weight[64:]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "tiny-stablelm", "tiny-mistral-hf"])
+def test_three_tokens_on_builtin_models_encode_as_new_ids_with_old_logits_and_loss_kept(source, tmp_path, write_recipe):
+    """The issue's acceptance: AutoTokenizer gives each new token one id >= the old vocabulary, old logits
+    within 1e-4 of the source (checked here independently of surgery), loss moved by less than 2%."""
+    out = tmp_path / "out"
+    r = api.run(_recipe(write_recipe, f"builtin:{source}", [{"op": "grow_vocab", "add_tokens": TOKENS3, "init": "mean"}], out))
+    assert r.report.passed, r.report.rule
+    tok = AutoTokenizer.from_pretrained(str(out))
+    old_tok = AutoTokenizer.from_pretrained(str(ASSETS / source))
+    old_vocab = len(old_tok)
+    ids = [tok(t if isinstance(t, str) else t["content"], add_special_tokens=False)["input_ids"] for t in TOKENS3]
+    assert all(len(i) == 1 and i[0] >= old_vocab for i in ids) and len({i[0] for i in ids}) == 3
+    assert tok.decode(ids[1] + ids[2], skip_special_tokens=True) == ""
+    text = old_tok("The license allows you to copy, modify and distribute the software.", return_tensors="pt")["input_ids"]
+    assert tok(old_tok.decode(text[0]), return_tensors="pt")["input_ids"].tolist() == text.tolist()
+    src = AutoModelForCausalLM.from_pretrained(str(ASSETS / source), dtype=torch.float32)
+    dst = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert dst.config.vocab_size == old_vocab + 3 == dst.get_output_embeddings().weight.shape[0]
+    a, b = _eval(src, text), _eval(dst, text)
+    assert (a.logits - b.logits[:, :old_vocab]).abs().max() <= 1e-4
+    assert abs(b.loss - a.loss) / a.loss < 0.02
+
+
+def test_subword_rows_are_the_mean_of_the_pieces_rows(tmp_path, write_recipe):
+    out = tmp_path / "out"
+    words = ["license", "copyright"]
+    api.run(_recipe(write_recipe, "builtin:tiny-llama", [{"op": "grow_vocab", "add_tokens": words, "init": "subword"}], out))
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tiny-llama"))
+    with safe_open(str(ASSETS / "tiny-llama" / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as g:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            old, new = f.get_tensor(name), g.get_tensor(name)
+            for i, w in enumerate(words):
+                pieces = tok(w, add_special_tokens=False)["input_ids"]
+                assert len(pieces) > 1
+                assert torch.allclose(new[512 + i], old[pieces].mean(0), atol=1e-6)
+
+
+def test_a_tokenizer_shorter_than_the_model_gets_reserved_tokens_and_new_ids_after_the_old_rows(tmp_path, write_recipe):
+    src = save_checkpoint(make_model(make_config("qwen2", vocab=600), dtype=torch.float32), tmp_path / "src", "tiny-llama")
+    out = tmp_path / "out"
+    ops = [{"op": "grow_vocab", "add_tokens": ["surgeryword"], "pad_to_multiple_of": 8}]
+    r = api.run(_recipe(write_recipe, str(src), ops, out))
+    assert r.report.passed, r.report.rule
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok("surgeryword", add_special_tokens=False)["input_ids"] == [600]
+    assert tok.convert_ids_to_tokens(599) == "<|surgery_reserved_599|>"
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 608
+
+
+def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tensor_once(tmp_path, write_recipe, monkeypatch):
+    from surgery.io import checkpoint
+
+    loads: dict[str, int] = {}
+    real = checkpoint.read_tensor
+
+    def counting(meta):
+        loads[str(meta.file) + str(meta.offset)] = loads.get(str(meta.file) + str(meta.offset), 0) + 1
+        return real(meta)
+
+    monkeypatch.setattr(checkpoint, "read_tensor", counting)
+    out = tmp_path / "out"
+    ops = [{"op": "grow_mlp", "intermediate_size": "x1.5"}, {"op": "grow_vocab", "add_tokens": TOKENS3, "pad_to_multiple_of": 16},
+           {"op": "clone_width", "factor": 2}]
+    r = api.run(_recipe(write_recipe, "builtin:tiny-mistral-hf", ops, out, per_op=False))
+    assert r.report.passed, r.report.rule
+    assert r.report.dead_slices == []
+    assert loads and max(loads.values()) == 1  # writing read every source tensor once (verification loads models)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 528
+
+
+def test_errors_are_one_line_with_where(tmp_path, write_recipe, capsys):
+    cases = [
+        ([{"op": "grow_vocab", "add_tokens": ["<|endoftext|>"]}], "ops.0.add_tokens.0: token '<|endoftext|>' is already in the vocabulary"),
+        ([{"op": "grow_vocab", "add_tokens": ["x1", "x1"]}], "token 'x1' is listed twice"),
+        ([{"op": "grow_vocab"}], "give add_tokens, pad_to_multiple_of, or both"),
+        ([{"op": "grow_vocab", "add_tokens": [{"content": "x", "special": "maybe"}]}], "special"),
+    ]
+    for ops, message in cases:
+        assert main(["run", str(_recipe(write_recipe, "builtin:tiny-llama", ops, tmp_path / "o"))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_subword_needs_a_tokenizer():
+    with pytest.raises(SurgeryError, match="subword needs the source tokenizer"):
+        api.transform(make_model(make_config("llama")), [{"op": "grow_vocab", "add_tokens": ["x"], "init": "subword"}])
+
+
+def test_native_mistral_source_takes_normal_tokens_and_refuses_special_ones_and_native_output(tmp_path, write_recipe, capsys):
+    out = tmp_path / "out"
+    r = api.run(_recipe(write_recipe, "builtin:tiny-mistral", [{"op": "grow_vocab", "add_tokens": ["surgeryword"]}], out))
+    assert r.report.passed, r.report.rule
+    assert AutoTokenizer.from_pretrained(str(out))("surgeryword", add_special_tokens=False)["input_ids"] == [512]
+    assert not (out / "tokenizer.model").exists()  # sentencepiece cannot hold it: no stale copy beside tokenizer.json
+    special = [{"op": "grow_vocab", "add_tokens": [{"content": "[TOOL]", "special": True}]}]
+    assert main(["run", str(_recipe(write_recipe, "builtin:tiny-mistral", special, tmp_path / "o2"))]) == 2
+    assert "splits special tokens" in capsys.readouterr().err
+    native = {"name": "v", "source": "builtin:tiny-mistral", "output": {"path": str(tmp_path / "o3"), "format": "mistral"},
+              "ops": [{"op": "grow_vocab", "add_tokens": ["surgeryword"]}]}
+    assert main(["run", str(write_recipe(json.dumps(native)))]) == 2
+    assert "output.format: Mistral's native tokenizer.model" in capsys.readouterr().err
+
+
+def test_native_output_padded_vocabulary_is_in_params_json(tmp_path, write_recipe):
+    native = {"name": "v", "source": "builtin:tiny-mistral", "output": {"path": str(tmp_path / "o"), "format": "mistral"},
+              "ops": [{"op": "grow_vocab", "pad_to_multiple_of": 96}], "verify": {"max_tokens": 256}}
+    r = api.run(write_recipe(json.dumps(native)))
+    assert r.report.passed, r.report.rule
+    assert json.loads((tmp_path / "o" / "params.json").read_text())["vocab_size"] == 576
