@@ -155,20 +155,30 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
     from surgery.io import checkpoint
 
     loads: dict[str, int] = {}
-    real = checkpoint.read_tensor
+    writing = []
+    real_read, real_write = checkpoint.read_tensor, api.write_weights
 
     def counting(meta):
-        loads[str(meta.file) + str(meta.offset)] = loads.get(str(meta.file) + str(meta.offset), 0) + 1
-        return real(meta)
+        if writing:  # reads while writing the output; per-op verification reads the source again, apart
+            loads[str(meta.file) + str(meta.offset)] = loads.get(str(meta.file) + str(meta.offset), 0) + 1
+        return real_read(meta)
+
+    def write(*a, **k):
+        writing.append(1)
+        try:
+            return real_write(*a, **k)
+        finally:
+            writing.clear()
 
     monkeypatch.setattr(checkpoint, "read_tensor", counting)
+    monkeypatch.setattr(api, "write_weights", write)
     out = tmp_path / "out"
     ops = [{"op": "grow_mlp", "intermediate_size": "x1.5"}, {"op": "grow_vocab", "add_tokens": TOKENS3, "pad_to_multiple_of": 16},
            {"op": "clone_width", "factor": 2}]
-    r = api.run(_recipe(write_recipe, "builtin:tiny-mistral-hf", ops, out, per_op=False))
+    r = api.run(_recipe(write_recipe, "builtin:tiny-mistral-hf", ops, out))
     assert r.report.passed, r.report.rule
     assert r.report.dead_slices == []
-    assert loads and max(loads.values()) == 1  # writing read every source tensor once (verification loads models)
+    assert loads and max(loads.values()) == 1  # every source tensor read once, the embedding included
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 528
 
 
@@ -184,6 +194,18 @@ def test_errors_are_one_line_with_where(tmp_path, write_recipe, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("init", ["mean", "hewitt", "subword", "zeros"])
+def test_a_vocabulary_sized_bias_grows_with_its_rows(init):
+    """No family here has an lm_head bias; the op grows any tensor with a vocabulary axis, biases too."""
+    from surgery.ops.grow_vocab import VocabInit, _grow
+
+    bias = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    grown = _grow(bias, 0, VocabInit(init), 3, [[1, 2], None, None], (0, 0, "b"))
+    assert grown.shape == (13,) and torch.equal(grown[:10], bias)
+    want = {"mean": bias.mean(), "hewitt": bias.mean(), "subword": bias[[1, 2]].mean(), "zeros": 0.0}[init]
+    assert torch.allclose(grown[10], torch.as_tensor(want, dtype=torch.float64), atol=1e-3 * float(bias.std()))
 
 
 def test_subword_needs_a_tokenizer():

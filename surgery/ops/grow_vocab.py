@@ -58,9 +58,11 @@ def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[i
             if ids:
                 rows[i] = old[torch.tensor(ids, device=old.device)].to(torch.float64).mean(dim=0)
     elif init == VocabInit.HEWITT:
-        flat = old.reshape(old.shape[0], -1).to(torch.float64)
+        flat = old.reshape(old.shape[0], -1).float()
         centred = flat - flat.mean(dim=0)
-        cov = centred.T @ centred / flat.shape[0]
+        # float32 for the V x d^2 product (it is scaled by 1e-9 before use); float64 for the factorisation
+        cov = (centred.T @ centred / flat.shape[0]).double()
+        del centred
         root, info = torch.linalg.cholesky_ex(cov)
         if info:  # singular: a square root from the eigendecomposition (clamped at zero)
             vals, vecs = torch.linalg.eigh(cov)
