@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
@@ -88,14 +88,19 @@ class GrowVocab(Op):
     writes = ("vocab_size", "tokenizer", "embed", "lm_head")
     summary = "add tokens (and padding rows); old tokens' logits unchanged, the loss moves by the new rows' probability mass"
 
+    @field_validator("add_tokens")
+    @classmethod
+    def _distinct(cls, tokens):
+        contents = [cls.token(t).content for t in tokens]
+        dup = next((c for i, c in enumerate(contents) if c in contents[:i]), None)
+        if dup is not None:
+            raise ValueError(f"token {dup!r} is listed twice")
+        return tokens
+
     @model_validator(mode="after")
     def _something_to_do(self):
         if not self.add_tokens and self.pad_to_multiple_of is None:
             raise ValueError("give add_tokens, pad_to_multiple_of, or both")
-        contents = [self.token(t).content for t in self.add_tokens]
-        dup = next((c for i, c in enumerate(contents) if c in contents[:i]), None)
-        if dup is not None:
-            raise ValueError(f"token {dup!r} is listed twice")
         return self
 
     def label(self) -> str:
