@@ -125,6 +125,20 @@ def test_three_tokens_on_builtin_models_encode_as_new_ids_with_old_logits_and_lo
     assert abs(b.loss - a.loss) / a.loss < 0.02
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_three_tokens_on_random_models_of_every_family_keep_old_logits_and_encode_as_new_ids(family, tmp_path, write_recipe):
+    """Untrained models with random norms, biases and a non-zero embedding mean, tied and not."""
+    tied = family in ("mistral", "stablelm")
+    src = save_checkpoint(make_model(make_config(family, vocab=512, tied=tied), dtype=torch.float32), tmp_path / "src", "tiny-llama")
+    out = tmp_path / "out"
+    r = api.run(_recipe(write_recipe, str(src), [{"op": "grow_vocab", "add_tokens": TOKENS3, "init": "mean"}], out, max_tokens=256))
+    assert r.report.passed, r.report.rule
+    assert r.report.max_logit_diff <= 1e-4 and abs(r.report.rel_change) < 0.02
+    tok = AutoTokenizer.from_pretrained(str(out))
+    got = [tok(t if isinstance(t, str) else t["content"], add_special_tokens=False)["input_ids"] for t in TOKENS3]
+    assert got == [[512], [513], [514]]
+
+
 def test_subword_rows_are_the_mean_of_the_pieces_rows(tmp_path, write_recipe):
     out = tmp_path / "out"
     words = ["license", "copyright"]
