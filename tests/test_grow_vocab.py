@@ -72,6 +72,28 @@ def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, p
     assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
 
 
+VOCAB_OP = {"op": "grow_vocab", "add_tokens": ["a", "b", "c"], "pad_to_multiple_of": 16, "init": "hewitt"}
+
+
+@pytest.mark.parametrize("family,tied,ops", [
+    ("llama", False, [VOCAB_OP, {"op": "clone_width", "factor": 2}]),
+    ("mistral", True, [VOCAB_OP, {"op": "clone_width", "factor": 2, "noise": 0.1}]),
+    ("qwen2", False, [{"op": "grow_heads", "num_heads": "x2"}, {"op": "rescale_norm"}, VOCAB_OP]),
+    ("stablelm", True, [{"op": "grow_mlp", "intermediate_size": "x2"}, {"op": "grow_layers", "num_layers": 3}, VOCAB_OP,
+                        {"op": "grow_mlp", "intermediate_size": "+8"}]),
+])
+def test_grow_vocab_composes_with_growth_before_and_after(family, tied, ops):
+    model = make_model(make_config(family, tied=tied))
+    grown, plan = api.transform(model, ops)
+    cmp = compare(_eval(model, IDS), _eval(grown, IDS))
+    assert grown.config.vocab_size == 80 and plan.promise.exactness == Exactness.EXACT_OLD_TOKENS
+    # judged at float32: transformers computes RMSNorm statistics (and the loss) in float32 even in a float64 model
+    ok, rule = judge(plan.promise, cmp, 1e-4, torch.float32, 64)
+    assert ok, rule
+    assert cmp.max_logit_diff <= 1e-6 * cmp.logit_scale
+    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
+
+
 def test_a_moved_old_logit_fails_the_rule_even_when_the_loss_barely_moves():
     model = make_model(make_config("llama"))
     grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"]}])
