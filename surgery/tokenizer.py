@@ -42,6 +42,10 @@ def load_tokenizer(source_dir: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(source_dir))
     except Exception as e:  # transformers raises many types for a tokenizer it cannot build
+        sp = Path(source_dir) / "tokenizer.model"
+        if sp.is_file() and not (Path(source_dir) / "tokenizer.json").is_file():
+            # sentencepiece only, and transformers' converter wants protobuf: build it from sentencepiece's API
+            return _with_chat_template(native_tokenizer(source_dir), Path(source_dir))
         raise SurgeryError(f"cannot load the source tokenizer to add tokens to it ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})", where=str(source_dir)) from None
     finally:
@@ -49,6 +53,23 @@ def load_tokenizer(source_dir: Path):
     if not getattr(tok, "is_fast", False):
         raise SurgeryError("the source tokenizer has no fast (tokenizers) version; grow_vocab writes tokenizer.json",
                            where=str(source_dir))
+    return tok
+
+
+def _with_chat_template(tok, source_dir: Path):
+    """A tokenizer rebuilt from tokenizer.model keeps the source's chat template."""
+    import json
+
+    cfg = source_dir / "tokenizer_config.json"
+    try:
+        template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    except (ValueError, OSError):
+        template = None
+    jinja = source_dir / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    if template:
+        tok.chat_template = template
     return tok
 
 

@@ -270,3 +270,19 @@ def test_native_output_padded_vocabulary_is_in_params_json(tmp_path, write_recip
     r = api.run(write_recipe(json.dumps(native)))
     assert r.report.passed, r.report.rule
     assert json.loads((tmp_path / "o" / "params.json").read_text())["vocab_size"] == 576
+
+
+def test_a_sentencepiece_only_hf_source_gets_a_tokenizer_json_with_the_new_tokens(tmp_path, write_recipe):
+    """No tokenizer.json and no protobuf: the tokenizer is built from sentencepiece's API, chat template kept."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(ASSETS / "tiny-mistral-hf" / f, src / f)
+    shutil.copyfile(ASSETS / "tiny-mistral" / "tokenizer.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "chat_template": "{{ x }}"}))
+    out = tmp_path / "out"
+    ops = [{"op": "grow_vocab", "add_tokens": ["surgeryword"], "init": "subword"}]
+    assert main(["run", str(_recipe(write_recipe, str(src), ops, out)), "--no-verify"]) == 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok("surgeryword", add_special_tokens=False)["input_ids"] == [512]
+    assert tok.chat_template == "{{ x }}"
