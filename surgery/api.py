@@ -18,7 +18,7 @@ from .io.native import add_hf_tokenizer, write_native
 from .io.resolve import resolve_source
 from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
-from .recipe.loader import LoadedRecipe, load_recipe
+from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .verify import model_from_tensors, verify_plan
 
@@ -37,8 +37,10 @@ def load(recipe: str | Path, sets: list[str] | None = None, source: str | None =
 
 
 def validate(recipe: str | Path, **overrides) -> LoadedRecipe:
-    """Schema check only: no source is read."""
-    return load(recipe, **overrides)
+    """Schema check and the recipe's files (verification data); no source is read."""
+    loaded = load(recipe, **overrides)
+    check_paths(loaded)
+    return loaded
 
 
 def plan(recipe: str | Path | LoadedRecipe, **overrides) -> Plan:
@@ -68,6 +70,8 @@ def run(
     out_spec = r.output_spec
     if out_spec is None:
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
+    if verify:
+        check_paths(loaded)  # before any weight is written
     p = plan(loaded)
     try:
         dev = pick_device(device or r.device)
