@@ -14,8 +14,9 @@ from pathlib import Path
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
 from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
-from .io.native import add_hf_tokenizer, write_native
+from .io.native import write_native
 from .io.resolve import resolve_source
+from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
@@ -73,6 +74,8 @@ def run(
     if verify:
         check_paths(loaded)  # before any weight is written
     p = plan(loaded)
+    if verify:
+        text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing
     try:
         dev = pick_device(device or r.device)
     except SurgeryError as e:
@@ -87,7 +90,7 @@ def run(
             written = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
-        add_hf_tokenizer(p.source_dir, tmp)
+        add_hf_tokenizer(tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None
