@@ -113,3 +113,14 @@ def test_validate_refuses_a_data_file_that_run_cannot_find(tmp_path, monkeypatch
     assert err.count("\n") == 1 and "grow.yaml:8:9" in err and str(project / "data" / "eval.txt") in err
     assert main(["run", str(project / "grow.yaml")]) == 2
     assert not (project / "out").exists()
+
+
+def test_convert_output_named_relatively_is_where_its_resolved_recipe_reruns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "builtin:tiny-mistral", "converted", "--to", "hf", "--no-verify"]) == 0
+    out = tmp_path / "converted"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(out / "surgery_recipe.yaml"), "--force", "--no-verify"]) == 0
+    assert (out / "model.safetensors").is_file() and not list(elsewhere.iterdir())
