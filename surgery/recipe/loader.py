@@ -79,7 +79,12 @@ RecipeYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=RecipeYamlLoader)
+    """One YAML document through RecipeYamlLoader (a SafeLoader: Python tags are errors)."""
+    loader = RecipeYamlLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
