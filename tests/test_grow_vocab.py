@@ -18,7 +18,7 @@ from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import InMemoryCheckpoint
 from surgery.ops import Exactness
-from surgery.verify import Evaluation, compare, dead_slices, judge, with_new_tokens
+from surgery.verify import Evaluation, compare, dead_slices, judge, measure_reference, with_new_tokens
 
 IDS = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
 TOKENS3 = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]
@@ -28,6 +28,19 @@ def _eval(model, ids) -> Evaluation:
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
     return Evaluation(float(out.loss), out.logits[0])
+
+
+def _judge(promise, model, grown, ref: Evaluation | None = None, out: Evaluation | None = None):
+    """The verdict verification gives, with the noise floor measured on the source model (float64)."""
+    import copy
+
+    floor = measure_reference("source", lambda dt: copy.deepcopy(model).to(dt), IDS, torch.float64, None).floor
+    cmp = compare(ref or _eval(model, IDS), out or _eval(grown, IDS))
+    return judge(promise, cmp, floor, 1e-4, model.config.vocab_size)
+
+
+def _scale(ev: Evaluation) -> float:
+    return float(ev.logits.abs().max())
 
 
 def _recipe(write_recipe, source: str, ops: list[dict], out: Path, **verify) -> Path:
@@ -50,14 +63,14 @@ def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, p
     assert grown.get_input_embeddings().weight.shape[0] == grown.get_output_embeddings().weight.shape[0] == new
     ref, out = _eval(model, IDS), _eval(grown, IDS)
     cmp = compare(ref, out)
-    assert cmp.max_logit_diff <= 1e-12 * cmp.logit_scale  # float64: the same sums, to the last bits
+    assert cmp.max_logit_diff <= 1e-12 * _scale(ref)  # float64: the same sums, to the last bits
     if new > old:
         assert out.loss > ref.loss
         # transformers computes the loss in float32 even for a float64 model: agreement to float32 rounding
         assert abs(cmp.rel_change - cmp.expected_rel_change) <= 1e-6
         assert plan.promise.exactness == Exactness.EXACT_OLD_TOKENS
-        ok, rule = judge(plan.promise, cmp, 1e-4, torch.float64, old)
-        assert ok, rule
+        verdict = _judge(plan.promise, model, grown, ref, out)
+        assert verdict.passed, verdict.rule
     if new == old:
         return
     emb = grown.get_input_embeddings().weight.detach()
@@ -85,12 +98,13 @@ VOCAB_OP = {"op": "grow_vocab", "add_tokens": ["a", "b", "c"], "pad_to_multiple_
 def test_grow_vocab_composes_with_growth_before_and_after(family, tied, ops):
     model = make_model(make_config(family, tied=tied))
     grown, plan = api.transform(model, ops)
-    cmp = compare(_eval(model, IDS), _eval(grown, IDS))
+    ref = _eval(model, IDS)
+    cmp = compare(ref, _eval(grown, IDS))
     assert grown.config.vocab_size == 80 and plan.promise.exactness == Exactness.EXACT_OLD_TOKENS
-    # judged at float32: transformers computes RMSNorm statistics (and the loss) in float32 even in a float64 model
-    ok, rule = judge(plan.promise, cmp, 1e-4, torch.float32, 64)
-    assert ok, rule
-    assert cmp.max_logit_diff <= 1e-6 * cmp.logit_scale
+    verdict = _judge(plan.promise, model, grown, ref)
+    assert verdict.passed, verdict.rule
+    # transformers computes RMSNorm statistics in float32 even in a float64 model
+    assert cmp.max_logit_diff <= 1e-6 * _scale(ref)
     assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
 
 
@@ -100,8 +114,8 @@ def test_a_moved_old_logit_fails_the_rule_even_when_the_loss_barely_moves():
     ref = _eval(model, IDS)
     with torch.no_grad():
         grown.lm_head.weight[7] += 1e-3  # an old token's row
-    ok, rule = judge(plan.promise, compare(ref, _eval(grown, IDS)), 1e-4, torch.float64, 64)
-    assert not ok and "old-token max |dlogit|" in rule
+    verdict = _judge(plan.promise, model, grown, ref)
+    assert not verdict.passed and any("max |dlogit|" in f for f in verdict.failed)
 
 
 def test_the_loss_must_move_by_the_new_rows_mass_and_nothing_else():
@@ -109,9 +123,9 @@ def test_the_loss_must_move_by_the_new_rows_mass_and_nothing_else():
     grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"]}])
     ref, out = _eval(model, IDS), _eval(grown, IDS)
     wrong = Evaluation(out.loss * (1 + 1e-3), out.logits)  # a loss the new rows' logits do not explain
-    ok, _ = judge(plan.promise, compare(ref, wrong), 1e-4, torch.float64, 64)
-    assert not ok
-    assert judge(plan.promise, compare(ref, out), 1e-4, torch.float64, 64)[0]
+    verdict = _judge(plan.promise, model, grown, ref, wrong)
+    assert not verdict.passed and verdict.failed and all("new rows'" in f for f in verdict.failed)
+    assert _judge(plan.promise, model, grown, ref, out).passed
 
 
 def test_hewitt_draws_are_reproducible_and_depend_on_the_seed():

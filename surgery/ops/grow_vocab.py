@@ -26,7 +26,7 @@ from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
-from ..tokenizer import NewToken, has_tokenizer, load_tokenizer, splits_special_tokens
+from ..io.grown_tokenizer import NewToken, has_tokenizer, load_tokenizer, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
 
 # transformers' _init_added_embeddings_weights_with_mean: covariance scaled by this before sampling
