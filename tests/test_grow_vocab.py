@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ASSETS, save_checkpoint
+import factories
 from factories import FAMILIES, make_config, make_model
 from surgery import api
 from surgery.cli import main
@@ -166,6 +167,19 @@ def test_three_tokens_on_random_models_of_every_family_keep_old_logits_and_encod
     """Untrained models with random norms, biases and a non-zero embedding mean, tied and not."""
     tied = family in ("mistral", "stablelm")
     src = save_checkpoint(make_model(make_config(family, vocab=512, tied=tied), dtype=torch.float32), tmp_path / "src", "tiny-llama")
+    out = tmp_path / "out"
+    r = api.run(_recipe(write_recipe, str(src), [{"op": "grow_vocab", "add_tokens": TOKENS3, "init": "mean"}], out, max_tokens=256))
+    assert r.report.passed, r.report.rule
+    assert r.report.max_logit_diff <= 1e-4 and abs(r.report.rel_change) < 0.02
+    tok = AutoTokenizer.from_pretrained(str(out))
+    got = [tok(t if isinstance(t, str) else t["content"], add_special_tokens=False)["input_ids"] for t in TOKENS3]
+    assert got == [[512], [513], [514]]
+
+
+@pytest.mark.parametrize("family", sorted(getattr(factories, "RELEASES", {})))  # Qwen3, OLMo 2, Phi-3, Gemma 2/3 tables
+def test_three_tokens_on_release_configs_of_the_newer_families(family, tmp_path, write_recipe):
+    config = factories.release_config(family, vocab=512, tied=family.startswith("gemma"))
+    src = save_checkpoint(make_model(config, dtype=torch.float32), tmp_path / "src", "tiny-llama")
     out = tmp_path / "out"
     r = api.run(_recipe(write_recipe, str(src), [{"op": "grow_vocab", "add_tokens": TOKENS3, "init": "mean"}], out, max_tokens=256))
     assert r.report.passed, r.report.rule
