@@ -31,6 +31,7 @@ from .base import Exactness, Op, OpContext, Promise
 
 # transformers' _init_added_embeddings_weights_with_mean: covariance scaled by this before sampling
 HEWITT_SCALE = 1e-9
+COV_BLOCK = 4096  # rows per block of the covariance sum
 
 
 class VocabInit(str, Enum):
@@ -58,11 +59,15 @@ def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[i
             if ids:
                 rows[i] = old[torch.tensor(ids, device=old.device)].to(torch.float64).mean(dim=0)
     elif init == VocabInit.HEWITT:
-        flat = old.reshape(old.shape[0], -1).float()
-        centred = flat - flat.mean(dim=0)
-        # float32 for the V x d^2 product (it is scaled by 1e-9 before use); float64 for the factorisation
-        cov = (centred.T @ centred / flat.shape[0]).double()
-        del centred
+        flat = old.reshape(old.shape[0], -1)
+        centre = flat.mean(dim=0, dtype=torch.float64).float()
+        # accumulated over blocks of rows: no centred copy of a vocabulary-sized matrix; float32 for the
+        # V x d^2 product (it is scaled by 1e-9 before use), float64 for the factorisation
+        cov = torch.zeros((flat.shape[1], flat.shape[1]), dtype=torch.float32, device=old.device)
+        for block in flat.split(COV_BLOCK):
+            c = block.float() - centre
+            cov.addmm_(c.T, c)
+        cov = cov.double() / flat.shape[0]
         root, info = torch.linalg.cholesky_ex(cov)
         if info:  # singular: a square root from the eigendecomposition (clamped at zero)
             vals, vecs = torch.linalg.eigh(cov)
