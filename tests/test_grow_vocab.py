@@ -215,6 +215,18 @@ def test_a_tokenizer_shorter_than_the_model_gets_reserved_tokens_and_new_ids_aft
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 608
 
 
+def test_two_grow_vocab_ops_padding_between_them_give_each_token_its_planned_id(tmp_path, write_recipe):
+    out = tmp_path / "out"
+    ops = [{"op": "grow_vocab", "add_tokens": ["surgeryword"], "pad_to_multiple_of": 32},
+           {"op": "grow_vocab", "add_tokens": [{"content": "<|im_end|>", "special": True}], "init": "zeros"}]
+    r = api.run(_recipe(write_recipe, "builtin:tiny-stablelm", ops, out))
+    assert r.report.passed, r.report.rule
+    assert any("ids 513..543 become reserved" in n for n in r.plan.steps[1].promise.notes)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert [tok(t, add_special_tokens=False)["input_ids"] for t in ("surgeryword", "<|im_end|>")] == [[512], [544]]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 545
+
+
 def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tensor_once(tmp_path, write_recipe, monkeypatch):
     from surgery.io import checkpoint
 

@@ -26,7 +26,7 @@ from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
-from ..io.grown_tokenizer import NewToken, has_tokenizer, load_tokenizer, splits_special_tokens
+from ..io.grown_tokenizer import RESERVED, has_tokenizer, load_tokenizer, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
 
 # transformers' _init_added_embeddings_weights_with_mean: covariance scaled by this before sampling
@@ -122,7 +122,7 @@ class GrowVocab(Op):
         spec = state.spec
         old = spec.vocab_size
         tokens = [self.token(t) for t in self.add_tokens]
-        source_dir = getattr(ctx, "source_dir", None)
+        source_dir = ctx.source_dir
         added: list[dict] = list(spec.meta.get("added_tokens", []))
         notes: list[str] = []
         pieces: list[list[int] | None] = [None] * len(tokens)
@@ -138,12 +138,14 @@ class GrowVocab(Op):
                     raise SurgeryError(f"the source tokenizer splits special tokens in text (split_special_tokens), so "
                                        f"{t.content!r} would never be encoded as one id; add it with special: false",
                                        loc=("add_tokens", i))
-            rows = spec.meta.get("source_vocab_size", old)
-            if len(tok) > rows:
-                raise SurgeryError(f"the tokenizer has {len(tok)} tokens but the model only {rows} rows", where=str(source_dir))
-            if len(tok) < old and not added:
-                notes.append(f"the tokenizer has {len(tok)} tokens for {old} rows: ids {len(tok)}..{old - 1} are named "
-                             f"reserved special tokens so the new tokens take new rows")
+            source_rows = spec.meta.get("source_vocab_size", old)
+            if len(tok) > source_rows:
+                raise SurgeryError(f"the tokenizer has {len(tok)} tokens but the model only {source_rows} rows",
+                                   where=str(source_dir))
+            named = max([a["id"] + 1 for a in added], default=len(tok))  # the tokenizer's length after earlier ops
+            if named < old:
+                notes.append(f"the tokenizer names {named} of {old} rows: ids {named}..{old - 1} become reserved special "
+                             f"tokens ({RESERVED.format('ID')}) so the new tokens take new rows")
             if self.init == VocabInit.SUBWORD:
                 pieces = [tok(t.content, add_special_tokens=False)["input_ids"] for t in tokens]
                 pieces = [[i for i in p if i < old] or None for p in pieces]
