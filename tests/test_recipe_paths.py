@@ -124,3 +124,17 @@ def test_convert_output_named_relatively_is_where_its_resolved_recipe_reruns(tmp
     monkeypatch.chdir(elsewhere)
     assert main(["run", str(out / "surgery_recipe.yaml"), "--force", "--no-verify"]) == 0
     assert (out / "model.safetensors").is_file() and not list(elsewhere.iterdir())
+
+
+def test_builtin_and_hub_recipes_resolve_relative_paths_against_the_current_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from surgery import api
+
+    monkeypatch.chdir(tmp_path)
+    assert api.load("stablelm_grow").recipe.output == str(tmp_path / "out" / "stablelm-grown")  # not inside the package
+    cache = tmp_path / "hub-cache"
+    (cache / "snapshots").mkdir(parents=True)
+    (cache / "snapshots" / "r.yaml").write_text("name: r\nsource: builtin:tiny-llama\noutput: grown\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert api.load(cache / "snapshots" / "r.yaml").recipe.output == str(tmp_path / "grown")
