@@ -138,3 +138,15 @@ def test_builtin_and_hub_recipes_resolve_relative_paths_against_the_current_dire
     (cache / "snapshots" / "r.yaml").write_text("name: r\nsource: builtin:tiny-llama\noutput: grown\n")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert api.load(cache / "snapshots" / "r.yaml").recipe.output == str(tmp_path / "grown")
+
+
+def test_validate_refuses_a_local_source_directory_that_does_not_exist_next_to_the_recipe(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path)
+    shutil.rmtree(project / "models")
+    shutil.copytree(ASSETS / "tiny-llama", tmp_path / "models" / "base")  # in the cwd, not next to the recipe
+    monkeypatch.chdir(tmp_path)
+    recipe = project / "grow.yaml"
+    recipe.write_text(recipe.read_text().replace("source: models/base", "source: ./models/base"))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grow.yaml:2:9" in err and f"source directory not found: {project / 'models' / 'base'}" in err
