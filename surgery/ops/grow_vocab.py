@@ -185,6 +185,9 @@ class GrowVocab(Op):
         spec.config["vocab_size"] = new
         spec.meta["added_tokens"] = added
         spec.meta.setdefault("source_vocab_size", old)
+        if tokens:
+            shown = [f"{a['content']!r} -> {a['id']}" + (" (special)" if a["special"] else "") for a in added[-len(tokens):]]
+            notes.insert(0, "ids: " + ", ".join(shown[:8]) + (f", ... ({len(shown) - 8} more)" if len(shown) > 8 else ""))
         if count > len(tokens):
             notes.append(f"{count - len(tokens)} padding row(s) with no token (ids {old + len(tokens)}..{new - 1}): "
                          "their logits take probability mass like a new token's")
