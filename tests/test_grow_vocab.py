@@ -1,6 +1,7 @@
 """grow_vocab: new tokens in the tokenizer and new rows in the model; old tokens' logits exact, the loss
 moved by the new rows' probability mass and nothing else."""
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,20 @@ def test_the_gradient_check_reports_new_input_rows_that_no_token_reaches():
     dead = dead_slices(grown, IDS, plan.final.new_slices)
     assert dead == [{"tensor": "model.embed_tokens.weight", "op": "grow_vocab", "dead": 2, "of": 2}]
     assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta["added_tokens"]), plan.final.new_slices) == []
+
+
+def test_after_an_approximate_op_the_tolerance_judges_the_old_vocabulary_not_the_new_rows_mass():
+    """An approximate step that also grew the vocabulary: the tolerance applies to the loss net of the new rows' mass."""
+    from surgery.ops import Promise
+    from surgery.verify import Comparison, NoiseFloor
+
+    quiet = Comparison(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 64, reference_loss=1.0)
+    floor = NoiseFloor(quiet)
+    promise = Promise(Exactness.APPROXIMATE, "layer copies")
+    moved = Comparison(1.02, 0.02, 0.5, 0.1, 0.9, 0.001, 64, reference_loss=1.0)  # +2%: 0.5% old vocabulary, 1.5% new rows
+    assert judge(promise, replace(moved, expected_rel_change=0.015), floor, 0.01, 64).passed
+    assert not judge(promise, moved, floor, 0.01, 64).passed  # the same +2% without new rows is too much
+    assert not judge(promise, replace(moved, expected_rel_change=0.005), floor, 0.01, 64).passed  # 1.5% on the old vocabulary
 
 
 def test_hewitt_draws_are_reproducible_and_depend_on_the_seed():
