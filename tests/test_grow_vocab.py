@@ -333,6 +333,21 @@ def test_native_mistral_source_takes_normal_tokens_and_refuses_special_ones_and_
     assert "output.format: Mistral's native tokenizer.model" in capsys.readouterr().err
 
 
+def test_a_native_release_with_only_its_tokenizer_model_gets_the_tokens_in_transformers_conversion(tmp_path, write_recipe):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("params.json", "consolidated.safetensors", "tokenizer.model"):
+        shutil.copyfile(ASSETS / "tiny-mistral" / f, src / f)
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    out = tmp_path / "out"
+    r = api.run(_recipe(write_recipe, str(src), [{"op": "grow_vocab", "add_tokens": ["surgeryword"], "init": "subword"}], out))
+    assert r.report.passed, r.report.rule
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok("surgeryword", add_special_tokens=False)["input_ids"] == [512]
+    assert tok.chat_template == "{{ messages }}"
+    assert not list(out.glob("tokenizer.model*"))
+
+
 def test_native_output_padded_vocabulary_is_in_params_json(tmp_path, write_recipe):
     native = {"name": "v", "source": "builtin:tiny-mistral", "output": {"path": str(tmp_path / "o"), "format": "mistral"},
               "ops": [{"op": "grow_vocab", "pad_to_multiple_of": 96}], "verify": {"max_tokens": 256}}

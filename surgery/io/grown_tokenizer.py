@@ -71,6 +71,23 @@ def load_tokenizer(folder: Path):
     return tok
 
 
+def _with_chat_template(tok, folder: Path):
+    """A tokenizer converted from a native file keeps a chat template the folder ships."""
+    import json
+
+    cfg = folder / "tokenizer_config.json"
+    try:
+        template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    except (ValueError, OSError):
+        template = None
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    return tok
+
+
 def splits_special_tokens(tok) -> bool:
     return bool(getattr(tok, "split_special_tokens", False))
 
@@ -91,12 +108,12 @@ def add_tokens(tok, tokens: list[NewToken]) -> None:
 
 def write_tokenizer(source_dir: Path, out_dir: Path, tokens: list[NewToken]) -> list[str]:
     """The source tokenizer plus `tokens`, saved into `out_dir` (replacing the copied files); returns the files written."""
-    from .tokenizer import _drop_local_keys
+    from .tokenizer import _drop_local_keys, native_tokenizer_file
 
     tok = load_tokenizer(source_dir)
     add_tokens(tok, tokens)
-    stale = Path(out_dir) / "tokenizer.model"
-    if stale.is_file():  # sentencepiece cannot hold the new tokens: a stale copy would disagree with tokenizer.json
+    # A native tokenizer (tokenizer.model[.vN], tekken.json) cannot hold the new tokens: a copy would disagree
+    while (stale := native_tokenizer_file(out_dir)) is not None:
         stale.unlink()
     files = sorted(str(Path(p).name) for p in tok.save_pretrained(str(out_dir)))
     _drop_local_keys(Path(out_dir) / "tokenizer_config.json")
