@@ -169,8 +169,21 @@ def _matplotlib():
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
     except ImportError:
-        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]' (or pip install matplotlib)") from None
+        raise SurgeryError("--plot needs matplotlib: pip install 'model-surgery[plot]' (or pip install matplotlib)") from None
     return Figure
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """A PNG file name in an existing directory (no directory is created behind the user's back)."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise SurgeryError("--plot writes a PNG: give a file name ending in .png", where=str(out))
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise SurgeryError(f"--plot: the directory {out.parent} {what}; create it first", where=str(out))
+    if out.is_dir():
+        raise SurgeryError("--plot: is a directory; give a file name ending in .png", where=str(out))
+    return out
 
 
 def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = MAX_PLOTS, log: bool = False) -> Path:
@@ -182,9 +195,7 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
     import numpy as np
 
     Figure = _matplotlib()
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise SurgeryError("--plot writes a PNG: give a file name ending in .png", where=str(out))
+    out = check_plot_path(out)
     stats = result.stats[:max_plots]
     cols = min(4, len(stats))
     rows = math.ceil(len(stats) / cols)
@@ -241,7 +252,6 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
             ax.set_ylim(0, 1.45 * top)
         ax.legend(fontsize=6, loc="upper left", frameon=False)
         del t
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
 
@@ -263,6 +273,7 @@ def add_inspect_parser(sub) -> None:
 def run_inspect(args) -> int:
     if args.plot:
         _matplotlib()  # fail before reading any tensor
+        check_plot_path(args.plot)
     result = inspect_checkpoint(args.checkpoint, args.tensors, args.method, args.std)
     print(format_table(result))
     if args.plot:

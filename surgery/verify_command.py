@@ -5,6 +5,7 @@ and freed before the other is loaded, so memory holds one model plus the referen
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -74,15 +75,30 @@ def check_integrity(output: Path) -> list[str]:
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
 
 
+def _token_budget(text: str) -> int:
+    """--max-tokens: a loss needs at least two tokens (one prediction)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: at least 2 tokens (a loss needs one prediction)")
+    return n
+
+
 def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
-    p.add_argument("--data", default="builtin:python-license")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default="builtin:python-license",
+                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, or a saved "
+                        "dataset (default: %(default)s)")
+    p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
+                   help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="precision both models run in (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)

@@ -554,7 +554,7 @@ def native_tokenizer(path: Path):
     try:
         import sentencepiece as spm
     except ImportError:
-        raise SurgeryError("reading tokenizer.model needs sentencepiece: pip install 'surgery[native]'", where=str(models[0])) from None
+        raise SurgeryError("reading tokenizer.model needs sentencepiece: pip install 'model-surgery[native]'", where=str(models[0])) from None
     from tokenizers import Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
