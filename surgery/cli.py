@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import DISTRIBUTION, __version__
 from .errors import SurgeryError, VerificationFailed
-from .text_table import terminal_width, text_table
+from .text_table import fit_lines, terminal_width, text_table
 
 
 class Parser(argparse.ArgumentParser):
@@ -128,11 +128,12 @@ def _recipes(args) -> int:
                 except SurgeryError as err:
                     unplanned.append(f"{e.name}: planning on {src} failed: {err}")
             rows.append((e.name, arch, ", ".join(e.ops) or "(copy)", exact, e.description))
-        lines = text_table(rows, width=terminal_width(), wrap={2, 4})
+        width = terminal_width()
+        lines = text_table(rows, width=width, wrap=(4, 2, 3))
         if unplanned:
-            lines.append("? = not planned on a test model, so architecture and exactness depend on the source it "
-                         "is run on (`surgery plan NAME --source S` tells):")
-            lines += [f"  {u}" for u in unplanned]
+            notes = ["? = not planned on a test model, so architecture and exactness depend on the source it is "
+                     "run on (`surgery plan NAME --source S` tells):"] + [f"  {u}" for u in unplanned]
+            lines += fit_lines(notes, width, indent="    ")
         print("\n".join(lines))
         return 0
     path = find_recipe(args.name, args.library)

@@ -57,7 +57,7 @@ class Report:
         if not self.steps:
             rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
                          f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
-        lines = text_table(rows, width=width, wrap={0, 4})
+        lines = text_table(rows, width=width, wrap=(4, 0))
         verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
         lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
         if self.dead_slices:

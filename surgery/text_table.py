@@ -18,22 +18,29 @@ def terminal_width() -> int | None:
 
 
 def text_table(rows: list, right: set[int] = frozenset(), width: int | None = None,
-               wrap: set[int] | None = None) -> list[str]:
+               wrap: tuple[int, ...] = ()) -> list[str]:
     """Lines of `rows` (the first is the header) in aligned columns; `right` columns are right-aligned.
 
-    With `width`, the widest `wrap` columns (default: all left-aligned ones) are narrowed, down to
-    their header's width, until a line fits; their cells wrap onto continuation lines.
+    With `width`, columns are narrowed until a line fits: the `wrap` columns in their order, then any
+    left-aligned one (widest first), each down to its longest word; then the `wrap` columns, then
+    the others, down to their header's width (at least 8), breaking words. Cells wrap onto continuation lines. A
+    table whose narrowest form is still too wide is printed in that form.
     """
     n = len(rows[0])
     widths = [max(len(row[i]) for row in rows) for i in range(n)]
     if width is not None:
-        shrinkable = set(range(n)) - set(right) if wrap is None else set(wrap)
-        floor = [max(len(rows[0][i]), 8) for i in range(n)]
-        while sum(widths) + 2 * (n - 1) > width:
-            cands = [i for i in shrinkable if widths[i] > floor[i]]
-            if not cands:
-                break
-            widths[max(cands, key=lambda i: widths[i])] -= 1
+        header = [max(len(rows[0][i]), 8) for i in range(n)]
+        word = [max([header[i]] + [len(w) for row in rows for w in row[i].split()]) for i in range(n)]
+        left = [i for i in range(n) if i not in right]
+        excess = lambda: sum(widths) + 2 * (n - 1) - width  # noqa: E731
+        for i in wrap:
+            widths[i] -= max(0, min(excess(), widths[i] - word[i]))
+        for cols, floor in ((left, word), (wrap or left, header), (left, header)):
+            while excess() > 0:
+                cands = [i for i in cols if widths[i] > floor[i]]
+                if not cands:
+                    break
+                widths[max(cands, key=lambda i: widths[i])] -= 1
     lines = []
     for k, row in enumerate(rows):
         cells = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] if len(c) > w else [c] for c, w in zip(row, widths)]
@@ -44,3 +51,10 @@ def text_table(rows: list, right: set[int] = frozenset(), width: int | None = No
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return lines
+
+
+def fit_lines(lines: list[str], width: int | None, indent: str = "  ") -> list[str]:
+    """Prose lines under a table wrapped to `width` (continuations indented)."""
+    if width is None:
+        return lines
+    return [w for line in lines for w in textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)]

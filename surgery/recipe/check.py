@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SurgeryError
-from ..text_table import text_table
+from ..text_table import fit_lines, text_table
 from .library import entries, guess_test_source
 
 
@@ -73,9 +73,7 @@ def format_results(results: list[CheckResult], width: int | None = None) -> str:
         rows.append((r.name, r.source, r.promise, "-" if r.rel_change is None else f"{r.rel_change:+.2e}", str(r.dead),
                      "yes" if r.passed else "NO", f"{r.seconds:.1f}"))
     lines = text_table(rows, width=width)
-    for r in results:
-        if r.problem:
-            lines.append(f"{r.name}: {r.problem}")
+    lines += fit_lines([f"{r.name}: {r.problem}" for r in results if r.problem], width)
     ok = sum(r.passed for r in results)
     lines.append(f"{ok} passed, {len(results) - ok} failed")
     return "\n".join(lines)
