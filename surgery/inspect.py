@@ -256,6 +256,18 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
     return out
 
 
+def _positive(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text}: a std is a positive finite number")
+    return value
+
+
 def add_inspect_parser(sub) -> None:
     """Register `surgery inspect` on the CLI's subparsers."""
     p = sub.add_parser("inspect", help="per-tensor statistics of a checkpoint, optionally against an init scheme")
@@ -264,7 +276,7 @@ def add_inspect_parser(sub) -> None:
                    help="fnmatch glob over parameter names, or a role (embed, lm_head, attn.q, mlp.down, norm, ...)")
     p.add_argument("--method", choices=[m.value for m in InitMethod],
                    help="show the std this init scheme predicts for each tensor, and draw its density")
-    p.add_argument("--std", type=float, help="the base std override the scheme was run with (reinit's std:)")
+    p.add_argument("--std", type=_positive, help="the base std override the scheme was run with (reinit's std:)")
     p.add_argument("--plot", metavar="FILE.png", help="write histograms with the predicted density over them")
     p.add_argument("--log", action="store_true", help="logarithmic density axis in --plot (shows the tails)")
     p.set_defaults(handler=run_inspect)

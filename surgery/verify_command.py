@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import SurgeryError
-from .io.resolve import resolve_source
+from .io.resolve import open_checkpoint, resolve_source
 from .io.writer import file_digests
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -53,6 +53,8 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     dt = DTYPES[dtype]
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
+    for d in (ref_dir, cand_dir):
+        open_checkpoint(d)  # a directory that is no checkpoint: one line now, not transformers' error later
     ids = tokenize(ref_dir, data, max_tokens)
     ref = evaluate_model(load_output(ref_dir, dt, dev, device_map), ids)  # freed before the candidate loads
     cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
@@ -68,8 +70,12 @@ def check_integrity(output: Path) -> list[str]:
     report = output / "surgery_report.json"
     if not report.is_file():
         raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
-    recorded = json.loads(report.read_text()).get("files_sha256")
-    if not recorded:
+    try:
+        doc = json.loads(report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"not valid JSON ({e}); the report itself was changed", where=str(report)) from None
+    recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
     now = file_digests(output, skip=("surgery_report.json",))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)

@@ -26,14 +26,14 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
         name = source.split(":", 1)[1]
         path = ASSETS / name
         if not path.is_dir() or name not in builtin_names():
-            raise SurgeryError(f"unknown builtin {name!r}; available: {', '.join(builtin_names())}", where=source)
+            raise SurgeryError(f"unknown builtin {name!r}; available: {', '.join(builtin_names())}")
         return path
     path = Path(source).expanduser()
     if path.exists():
         return path
     if is_hub_id(source):
         return download(source, revision)
-    raise SurgeryError("neither an existing directory, builtin:NAME, nor a hub id ORG/NAME", where=source)
+    raise SurgeryError(f"{source!r} is neither an existing directory, builtin:NAME, nor a hub id ORG/NAME")
 
 
 def download(repo_id: str, revision: str | None) -> Path:
