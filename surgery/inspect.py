@@ -22,7 +22,7 @@ from .errors import SurgeryError
 from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint, resolve_source
-from .text_table import text_table
+from .text_table import terminal_width, text_table
 from .spec import ModelSpec
 
 CHUNK = 1 << 22  # elements per reduction step: the statistics of a 7B embedding in bounded memory
@@ -140,7 +140,7 @@ def inspect_checkpoint(source: str | Path, tensors: str = "*", method: str | Ini
     return Inspection(path, spec, m, out, ckpt)
 
 
-def format_table(result: Inspection) -> str:
+def format_table(result: Inspection, width: int | None = None) -> str:
     with_pred = result.method is not None
     head = ["tensor", "shape", "dtype", "mean", "std", "min", "max", ">3std"]
     if with_pred:
@@ -157,7 +157,7 @@ def format_table(result: Inspection) -> str:
                 ratio = s.ratio
                 r += [f"{p.expected_std:.3e}", f"{ratio:.3f}" if ratio is not None else "", p.describe()]
         rows.append(r)
-    lines = text_table(rows, right=set(range(3, 8)) | ({8, 9} if with_pred else set()))
+    lines = text_table(rows, right=set(range(3, 8)) | ({8, 9} if with_pred else set()), width=width, wrap=(0,))
     total = sum(s.numel for s in result.stats)
     lines.append(f"{len(result.stats)} tensor(s), {total:,} values, from {result.path}")
     if with_pred:
@@ -287,7 +287,7 @@ def run_inspect(args) -> int:
         _matplotlib()  # fail before reading any tensor
         check_plot_path(args.plot)
     result = inspect_checkpoint(args.checkpoint, args.tensors, args.method, args.std)
-    print(format_table(result))
+    print(format_table(result, terminal_width()))
     if args.plot:
         out = plot(result, args.plot, log=args.log)
         print(f"wrote {out}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -15,6 +16,28 @@ def terminal_width() -> int | None:
     if sys.stdout.isatty():
         return shutil.get_terminal_size().columns
     return None
+
+
+def wrap_cell(cell: str, width: int) -> list[str]:
+    """Lines of at most `width`: broken at spaces, else after . _ / , - (tensor names), else anywhere."""
+    if len(cell) <= width:
+        return [cell]
+    lines, line = [], ""
+    for token in re.findall(r"[^\s./_,-]*(?:[./_,-]+|\s+|$)", cell):
+        if not token:
+            continue
+        if len(line + token.rstrip()) <= width:
+            line += token
+            continue
+        if line.strip():
+            lines.append(line.rstrip())
+        line = token.lstrip()
+        while len(line.rstrip()) > width:
+            lines.append(line[:width])
+            line = line[width:]
+    if line.strip():
+        lines.append(line.rstrip())
+    return lines or [""]
 
 
 def text_table(rows: list, right: set[int] = frozenset(), width: int | None = None,
@@ -43,7 +66,7 @@ def text_table(rows: list, right: set[int] = frozenset(), width: int | None = No
                 widths[max(cands, key=lambda i: widths[i])] -= 1
     lines = []
     for k, row in enumerate(rows):
-        cells = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] if len(c) > w else [c] for c, w in zip(row, widths)]
+        cells = [wrap_cell(c, w) for c, w in zip(row, widths)]
         for j in range(max(len(c) for c in cells)):
             parts = [(c[j] if j < len(c) else "") for c in cells]
             lines.append("  ".join(p.rjust(w) if (i in right and k) else p.ljust(w)

@@ -6,8 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ def cli(args: list[str], env: dict | None = None, cwd: Path = ROOT, python_flags
 # --- 1. the distribution name and --version ----------------------------------------------------
 
 def test_distribution_is_published_as_model_surgery_with_the_surgery_command():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == surgery.DISTRIBUTION == "model-surgery"
     assert project["scripts"] == {"surgery": "surgery.cli:main"}
@@ -237,14 +236,26 @@ HUB_CASES = [
 @pytest.mark.parametrize("args", [["plan", "stablelm_grow"], ["run", "hf://some-org/some-repo/recipe.yaml"]],
                          ids=["hub-source", "hub-recipe"])
 def test_hub_failures_are_one_complete_line_at_once(tmp_path, env, expect, args):
-    t0 = time.perf_counter()
+    """One stderr line: huggingface_hub's retries (~25 s) would log a `Retrying in Ns` line each."""
     proc = cli(args, env={**env, "HF_HOME": str(tmp_path / "hf")}, cwd=tmp_path)
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr
     line = one_error_line(proc.stderr)
     assert expect in line and "from the Hugging Face Hub" in line
     assert line.endswith(("download it elsewhere and pass --source PATH", "download it and pass its path")), line
-    assert seconds < 20, f"{seconds:.1f} s: retried instead of failing at once"
+
+
+def test_unreachable_hub_falls_back_to_a_cached_recipe(tmp_path):
+    """huggingface_hub's cache layout: refs/main names the snapshot that holds the file."""
+    repo = tmp_path / "hf" / "hub" / "models--some-org--some-repo"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "recipe.yaml").write_text("name: cached\nsource: builtin:tiny-llama\nops: []\n")
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    proc = cli(["validate", "hf://some-org/some-repo/recipe.yaml"], env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("recipe.yaml: ok (0 ops)")
 
 
 # --- 8. tables fit the terminal --------------------------------------------------------------------

@@ -49,7 +49,7 @@ def download(repo_id: str, revision: str | None) -> Path:
                         "download it elsewhere and pass --source PATH") from None
 
 
-def fetch_hub_file(repo_id: str, filename: str, revision: str | None, where: str) -> Path:
+def fetch_hub_file(repo_id: str, filename: str, revision: str | None, where: str, what: str = "the file") -> Path:
     """One file from the Hub, or the cached copy; fails in one line at once when the Hub is unreachable.
 
     hf_hub_download retries a failed look-up with backoff (five tries, ~25 s) when nothing is cached;
@@ -59,16 +59,22 @@ def fetch_hub_file(repo_id: str, filename: str, revision: str | None, where: str
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    what = "cannot fetch the recipe from the Hugging Face Hub"
+    what = f"cannot fetch {what} from the Hugging Face Hub"
     hint = "download it and pass its path"
     try:
         if not constants.HF_HUB_OFFLINE:
             try:
                 url = huggingface_hub.hf_hub_url(repo_id, filename, revision=revision)
                 huggingface_hub.get_hf_file_metadata(url, timeout=10)
-            except HfHubHTTPError:
-                raise
-            except Exception as lookup:  # noqa: BLE001 - unreachable: the cache or one line
+            except HfHubHTTPError as answer:
+                if answer.response is None or answer.response.status_code < 500:
+                    raise
+                lookup = answer
+            except Exception as unreachable:  # noqa: BLE001
+                lookup = unreachable
+            else:
+                lookup = None
+            if lookup is not None:  # the Hub is down or unreachable: the cache, or one line at once
                 try:
                     return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
                                                                 local_files_only=True))

@@ -63,7 +63,8 @@ def fetch_hub_recipe(ref: str) -> Path:
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
         raise SurgeryError("hub recipes are hf://ORG/REPO/path/to/recipe.yaml[@revision]", where=ref)
-    return fetch_hub_file("/".join(parts[:2]), "/".join(parts[2:]), revision or None, where=ref)
+    return fetch_hub_file("/".join(parts[:2]), "/".join(parts[2:]), revision or None, where=ref,
+                          what="the recipe")
 
 
 @dataclass
