@@ -113,8 +113,8 @@ def _recipes(args) -> int:
 
     if args.recipes_command == "list":
         rows = [("name", "architecture", "ops", "exactness", "description")]
-        unplanned = []
-        for e in entries(args.library):
+        unplanned, broken = [], []
+        for e in entries(args.library, broken):
             src = e.test_source or guess_test_source(e.source)
             arch, exact = "?", "?"
             if src is None:
@@ -133,6 +133,9 @@ def _recipes(args) -> int:
             notes = ["? = not planned on a test model, so architecture and exactness depend on the source it is "
                      "run on (`surgery plan NAME --source S` tells):"] + [f"  {u}" for u in unplanned]
             lines += fit_lines(notes, width, indent="    ")
+        if broken:
+            lines += fit_lines(["not listed, they do not load:"] + [f"  {path}: {err}" for path, err in broken],
+                               width, indent="    ")
         print("\n".join(lines))
         return 0
     path = find_recipe(args.name, args.library)

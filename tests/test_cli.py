@@ -264,9 +264,11 @@ def test_recipes_list_fits_columns_and_explains_question_marks(tmp_path, monkeyp
     (tmp_path / "anyarch.yaml").write_text(
         "name: anyarch\ndescription: re-initialise whatever model it is given\nsource: ./my-model\n"
         "ops:\n  - op: reinit\n    method: hf\n")
+    (tmp_path / "typo.yaml").write_text("name: typo\nsource: builtin:tiny-llama\nops:\n  - op: grow_mlpp\n")
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["recipes", "list", "--library", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "not listed, they do not load:" in out and "typo.yaml" in out
     assert all(len(line) <= 80 for line in out.splitlines()), max(out.splitlines(), key=len)
     row = next(line for line in out.splitlines() if line.startswith("anyarch "))
     assert row.split()[1] == "?"
