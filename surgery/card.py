@@ -8,6 +8,7 @@ import yaml
 
 from . import __version__
 from .io.native import is_native
+from .io.resolve import is_hub_id
 from .plan import Plan, format_plan
 from .recipe.loader import LoadedRecipe
 from .report import Report
@@ -40,11 +41,17 @@ def write_resolved_recipe(loaded: LoadedRecipe, p: Plan, out_dir: Path) -> None:
 
 def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Report | None, seconds: float) -> None:
     src = loaded.recipe.source_spec.path
-    lines = ["---", f"base_model: {src}", "tags:", "- surgery", "---", "",
-             f"# {loaded.recipe.name}", ""]
+    failed = report is not None and not report.passed
+    front = ["---"] + ([f"base_model: {src}"] if is_hub_id(src) else []) + ["tags:", "- surgery"]
+    front += ["- surgery-verification-failed"] if failed else []
+    lines = front + ["---", "", f"# {loaded.recipe.name}", ""]
+    if failed:
+        lines += [f"> **Verification FAILED**: {report.rule}. This checkpoint did not keep the recipe's promise; it is "
+                  "kept for inspection only and is not verified.", ""]
     if loaded.recipe.description:
         lines += [loaded.recipe.description.strip(), ""]
-    lines += [f"Made with surgery {__version__} from `{src}` in {seconds:.1f} s.", "",
+    took = f"in {format_seconds(seconds)}" + (f" (verification {format_seconds(report.seconds)})" if report else "")
+    lines += [f"Made with surgery {__version__} from `{src}` {took}.", "",
               f"Promise: **{p.promise.exactness.value}**: {p.promise.reason}.", ""]
     if p.final.spec.live_width:
         lines += ["This checkpoint ships its model code (`modeling_surgery.py`): load it with "
@@ -54,3 +61,8 @@ def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Repor
     lines += ["## Recipe", "", "```yaml", (out_dir / "surgery_recipe.yaml").read_text().rstrip(), "```", "",
               "## Plan", "", "```", format_plan(p), "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines))
+
+
+def format_seconds(s: float) -> str:
+    """A duration with three significant digits: 0.0412 s, 3.27 s, 125 s."""
+    return f"{s:.3g} s" if s < 100 else f"{s:.0f} s"
