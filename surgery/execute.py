@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .lazy import LazyTensor, evaluate
 from .io.writer import PlannedTensor, ShardWriter, assign_shards, layout_order, parse_size, shard_file_names, write_index
-from .ops.patch_layernorm import MODELING_FILE
+from .modeling import MODELING_FILE, patched_output_config
 from .state import ModelState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -137,9 +137,10 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:
     config = dict(state.spec.config)
-    if not config.get("surgery_live_width"):
-        # A source's own remote code was written for the model before surgery: never pass it on.
-        config.pop("auto_map", None)
+    # A source's own remote code was written for the model before surgery: never pass it on.
+    config.pop("auto_map", None)
+    if config.get("surgery_live_width"):
+        config = patched_output_config(config)
     if dtype != "auto":
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
