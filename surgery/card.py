@@ -58,7 +58,10 @@ def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Repor
               f"Promise: **{p.promise.exactness.value}**: {p.promise.reason}.", ""]
     if p.final.spec.live_width:
         lines += ["This checkpoint ships its model code (`modeling_surgery.py`): load it with "
-                  "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", ""]
+                  "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (and the tokenizer with "
+                  "`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`). Its model_type is "
+                  "`surgery_stablelm`, so loading without `trust_remote_code` stops with an error instead of "
+                  "building stock StableLM, which would compute a different function.", ""]
     if report is not None:
         lines += ["## Verification", "", "```", report.table(), "```", "", "Details: [surgery_report.md](surgery_report.md).", ""]
     lines += ["## Recipe", "", "```yaml", (out_dir / "surgery_recipe.yaml").read_text().rstrip(), "```", "",

@@ -87,12 +87,11 @@ def dataset_text(path: Path, max_chars: int = 2_000_000) -> str:
 
 
 def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     from .io.native import is_native, native_tokenizer
+    from .modeling import load_tokenizer
 
     try:
-        tok = native_tokenizer(source_dir) if is_native(source_dir) else AutoTokenizer.from_pretrained(str(source_dir))
+        tok = native_tokenizer(source_dir) if is_native(source_dir) else load_tokenizer(source_dir)
     except SurgeryError:
         raise
     except Exception as e:  # transformers raises many types for a missing tokenizer

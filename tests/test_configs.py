@@ -23,9 +23,11 @@ from conftest import save_checkpoint
 from factories import make_config, make_model
 from surgery import api
 from surgery.cli import main
+from surgery.verify import license_text
 
 VOCAB = 512  # the tiny-stablelm tokenizer's
 FLOAT32 = 1e-5  # RMSNorm statistics and RoPE frequencies are float32 in transformers whatever the model dtype
+LEGACY_KEYS = ("rope_scaling", "rope_theta", "partial_rotary_factor")
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64, "rope_type": "llama3"}
 
@@ -89,7 +91,7 @@ def test_llama3_hub_config_keeps_its_frequencies_through_grow_mlp_then_grow_head
     code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"\n  - op: grow_head_dim\n    head_dim: x2")
     assert code == 0
     cfg = config_of(out)
-    assert "rope_scaling" not in cfg and "rope_theta" not in cfg  # one rope section
+    assert not set(LEGACY_KEYS) & set(cfg)  # one rope section
     rp = cfg["rope_parameters"]
     assert rp["rope_type"] == "llama3" and rp["factor"] == 8.0 and rp["original_max_position_embeddings"] == 64
     assert rp["rope_theta"] == pytest.approx(500000.0 ** 2)
@@ -112,10 +114,24 @@ def test_every_rope_config_form_is_written_as_one_section_with_the_frequencies_k
     code, out = run(tmp_path, src, "  - op: grow_head_dim\n    head_dim: \"+4\"", "--no-verify")
     assert code == 0
     cfg = config_of(out)
-    assert not {"rope_scaling", "rope_theta"} & set(cfg)
+    assert not set(LEGACY_KEYS) & set(cfg)
     theta = AutoConfig.from_pretrained(src).rope_parameters["rope_theta"]  # what transformers reads from the source
     assert cfg["rope_parameters"]["rope_theta"] == pytest.approx(theta ** 1.5)
     assert max_rel_logit_diff(src, out) < FLOAT32
+
+
+def test_stablelm_config_as_stablelm_2_ships_it_keeps_its_rotary_dims_through_the_head_dim_recipe(tmp_path):
+    def edit(cfg):  # stablelm-2-1_6b's config.json: rope settings at the top level
+        cfg.pop("rope_parameters", None)
+        cfg.update(partial_rotary_factor=0.25, rope_theta=10000, rope_scaling=None)
+
+    src = source(tmp_path, "stablelm", hidden_heads=4, kv_heads=4, head_dim=16, config_edit=edit)
+    out = tmp_path / "out"
+    assert main(["run", "stablelm_grow_head_dim", "--source", str(src), "--output", str(out), "--set", "verify.max_tokens=96"]) == 0
+    cfg = config_of(out)
+    assert not set(LEGACY_KEYS) & set(cfg)
+    assert int(cfg["head_dim"] if "head_dim" in cfg else cfg["hidden_size"] // cfg["num_attention_heads"]) == 20
+    assert int(20 * cfg["rope_parameters"]["partial_rotary_factor"]) == int(16 * 0.25)  # the same 4 rotary dims
 
 
 def test_planning_never_mutates_the_config_it_read(tmp_path):
@@ -164,6 +180,10 @@ except Exception as e:
     print("REFUSED:", type(e).__name__, str(e).splitlines()[0])
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
 print("CLASS", type(model).__name__)
+tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+ids = tok(open(sys.argv[2]).read(), return_tensors="pt")["input_ids"][:, :int(sys.argv[3])]
+with torch.no_grad():
+    print("LOSS", float(model(input_ids=ids, labels=ids).loss))
 """
 
 
@@ -172,13 +192,28 @@ def test_a_patched_output_refuses_stock_loading_and_loads_right_with_remote_code
     assert main(["run", "stablelm_grow", "--source", "builtin:tiny-stablelm", "--output", str(out)]) == 0
     report = json.loads((out / "surgery_report.json").read_text())
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", LOAD_PATCHED, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    text = tmp_path / "text.txt"
+    text.write_text(license_text())
+    res = subprocess.run([sys.executable, "-c", LOAD_PATCHED, str(out), str(text), str(report["tokens"])],
+                         capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "LOADED-WITHOUT-REMOTE-CODE" not in res.stdout
     assert "REFUSED:" in res.stdout and "trust_remote_code" in res.stdout
     assert "CLASS SurgeryStableLmForCausalLM" in res.stdout
-    # and the loss surgery reports is the loss the patched class gives, loaded as users load it
-    assert report["passed"] and abs(report["rel_change"]) < 1e-5
+    # loaded as users load it, the model gives the loss surgery verified
+    loss = float(res.stdout.split("LOSS ")[1].split()[0])
+    assert report["passed"] and abs(loss - report["loss_output"]) <= 1e-5 * abs(report["loss_output"])
+    assert abs(loss - report["loss_source"]) <= 1e-5 * abs(report["loss_source"])
+
+
+def test_a_patched_output_is_a_source_surgery_reads_without_asking_to_run_its_code(tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    assert main(["run", "stablelm_grow", "--source", "builtin:tiny-stablelm", "--output", str(first)]) == 0
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("surgery asked whether to run the shipped code"))
+    code, out = run(tmp_path, first, "  - op: grow_mlp\n    intermediate_size: x2")
+    assert code == 0
+    cfg = config_of(out)
+    assert cfg["model_type"] == "surgery_stablelm" and cfg["surgery_live_width"] == config_of(first)["surgery_live_width"]
 
 
 # -------------------------------------------------------------------------- no head_dim, inv_freq

@@ -49,18 +49,33 @@ def config_from_dict(config: dict):
     return AutoConfig.for_model(**cfg)
 
 
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def config_from_pretrained(path: Path):
     """A checkpoint's config as `AutoConfig.from_pretrained` reads it; patched ones with surgery's own classes."""
     from transformers import AutoConfig
 
-    try:
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    family = PATCHED_MODEL_TYPES.get(model_type)
+    family = PATCHED_MODEL_TYPES.get(_model_type(path))
     if family is not None:
         return getattr(_module(), _CLASSES[family][0]).from_pretrained(str(path))
     return AutoConfig.from_pretrained(str(path))
+
+
+def load_tokenizer(path: Path):
+    """`AutoTokenizer.from_pretrained`, handed the config where it is a patched one.
+
+    AutoTokenizer reads the model config first; a patched config would otherwise make it ask
+    whether to run the shipped code (and wait for an answer) just to find the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    extra = {"config": config_from_pretrained(path)} if _model_type(path) in PATCHED_MODEL_TYPES else {}
+    return AutoTokenizer.from_pretrained(str(path), **extra)
 
 
 def model_class(config):

@@ -24,7 +24,7 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
         return
     if fill == "mean" and spec.arch.norm == "rmsnorm":
         raise SurgeryError(
-            f"residual_fill: mean keeps a LayerNorm's mean; {spec.arch.name} uses RMSNorm, where dims filled with the mean "
+            f"mean fill keeps a LayerNorm's mean; {spec.arch.name} uses RMSNorm, where dims filled with the mean "
             "change every norm's scale (not exact); use residual_fill: zero, which rescale_norm keeps exact",
             loc=("residual_fill",),
         )
