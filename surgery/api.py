@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
 from .card import config_file
 from .io.checkpoint import SourceDigest
 from .io.native import add_hf_tokenizer, write_native
@@ -79,11 +79,14 @@ def run(
         raise loaded.error(e) from None
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
-        reader = SourceDigest(p.checkpoint)  # hashes the source as the writers read it
         if out_spec.format == "mistral":
+            reader = SourceDigest(p.checkpoint)  # hashes the source as the writer reads it
             written = Written(write_native(p.final, reader, tmp, dev, out_spec.dtype, progress))
         else:
+            copies = {src: out for out, src in byte_copies(p.final, out_spec.dtype).items()}
+            reader = SourceDigest(p.checkpoint, copies)
             written = write_weights(p.final, reader, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            reader.adopt(written.tensors)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(p.source_dir, tmp)

@@ -68,6 +68,11 @@ def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor,
     return out
 
 
+def byte_copies(state: ModelState, dtype: str) -> dict[str, str]:
+    """Output tensors written as the source's bytes, untouched (output name -> source name)."""
+    return {name: node.source for name, node, d in output_tensors(state, dtype) if node.fn is None and node.dtype == d}
+
+
 class FiniteReader:
     """Refuses source tensors holding NaN or Inf: no growth can promise anything about them."""
 
@@ -103,10 +108,11 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     cd = compute_dtype_for(state)
     reader = FiniteReader(reader)
     nodes = {n: (node, d) for n, node, d in tensors}
+    copies = byte_copies(state, dtype)
 
     def compute(name: str) -> torch.Tensor:
         node, d = nodes[name]
-        if node.fn is None and node.dtype == d:
+        if name in copies:
             return reader.load(node.source)  # untouched tensor: its bytes go straight through
         t = evaluate(node, reader, device, cd)
         return t.to(dtype=d) if t.is_floating_point() else t

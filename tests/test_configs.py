@@ -134,11 +134,20 @@ def test_stablelm_config_as_stablelm_2_ships_it_keeps_its_rotary_dims_through_th
     assert int(20 * cfg["rope_parameters"]["partial_rotary_factor"]) == int(16 * 0.25)  # the same 4 rotary dims
 
 
-def test_planning_never_mutates_the_config_it_read(tmp_path):
+def test_planning_changes_no_config_in_place_and_every_step_holds_one_rope_section(tmp_path):
+    from surgery.modeling import config_from_dict
+    from surgery.spec import hf_config
+
     src = source(tmp_path, "llama", config_edit=llama3_legacy)
     p = api.plan(recipe(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"\n  - op: grow_head_dim\n    head_dim: x2"))
-    assert p.checkpoint.config == config_of(src)
-    assert p.initial.spec.config["rope_parameters"]["rope_theta"] == 500000.0  # the source's state, after ops ran on copies
+    assert p.checkpoint.config == config_of(src)  # the loaded config, untouched
+    thetas = [s.spec.config["rope_parameters"]["rope_theta"] for s in p.states()]
+    assert thetas == [500000.0, 500000.0, pytest.approx(500000.0 ** 2)]
+    assert all(not set(LEGACY_KEYS) & set(s.spec.config) for s in p.states())
+    legacy = config_of(src)
+    for build in (hf_config, config_from_dict):  # transformers standardises rope dicts in place: only copies reach it
+        built = build(legacy)
+        assert legacy == config_of(src) and built.rope_parameters["rope_type"] == "llama3"
 
 
 # ------------------------------------------------------------------------------ Qwen2 layer_types
@@ -260,19 +269,24 @@ def recorded_hash(out: Path) -> str:
     raise AssertionError("no source hash recorded")
 
 
-def test_source_hash_changes_when_one_weight_byte_changes_and_equals_a_fresh_hash(tmp_path):
+@pytest.mark.parametrize("dtype,flags", [("float32", ()), ("bfloat16", ("--set", "output.dtype=float32"))],
+                         ids=["copies-adopt-the-writer-digest", "converted-hashed-as-read"])
+def test_source_hash_changes_when_one_weight_byte_changes_and_equals_a_fresh_hash(tmp_path, dtype, flags):
     from surgery.card import source_content_hash
 
     src = source(tmp_path, "llama")
-    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
+    if dtype != "float32":
+        sd = {k: v.to(getattr(torch, dtype)) for k, v in load_file(src / "model.safetensors").items()}
+        save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify", *flags)
     assert code == 0
     first = recorded_hash(out)
     assert first == source_content_hash(src)
     sd = load_file(src / "model.safetensors")
-    w = sd["model.layers.1.mlp.down_proj.weight"]
-    w.view(torch.int32)[0, 0] ^= 1  # one bit of one weight: same names, shapes, dtypes and file size
+    w = sd["model.layers.1.input_layernorm.weight"]  # untouched by grow_mlp: written byte for byte
+    w.view(torch.int16)[0] ^= 1  # one bit of one weight: same names, shapes, dtypes and file size
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
+    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify", *flags)
     assert code == 0 and recorded_hash(out) != first
 
 
