@@ -81,11 +81,11 @@ def _cumulative(promises: list[Promise], spec: ModelSpec) -> Promise:
 
 def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
     """transformers must accept the config an op produces, or the output would not load."""
-    from .spec import _first_line, hf_config
+    from .spec import _first_line, config_errors, hf_config
 
     try:
         hf_config(spec.config)
-    except (ValueError, TypeError, KeyError) as e:
+    except config_errors() as e:
         raise loaded.error(SurgeryError(f"transformers rejects the resulting config: {_first_line(e)}", loc=("ops", i))) from None
 
 

@@ -33,6 +33,15 @@ def hf_config(config: dict):
     return AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if k != "auto_map"}))
 
 
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config it rejects (its strict dataclass validators raise their own type)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, StrictDataclassError)
+
+
 def _first_line(e: Exception) -> str:
     cause = getattr(e, "__cause__", None) or e
     text = str(cause).strip()
@@ -74,7 +83,7 @@ class ModelSpec:
         """Rope settings and per-layer lists as transformers 5 resolves them, written explicitly."""
         try:
             hf = hf_config(self.config)
-        except (ValueError, TypeError, KeyError) as e:
+        except config_errors() as e:
             raise SurgeryError(f"transformers rejects this config: {_first_line(e)}", where=where) from None
         notes = []
         rope = getattr(hf, "rope_parameters", None)

@@ -240,6 +240,15 @@ def test_grow_heads_keeping_the_residual_works_on_configs_without_head_dim(tmp_p
     assert max_rel_logit_diff(src, out) < 1e-12
 
 
+def test_a_head_count_transformers_rejects_for_the_config_is_refused_with_its_reason(tmp_path, capsys):
+    src = source(tmp_path, "llama", config_edit=drop_head_dim)
+    capsys.readouterr()
+    code, out = run(tmp_path, src, "  - op: grow_heads\n    num_heads: 6\n    residual: keep")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "ops.0: transformers rejects the resulting config: The hidden size (32) is not a multiple" in err
+
+
 def add_inv_freq(src: Path, layers: int = 2) -> None:
     f = src / "model.safetensors"
     sd = load_file(f)
