@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -317,3 +319,57 @@ def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypat
     code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
     assert code == 0
     assert reads and max(reads.values()) == 1 and set(reads) == set(sd)
+
+
+# ------------------------------------------------------------------ property: every form, every family
+FORMS = [
+    {"rope_theta": 500000.0, "rope_scaling": dict(LLAMA3_SCALING)},
+    {"rope_theta": 20000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_theta": 20000.0, "rope_scaling": None},
+    {"rope_theta": 20000.0},
+    {"rope_parameters": {**LLAMA3_SCALING, "rope_theta": 20000.0}, "rope_scaling": {"rope_type": "default"}},
+    {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 20000.0}},
+]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["llama", "mistral", "qwen2"]), form=st.sampled_from(range(len(FORMS))),
+       head_dim=st.sampled_from([4, 8]), growth=st.sampled_from(["+2", "x2"]), insert_first=st.booleans(),
+       sliding=st.booleans(), tied=st.booleans(), seed=st.integers(0, 1000))
+def test_configs_in_any_form_keep_the_function_transformers_reads_from_them(family, form, head_dim, growth, insert_first,
+                                                                          sliding, tied, seed):
+    """The reference is the source config as transformers itself reads it, legacy keys and all."""
+    from surgery.execute import materialize
+    from surgery.io.checkpoint import InMemoryCheckpoint
+    from surgery.plan import compile_plan
+    from surgery.recipe.loader import validate_recipe
+    from surgery.spec import hf_config
+    from surgery.verify import model_from_tensors
+
+    model = make_model(make_config(family, hidden_heads=4, kv_heads=2, head_dim=head_dim, layers=2, vocab=48, tied=tied),
+                       seed=seed)
+    cfg = json.loads(json.dumps(model.config.to_dict()))
+    cfg.pop("rope_parameters", None)
+    cfg.update(json.loads(json.dumps(FORMS[form])))
+    if sliding and family == "qwen2":
+        cfg.pop("layer_types", None)
+        cfg.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    elif sliding:
+        cfg["sliding_window"] = 4
+    state = {k: v for k, v in model.state_dict().items()}
+    reference = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float64, attn_implementation="eager")
+    reference.load_state_dict(state, strict=False)
+    reference.eval()
+    ops = ([{"op": "grow_layers", "num_layers": 3, "positions": [0]}] if insert_first else []) + \
+          [{"op": "grow_head_dim", "head_dim": growth}]
+    loaded = validate_recipe({"name": "p", "source": "<memory>", "ops": ops}, "<ops>")
+    ckpt = InMemoryCheckpoint(cfg, state)
+    before = json.loads(json.dumps(cfg))
+    p = compile_plan(loaded, Path("<memory>"), ckpt)
+    assert ckpt.config == before  # planning and its config checks worked on copies
+    new = model_from_tensors(p.final.spec.config, materialize(p.final, ckpt, torch.device("cpu"), torch.float64),
+                             torch.float64, torch.device("cpu"), attn_implementation="eager")
+    ids = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a, b = reference(input_ids=ids).logits, new(input_ids=ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < FLOAT32
