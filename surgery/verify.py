@@ -460,6 +460,16 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         def load(dt, state=step.state):
             return model_from_tensors(state.spec.config, materialize(state, p.checkpoint, device, dt), dt, device)
 
+        if last and v.per_op and storage is not None:  # the exact math, judged at float precision before storage rounds it
+            model = load(dtype)
+            cmp = compare(ref.evaluation, evaluate_model(model, ids))
+            del model
+            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
+            if promise.exactness == Exactness.APPROXIMATE:
+                verdict = Verdict(None, "approximate: judged on the written output", [], verdict.bound)
+            steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss, cmp.rel_change,
+                                    cmp.max_logit_diff, promise.exactness.value, verdict.rule, verdict.passed, step.index,
+                                    cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
             model = _load(out_dir, dtype, device)
             dead = dead_slices(model, ids, p.final.new_slices)
