@@ -257,7 +257,7 @@ class Bound:
     def describe(self) -> str:
         parts = []
         if math.isfinite(self.max_logit_diff):
-            parts += [f"max |dlogit| <= {self.max_logit_diff:.3g}", f"mean <= {self.mean_logit_diff:.3g}"]
+            parts.append(f"max |dlogit| <= {self.max_logit_diff:.3g}")  # mean |dlogit| is judged too, shown when beyond
         parts.append(f"KL <= {self.kl_divergence:.3g}")
         if self.min_top1_agreement > 0:
             parts.append(f"top-1 >= {self.min_top1_agreement:.4g}")
@@ -277,14 +277,14 @@ def exact_bound(floor: NoiseFloor, rounded: bool) -> Bound:
     """An exact step: the compute precision's noise, plus one storage rounding where the step's
     weights were rounded into half precision (the written output), each times MARGIN."""
     parts = _noise_parts(floor, rounded)
-    what = "float32 evaluation" + (f" + {HALF[floor.storage_dtype]} rounding" if len(parts) > 1 else "")
+    what = "float32" + (f" + {HALF[floor.storage_dtype]} rounding" if len(parts) > 1 else "")
     return Bound(
         max_logit_diff=MARGIN * sum(c.max_logit_diff for c in parts),
         mean_logit_diff=MARGIN * sum(c.mean_logit_diff for c in parts),
         kl_divergence=MARGIN ** 2 * sum(c.kl_divergence for c in parts),
         min_top1_agreement=MIN_TOP1_AGREEMENT,
         max_rel_change=math.inf,
-        basis=f"{MARGIN:g}x measured noise of {what}",
+        basis=f"{MARGIN:g}x measured {what} noise",
     )
 
 
@@ -298,7 +298,7 @@ def approximate_bound(tolerance: float, floor: NoiseFloor, rounded: bool, refere
         kl_divergence=tolerance * abs(reference_loss) + MARGIN ** 2 * sum(c.kl_divergence for c in parts),
         min_top1_agreement=0.0,
         max_rel_change=tolerance + MARGIN * sum(abs(c.rel_change) for c in parts),
-        basis=f"tolerance {tolerance:g}, KL relative to the reference loss {reference_loss:.4g}",
+        basis=f"tolerance {tolerance:g}",
     )
 
 
@@ -515,6 +515,30 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
         noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
     )
+
+
+def planned_rule(p: Plan) -> str:
+    """How verification will judge the output, said before any weight is read (`surgery plan`)."""
+    v = p.loaded.recipe.verify
+    storage = half_storage(p)
+    noise = "float32 evaluation" + (f", one {HALF[storage]} rounding of every weight" if storage else "")
+    reinit_at = max((s.index for s in p.steps if s.promise.exactness == Exactness.REINIT), default=None)
+    promise, parts = p.promise, []
+    if reinit_at is not None:
+        parts.append(f"ops[{reinit_at}] reinit: initial loss <= 2 ln(vocab) = {2 * math.log(p.initial.spec.vocab_size):.3f}")
+        if reinit_at == p.steps[-1].index:
+            return parts[0]
+        promise = _promise_after(p, reinit_at, p.steps[-1])
+    against = f"the state after ops[{reinit_at}]" if reinit_at is not None else "the source"
+    if promise.exactness == Exactness.APPROXIMATE:
+        parts.append(f"approximate against {against}: |rel loss change| <= {v.tolerance:g} and KL <= {v.tolerance:g} x its loss, "
+                     f"plus {MARGIN:g}x the rounding noise measured on it ({noise})")
+    else:
+        parts.append(f"{promise.exactness.value} against {against}: max/mean |dlogit| and KL within {MARGIN:g}x the rounding noise "
+                     f"measured on it ({noise}), top-1 agreement >= {MIN_TOP1_AGREEMENT}"
+                     + (f"; with per_op, the state before {HALF[storage]} rounding within the float32 noise alone"
+                        if storage and v.per_op else ""))
+    return "; ".join(parts)
 
 
 def broken_by(steps: list[StepResult], p: Plan) -> str | None:
