@@ -434,7 +434,7 @@ def measure_reference(label: str, load, ids: torch.Tensor, dtype: torch.dtype, s
 def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     """Loss and logits of the source, of every intermediate step (per_op), and of the written output.
 
-    Steps are compared with the source, or, after a `reinit`, with the state right after the last
+    Steps are compared with the source, or, after a `reinit`, with the state right after the latest
     one (which itself is judged by its initial loss): what later ops promise is relative to it.
     """
     from .execute import compute_dtype_for, materialize
@@ -447,16 +447,19 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     vocab = p.initial.spec.vocab_size
     ref = measure_reference("source", lambda dt: _load(p.source_dir, dt, device), ids, dtype, storage)
     source = ref
-    reinit_at = max((s.index for s in p.steps if s.promise.exactness == Exactness.REINIT), default=None)
+    reinits = [s.index for s in p.steps if s.promise.exactness == Exactness.REINIT]
     steps: list[StepResult] = []
     dead: list[dict] = []
     final = None
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
-        new_reference = step.index == reinit_at and not last
-        if not (v.per_op or last or new_reference):
+        new_reference = step.index in reinits and not last
+        # the state a reinit is about to replace closes what was promised against the previous reference
+        closes = last or p.steps[i + 1].index in reinits
+        if not (v.per_op or closes or new_reference):
             continue
-        promise = step.cumulative if reinit_at is None or step.index <= reinit_at else _promise_after(p, reinit_at, step)
+        since = max((r for r in reinits if r < step.index), default=None)
+        promise = step.cumulative if since is None or step.index in reinits else _promise_after(p, since, step)
 
         def load(dt, state=step.state):
             return model_from_tensors(state.spec.config, materialize(state, p.checkpoint, device, dt), dt, device)
@@ -489,7 +492,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
             name, gain = variance_culprit(model if model is not None else load(dtype), ids)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
         del model
-        if not last and promise.exactness == Exactness.APPROXIMATE:
+        if not closes and promise.exactness == Exactness.APPROXIMATE:
             verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff, promise.exactness.value,
                                 verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
@@ -501,6 +504,9 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         final = (cmp, judge(p.promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None))
     cmp, verdict = final
     ok, rule = verdict.passed, verdict.rule
+    failing = next((s for s in steps if s.passed is False), None)
+    if ok and failing is not None:  # a judged earlier state (or the math before rounding) broke its promise
+        ok, rule = False, f"{failing.op}: {failing.rule}"
     if dead:
         ok = False
         rule += f"; {len(dead)} new slice(s) get no gradient"

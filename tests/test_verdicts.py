@@ -241,3 +241,13 @@ def test_exact_growth_of_a_half_precision_model_passes_and_an_independent_float6
         recipe.write_text(f"name: p\nsource: {src}\noutput: {Path(tmp) / 'o'}\nops:\n{ops}verify:\n  max_tokens: 128\n  per_op: false\n")
         assert run(recipe) == 0
         assert_independently_sound(Path(tmp) / "o", src, 128, min_top1=None)
+
+
+def test_each_reinit_is_the_reference_for_the_ops_up_to_the_next(write_recipe, tmp_path):
+    # the growth between two re-inits breaks the first re-initialised state: judged, not waved through
+    text = ("name: r\nsource: builtin:tiny-llama\nops:\n  - op: reinit\n    method: hf\n  - op: grow_heads\n    num_heads: x2\n"
+            "  - op: reinit\n    method: normal\n    targets: [lm_head]\nverify:\n  max_tokens: 128\n  per_op: true\n")
+    assert run(write_recipe(text), "--output", str(tmp_path / "o")) == 1
+    rep = report_of(tmp_path / "o")
+    assert [s["passed"] for s in rep["steps"]] == [True, False, True]
+    assert rep["steps"][1]["reference"] == "ops[0] reinit" and rep["broken_by"] == "ops[1] grow_heads"
