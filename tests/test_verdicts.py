@@ -251,3 +251,18 @@ def test_each_reinit_is_the_reference_for_the_ops_up_to_the_next(write_recipe, t
     rep = report_of(tmp_path / "o")
     assert [s["passed"] for s in rep["steps"]] == [True, False, True]
     assert rep["steps"][1]["reference"] == "ops[0] reinit" and rep["broken_by"] == "ops[1] grow_heads"
+
+
+def test_a_math_error_below_bfloat16_rounding_still_fails_through_the_check_before_rounding(write_recipe, tmp_path, monkeypatch):
+    import surgery.ops.rescale_norm as rescale_norm
+
+    exact_scale = rescale_norm.scale
+    slip = 1 + 2 ** -10  # a quarter of bfloat16's unit roundoff: rounding alone would hide it
+    monkeypatch.setattr(rescale_norm, "scale", lambda node, factor, label: exact_scale(node, factor * slip, label))
+    src = half_source("tiny-llama", torch.bfloat16, tmp_path)
+    recipe = write_recipe(f"name: t\nsource: {src}\nops:\n  - op: grow_heads\n    num_heads: x2\n  - op: rescale_norm\n"
+                          "verify:\n  max_tokens: 256\n")
+    assert run(recipe, "--output", str(tmp_path / "o")) == 1
+    before, written = report_of(tmp_path / "o")["steps"][-2:]
+    assert "before bfloat16 rounding" in before["op"] and before["passed"] is False
+    assert written["passed"] is True  # within the measured bfloat16 noise: the written output alone would pass
