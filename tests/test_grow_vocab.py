@@ -251,6 +251,11 @@ def test_two_grow_vocab_ops_padding_between_them_give_each_token_its_planned_id(
     r = api.run(_recipe(write_recipe, "builtin:tiny-stablelm", ops, out))
     assert r.report.passed, r.report.rule
     assert any("ids 513..543 become reserved" in n for n in r.plan.steps[1].promise.notes)
+    from surgery.verify import planned_rule
+
+    rule = planned_rule(r.plan)  # what `surgery plan` says verification will check
+    assert "logits on the first 512 tokens" in rule and "33 new rows' share of the normaliser" in rule
+    assert "each added token encodes" in rule
     tok = AutoTokenizer.from_pretrained(str(out))
     assert [tok(t, add_special_tokens=False)["input_ids"] for t in ("surgeryword", "<|im_end|>")] == [[512], [544]]
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 545
