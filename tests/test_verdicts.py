@@ -288,7 +288,8 @@ def test_a_math_error_below_bfloat16_rounding_still_fails_through_the_check_befo
 
 def test_top1_flips_pass_only_where_the_reference_had_a_near_tie_within_twice_the_logit_bound():
     exact = Promise(Exactness.EXACT, "test")
-    floor = NoiseFloor(compute=cmp(0.0, 1e-12, 0.05))  # max |dlogit| bound 0.1
+    floor = NoiseFloor(compute=Comparison(loss=2.0, rel_change=0.0, max_logit_diff=0.05, mean_logit_diff=0.005,
+                                          top1_agreement=1.0, kl_divergence=1e-12, compared_vocab=64))  # bound 0.1
     flips = dict(loss=2.0, rel_change=0.0, max_logit_diff=0.08, mean_logit_diff=0.01, top1_agreement=0.97,
                  kl_divergence=1e-13, compared_vocab=64, reference_loss=2.0)
     assert judge(exact, Comparison(**flips, max_flip_gap=0.15), floor, 1e-4, 64).passed is True
