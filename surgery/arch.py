@@ -24,11 +24,15 @@ class TensorRole(str, enum.Enum):
     MLP_DOWN = "mlp.down"
     NORM_ATTN = "norm.attn"
     NORM_MLP = "norm.mlp"
+    NORM_ATTN_OUT = "norm.attn_out"  # over the attention output before the residual add (OLMo 2, Gemma sandwich)
+    NORM_MLP_OUT = "norm.mlp_out"  # over the MLP output before the residual add
     NORM_FINAL = "norm.final"
 
     @property
     def is_norm(self) -> bool:
-        return self in (TensorRole.NORM_ATTN, TensorRole.NORM_MLP, TensorRole.NORM_FINAL)
+        """A norm over the residual width (per-head q/k norms are not)."""
+        return self in (TensorRole.NORM_ATTN, TensorRole.NORM_MLP, TensorRole.NORM_ATTN_OUT, TensorRole.NORM_MLP_OUT,
+                        TensorRole.NORM_FINAL)
 
 
 class Axis(str, enum.Enum):
@@ -70,6 +74,8 @@ AXES: dict[tuple[TensorRole, str], tuple[Axis, ...]] = {
     (R.NORM_ATTN, "bias"): (Axis.RESID,),
     (R.NORM_MLP, "weight"): (Axis.RESID,),
     (R.NORM_MLP, "bias"): (Axis.RESID,),
+    (R.NORM_ATTN_OUT, "weight"): (Axis.RESID,),
+    (R.NORM_MLP_OUT, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "bias"): (Axis.RESID,),
 }
@@ -85,10 +91,11 @@ class TensorInfo:
     kind: str  # "weight" | "bias"
     layer: int | None = None
     head: int | None = None
+    family_axes: tuple[Axis, ...] | None = None  # where a family's tensor differs from AXES (OLMo 2's q/k norms)
 
     @property
     def axes(self) -> tuple[Axis, ...]:
-        return AXES[(self.role, self.kind)]
+        return self.family_axes or AXES[(self.role, self.kind)]
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,9 @@ class Architecture:
     """One model family in transformers layout.
 
     `names` maps a role to its parameter prefix; `{L}` is the layer index, `{H}` a head index.
+    `fused` maps a tensor stored on disk to the roles it concatenates along its first axis
+    (Phi-3's qkv_proj is q | k | v): ops see the parts under their own names in `names`, and the
+    output joins them again (`ModelState.output`).
     """
 
     name: str
@@ -105,10 +115,26 @@ class Architecture:
     eps_field: str
     head_dim_field: str | None  # None: head_dim is hidden_size // num_heads (StableLM)
     rotary: str  # "partial" (NeoX, fixed rotary dims) | "full" (rotate_half over head_dim)
-    qk_norm_field: str | None = None
+    qk_norm_field: str | None = None  # config flag that switches the q/k norms on; None: always on where qk_norm is set
+    # Where the q/k norms normalise: "head_tensors" (one norm tensor per head, StableLM), "head" (one
+    # norm over head_dim shared by all heads, Qwen3, Gemma 3), "projection" (over the whole q or k
+    # projection, num_heads x head_dim, OLMo 2).
+    qk_norm: str | None = None
+    norm_offset: float = 0.0  # norms compute x_hat * (offset + w): Gemma's 1 + w (a zero gain is w = -offset)
+    embed_scale: str | None = None  # "sqrt_hidden": embeddings multiplied by hidden_size ** 0.5 (Gemma)
+    attn_scale_field: str | None = None  # scores scaled by this config field ** -0.5 instead of head_dim's (Gemma)
     patched_class: str | None = None  # class shipped for patch_layernorm
     layer_type_fields: tuple[str, ...] = ()  # per-layer config lists that follow num_layers
     extra_bias_flags: tuple[str, ...] = field(default_factory=tuple)
+    axes: dict[tuple[TensorRole, str], tuple[Axis, ...]] = field(default_factory=dict)  # overrides of AXES
+    fused: dict[str, tuple[TensorRole, ...]] = field(default_factory=dict)
+
+    def gain(self, w):
+        """The multiplier a norm weight stands for."""
+        return w + self.norm_offset if self.norm_offset else w
+
+    def weight_for_gain(self, g):
+        return g - self.norm_offset if self.norm_offset else g
 
     def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None) -> str:
         prefix = self.names[role].replace("{L}", str(layer)).replace("{H}", str(head))
@@ -120,7 +146,23 @@ class Architecture:
             if m:
                 layer = int(m.group("L")) if "L" in rx.groupindex else None
                 head = int(m.group("H")) if "H" in rx.groupindex else None
-                return TensorInfo(role, m.group("kind"), layer, head)
+                kind = m.group("kind")
+                return TensorInfo(role, kind, layer, head, self.axes.get((role, kind)))
+        return None
+
+    def fused_parts(self, name: str) -> tuple[int | None, str, tuple[TensorRole, ...]] | None:
+        """(layer, kind, part roles) of a fused tensor's name, or None."""
+        for prefix, roles in self.fused.items():
+            rx = re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)") + r"\.(?P<kind>weight|bias)"
+            m = re.fullmatch(rx, name)
+            if m:
+                return (int(m.group("L")) if "L" in m.groupdict() else None), m.group("kind"), roles
+        return None
+
+    def fused_name(self, role: TensorRole, kind: str, layer: int | None) -> str | None:
+        for prefix, roles in self.fused.items():
+            if role in roles:
+                return f"{prefix.replace('{L}', str(layer))}.{kind}"
         return None
 
     def _patterns(self):
@@ -167,6 +209,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         head_dim_field=None,
         rotary="partial",
         qk_norm_field="qk_layernorm",
+        qk_norm="head_tensors",
         patched_class="SurgeryStableLmForCausalLM",
     ),
     "llama": Architecture(name="llama", model_types=("llama",), names=dict(_DECODER), **LLAMA_LIKE),
@@ -177,6 +220,59 @@ ARCHITECTURES: dict[str, Architecture] = {
         names=dict(_DECODER),
         layer_type_fields=("layer_types",),
         **LLAMA_LIKE,
+    ),
+    "qwen3": Architecture(
+        name="qwen3",
+        model_types=("qwen3",),
+        names={
+            **_DECODER,
+            R.ATTN_Q_NORM: "model.layers.{L}.self_attn.q_norm",
+            R.ATTN_K_NORM: "model.layers.{L}.self_attn.k_norm",
+        },
+        qk_norm="head",
+        layer_type_fields=("layer_types",),
+        **LLAMA_LIKE,
+    ),
+    # OLMo 2: no pre-norms; the branch outputs are normalised before the residual add, and q_norm / k_norm
+    # span the whole q / k projection. head_dim is hidden_size / num_heads (no config field).
+    "olmo2": Architecture(
+        name="olmo2",
+        model_types=("olmo2",),
+        names={
+            **{r: p for r, p in _DECODER.items() if r not in (R.NORM_ATTN, R.NORM_MLP)},
+            R.ATTN_Q_NORM: "model.layers.{L}.self_attn.q_norm",
+            R.ATTN_K_NORM: "model.layers.{L}.self_attn.k_norm",
+            R.NORM_ATTN_OUT: "model.layers.{L}.post_attention_layernorm",
+            R.NORM_MLP_OUT: "model.layers.{L}.post_feedforward_layernorm",
+        },
+        norm="rmsnorm",
+        eps_field="rms_norm_eps",
+        head_dim_field=None,
+        rotary="full",
+        qk_norm="projection",
+        axes={(R.ATTN_Q_NORM, "weight"): (Axis.Q,), (R.ATTN_K_NORM, "weight"): (Axis.KV,)},
+    ),
+    # Phi-3 (and Phi-4-mini): q | k | v in one qkv_proj, gate | up in one gate_up_proj; rotary over the first
+    # head_dim x partial_rotary_factor dims of each head; head_dim is hidden_size / num_heads.
+    "phi3": Architecture(
+        name="phi3",
+        model_types=("phi3",),
+        names={
+            **_DECODER,
+            R.ATTN_Q: "model.layers.{L}.self_attn.qkv_proj[q]",
+            R.ATTN_K: "model.layers.{L}.self_attn.qkv_proj[k]",
+            R.ATTN_V: "model.layers.{L}.self_attn.qkv_proj[v]",
+            R.MLP_GATE: "model.layers.{L}.mlp.gate_up_proj[gate]",
+            R.MLP_UP: "model.layers.{L}.mlp.gate_up_proj[up]",
+        },
+        norm="rmsnorm",
+        eps_field="rms_norm_eps",
+        head_dim_field=None,
+        rotary="partial",
+        fused={
+            "model.layers.{L}.self_attn.qkv_proj": (R.ATTN_Q, R.ATTN_K, R.ATTN_V),
+            "model.layers.{L}.mlp.gate_up_proj": (R.MLP_GATE, R.MLP_UP),
+        },
     ),
 }
 

@@ -82,7 +82,9 @@ class ModelSpec:
 
     @property
     def qk_norm(self) -> bool:
-        return bool(self.arch.qk_norm_field and self.config.get(self.arch.qk_norm_field))
+        if not self.arch.qk_norm:
+            return False
+        return not self.arch.qk_norm_field or bool(self.config.get(self.arch.qk_norm_field))
 
     @property
     def live_width(self) -> int | None:
@@ -136,6 +138,17 @@ class ModelSpec:
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps
 
+    def _derived_layer_lists(self) -> dict:
+        """Per-layer lists a config.json may leave out (4.x configs: Qwen3 derives `layer_types` from
+        max_window_layers): transformers' values, so that they follow the layers instead of the indices."""
+        missing = [f for f in self.arch.layer_type_fields if f not in self.config]
+        if not missing:
+            return {}
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(**{k: v for k, v in self.config.items() if k != "auto_map"})
+        return {f: list(getattr(cfg, f)) for f in missing if isinstance(getattr(cfg, f, None), list)}
+
     def set_num_layers(self, n: int, inserted_after: list[int] | None = None, origin: list[int] | None = None) -> None:
         """Set the depth and keep per-layer config lists (`layer_types`) in step with the layers.
 
@@ -157,8 +170,9 @@ class ModelSpec:
             origin = (origin + [old - 1] * n)[:n]
         if len(origin) != n or not all(0 <= j < old for j in origin):
             raise ValueError(f"origin must list {n} old layer indices in [0, {old}), got {origin}")
+        derived = self._derived_layer_lists()
         self.config["num_hidden_layers"] = n
         for f in self.arch.layer_type_fields:
-            types = self.config.get(f)
+            types = self.config.get(f, derived.get(f))
             if isinstance(types, list) and len(types) == old:
                 self.config[f] = [types[j] for j in origin]

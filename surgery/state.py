@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .arch import TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
@@ -30,6 +32,10 @@ class ModelState:
         tensors: dict[str, LazyTensor] = {}
         unknown = []
         for name, m in metas.items():
+            fused = spec.arch.fused_parts(name)
+            if fused is not None:
+                tensors.update(_split(spec, name, m, *fused, where))
+                continue
             if spec.arch.classify(name) is None:
                 unknown.append(name)
             tensors[name] = read(name, m.shape, m.dtype)
@@ -43,6 +49,48 @@ class ModelState:
         state = cls(spec, tensors)
         state.check_shapes(where)
         return state
+
+    def output(self) -> dict[str, LazyTensor]:
+        """The tensors as the checkpoint stores them: parts of a fused tensor (Phi-3's qkv_proj) joined again."""
+        arch = self.spec.arch
+        if not arch.fused:
+            return dict(self.tensors)
+        out: dict[str, LazyTensor] = {}
+        groups: dict[str, list[LazyTensor]] = {}
+        for name, node in self.tensors.items():
+            info = self.info(name)
+            fused = arch.fused_name(info.role, info.kind, info.layer)
+            if fused is None:
+                out[name] = node
+                continue
+            if fused not in groups:
+                groups[fused] = []
+                out[fused] = None  # keeps the first part's place in the order
+            groups[fused].append((arch.fused[_prefix(arch, fused)].index(info.role), node))
+        for fused, parts in groups.items():
+            nodes = [n for _, n in sorted(parts, key=lambda p: p[0])]
+            shape = (sum(n.shape[0] for n in nodes), *nodes[0].shape[1:])
+            out[fused] = LazyTensor(shape, nodes[0].dtype, lambda *ts: torch.cat(ts, 0), tuple(nodes), f"join {fused}")
+        return out
+
+    def output_slices(self) -> list[NewSlice]:
+        """New slices named and indexed as in `output` (a part's rows sit at its offset in the fused tensor)."""
+        arch = self.spec.arch
+        if not arch.fused:
+            return self.new_slices
+        out = []
+        for s in self.new_slices:
+            info = self.info(s.tensor)
+            fused = arch.fused_name(info.role, info.kind, info.layer)
+            if fused is None:
+                out.append(s)
+                continue
+            offset = 0
+            for role in arch.fused[_prefix(arch, fused)][: arch.fused[_prefix(arch, fused)].index(info.role)]:
+                offset += self.tensors[arch.parameter_name(role, info.kind, info.layer)].shape[0]
+            index = [i + offset for i in s.index] if s.axis == 0 else list(s.index)
+            out.append(NewSlice(fused, s.axis, index, s.op))
+        return out
 
     def copy(self) -> "ModelState":
         slices = [NewSlice(s.tensor, s.axis, list(s.index), s.op) for s in self.new_slices]
@@ -89,12 +137,12 @@ class ModelState:
         head = s.arch.parameter_name(TensorRole.LM_HEAD, "weight")
         if not s.tied and head not in self.tensors:
             raise SurgeryError(f"missing tensor {head!r} (and tie_word_embeddings is false)", where=where)
-        # Every family here has a gated MLP and pre-norms; a parallel-residual StableLM has no
-        # post_attention_layernorm. Biases depend on config flags: only their consistency is checked.
-        per_layer = [TensorRole.ATTN_Q, TensorRole.ATTN_K, TensorRole.ATTN_V, TensorRole.ATTN_O,
-                     TensorRole.MLP_GATE, TensorRole.MLP_UP, TensorRole.MLP_DOWN, TensorRole.NORM_ATTN]
-        if not s.config.get("use_parallel_residual"):
-            per_layer.append(TensorRole.NORM_MLP)
+        # Every family here has a gated MLP and the norms its table names; a parallel-residual StableLM has no
+        # post_attention_layernorm, per-head q/k norms follow a config flag. Biases depend on config flags: only
+        # their consistency is checked.
+        per_layer = [role for role, prefix in s.arch.names.items() if "{L}" in prefix and "{H}" not in prefix
+                     and not (role == TensorRole.NORM_MLP and s.config.get("use_parallel_residual"))
+                     and not (role in (TensorRole.ATTN_Q_NORM, TensorRole.ATTN_K_NORM) and not s.qk_norm)]
         final = s.arch.parameter_name(TensorRole.NORM_FINAL, "weight")
         if final not in self.tensors:
             raise SurgeryError(f"missing tensor {final!r}", where=where)
@@ -124,3 +172,25 @@ class ModelState:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+
+def _prefix(arch, fused_name: str) -> str:
+    layer, kind, roles = arch.fused_parts(fused_name)
+    return next(p for p, r in arch.fused.items() if r == roles)
+
+
+def _split(spec: ModelSpec, name: str, meta, layer: int | None, kind: str, roles: tuple, where: str) -> dict[str, LazyTensor]:
+    """A fused tensor as one lazy part per role, each a row range of one shared read."""
+    whole = read(name, meta.shape, meta.dtype)
+    probe = ModelState(spec, {})
+    sizes = [probe.expected_shape(TensorInfo(r, kind, layer, None, spec.arch.axes.get((r, kind))))[0] for r in roles]
+    if sum(sizes) != meta.shape[0]:
+        raise SurgeryError(f"tensor {name!r} has {meta.shape[0]} rows but config.json implies {' + '.join(map(str, sizes))}",
+                           where=where)
+    parts, offset = {}, 0
+    for role, size in zip(roles, sizes):
+        shape = (size, *meta.shape[1:])
+        parts[spec.arch.parameter_name(role, kind, layer)] = whole.map(
+            lambda t, o=offset, n=size: t.narrow(0, o, n).clone(), shape, f"{role.value} rows of {name}")
+        offset += size
+    return parts

@@ -314,7 +314,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
             continue
         if last:
             model = _load(out_dir, dtype, device)
-            dead = dead_slices(model, ids, p.final.new_slices)
+            dead = dead_slices(model, ids, p.final.output_slices())
             cmp = compare(ref_final, evaluate_model(model, ids))
             ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
         else:
