@@ -276,6 +276,29 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
 }
 
+# Gemma 2 and Gemma 3 (text): norms compute x_hat * (1 + w), embeddings are multiplied by sqrt(hidden_size),
+# scores by query_pre_attn_scalar ** -0.5; sandwich norms around both branches. Gemma 3 adds per-head q/k norms.
+_GEMMA = {
+    **_DECODER,
+    R.NORM_ATTN_OUT: "model.layers.{L}.post_attention_layernorm",
+    R.NORM_MLP: "model.layers.{L}.pre_feedforward_layernorm",
+    R.NORM_MLP_OUT: "model.layers.{L}.post_feedforward_layernorm",
+}
+GEMMA_LIKE = dict(norm_offset=1.0, embed_scale="sqrt_hidden", attn_scale_field="query_pre_attn_scalar",
+                  layer_type_fields=("layer_types",), **LLAMA_LIKE)
+ARCHITECTURES["gemma2"] = Architecture(name="gemma2", model_types=("gemma2",), names=dict(_GEMMA), **GEMMA_LIKE)
+ARCHITECTURES["gemma3_text"] = Architecture(
+    name="gemma3_text",
+    model_types=("gemma3_text",),
+    names={
+        **_GEMMA,
+        R.ATTN_Q_NORM: "model.layers.{L}.self_attn.q_norm",
+        R.ATTN_K_NORM: "model.layers.{L}.self_attn.k_norm",
+    },
+    qk_norm="head",
+    **GEMMA_LIKE,
+)
+
 
 def architecture_for(model_type: str | None) -> Architecture | None:
     for arch in ARCHITECTURES.values():

@@ -89,7 +89,7 @@ DESCRIPTIONS = {
 }
 
 _MATRICES = (R.EMBED, R.LM_HEAD, R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_GATE, R.MLP_UP, R.MLP_DOWN)
-_NORMS = (R.NORM_ATTN, R.NORM_MLP, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM)
+_NORMS = (R.NORM_ATTN, R.NORM_MLP, R.NORM_ATTN_OUT, R.NORM_MLP_OUT, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM)
 
 
 def _phi(x: float) -> float:
@@ -214,6 +214,8 @@ def draw_for(method: InitMethod | str, spec: ModelSpec, info: TensorInfo, shape:
     if info.kind == "bias":
         return Draw("constant", value=0.0, rule="bias: zeros")
     if role in _NORMS:
+        if spec.arch.norm_offset:  # Gemma: x_hat * (1 + w), a unit gain is w = 0
+            return Draw("constant", value=spec.arch.weight_for_gain(1.0), rule="norm weight: unit gain (1 + w, w = 0)")
         return Draw("constant", value=1.0, rule="norm weight: ones")
     assert role in _MATRICES, role
     base = std if std is not None else default_base_std(method, spec)

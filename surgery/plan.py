@@ -78,11 +78,12 @@ def _cumulative(promises: list[Promise], spec: ModelSpec) -> Promise:
 
 def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
     """transformers must accept the config an op produces, or the output would not load."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"})
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: config class validators (Gemma 2/3)
         cause = getattr(e, "__cause__", None) or e
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         raise loaded.error(SurgeryError(f"transformers rejects the resulting config: {msg}", loc=("ops", i))) from None

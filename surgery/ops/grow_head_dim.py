@@ -29,6 +29,7 @@ prove that pairing, so the promise is approximate.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -101,7 +102,8 @@ class GrowHeadDim(Op):
         if derived and d != h * d_h:
             raise SurgeryError(f"hidden_size {d} is not num_heads {h} x head_dim {d_h}", loc=("head_dim",))
         notes: list[str] = []
-        rope_changes = self._rope_changes(spec, d_h, new, notes)
+        nested_rope = self._per_layer_type_rope(spec, d_h, new, notes)
+        rope_changes = self._rope_changes(spec, d_h, new, notes) if nested_rope is None else {}
 
         trainable = self.init == Init.TRAINABLE
         qk_norm = spec.qk_norm
@@ -166,6 +168,10 @@ class GrowHeadDim(Op):
         spec.set_head_dim(new)
         for key, value in rope_changes.items():
             spec.set_rope_value(key, value)
+        if nested_rope is not None:
+            spec.config["rope_parameters"] = nested_rope
+            for legacy in ("rope_theta", "rope_local_base_freq", "rope_scaling"):  # 4.x keys the nested form replaces
+                spec.config.pop(legacy, None)
         if derived:
             grow_residual(state, h * new, self.init, self.residual_fill, ctx, "grow_head_dim")
         elif self.residual_fill != "zero":
@@ -173,6 +179,29 @@ class GrowHeadDim(Op):
 
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
                        notes)
+
+    def _per_layer_type_rope(self, spec, d_h: int, new: int, notes: list[str]) -> dict | None:
+        """Gemma 3 keeps one rope setting per attention type (global rope_theta, local rope_local_base_freq
+        in 4.x configs): every one gets theta ** (D_h/d_h). None where the rope is one flat setting."""
+        if spec.arch.rotary != "full":
+            return None
+        from transformers import AutoConfig
+
+        rp = AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"}).rope_parameters
+        if not (isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values())):
+            return None
+        out = copy.deepcopy(rp)
+        for layer_type, sub in out.items():
+            rope_type = sub.get("rope_type") or "default"
+            if rope_type not in FULL_ROTARY_TYPES:
+                raise SurgeryError(f"{layer_type} rope_type {rope_type!r} derives its frequencies from head_dim in ways "
+                                   f"grow_head_dim cannot keep; supported: {', '.join(FULL_ROTARY_TYPES)}", loc=("head_dim",))
+            theta = float(sub["rope_theta"])
+            sub["rope_theta"] = theta ** (new / d_h)
+            notes.append(f"{layer_type}: rope_theta {theta:g} -> {sub['rope_theta']:g} keeps the first {d_h // 2} frequencies")
+        if d_h % 2 or new % 2:
+            raise SurgeryError(f"head_dim must be even for rotary embeddings, got {new}", loc=("head_dim",))
+        return out
 
     def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> dict:
         rotary = spec.arch.rotary

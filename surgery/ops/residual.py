@@ -53,11 +53,11 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
 
 
 def embedding_factor(width: int, new_width: int, dtype) -> float:
-    """Gemma multiplies embeddings by hidden_size ** 0.5, a buffer in the model's dtype."""
+    """Gemma multiplies embeddings by hidden_size ** 0.5: a float32 buffer cast to the weight's dtype."""
     import torch
 
     def normalizer(n: int) -> float:
-        return float(torch.tensor(n ** 0.5, dtype=dtype))
+        return float(torch.tensor(n ** 0.5, dtype=torch.float32).to(dtype))
 
     return normalizer(width) / normalizer(new_width)
 
