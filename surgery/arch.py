@@ -27,6 +27,7 @@ class TensorRole(str, enum.Enum):
     NORM_ATTN_OUT = "norm.attn_out"  # over the attention output before the residual add (OLMo 2, Gemma sandwich)
     NORM_MLP_OUT = "norm.mlp_out"  # over the MLP output before the residual add
     NORM_FINAL = "norm.final"
+    ATTN_REL_BIAS = "attn.rel_bias"  # T5's relative position bias (buckets x heads)
 
     @property
     def is_norm(self) -> bool:
@@ -44,6 +45,8 @@ class Axis(str, enum.Enum):
     KV = "kv"  # num_kv_heads x head_dim
     INTER = "inter"  # MLP intermediate
     HEAD_DIM = "head_dim"  # one head's dims (per-head q/k norms)
+    HEADS = "heads"  # one entry per attention head
+    REL_BUCKETS = "rel_buckets"  # T5's relative position buckets
 
 
 R = TensorRole
@@ -74,6 +77,7 @@ AXES: dict[tuple[TensorRole, str], tuple[Axis, ...]] = {
     (R.NORM_ATTN, "bias"): (Axis.RESID,),
     (R.NORM_MLP, "weight"): (Axis.RESID,),
     (R.NORM_MLP, "bias"): (Axis.RESID,),
+    (R.ATTN_REL_BIAS, "weight"): (Axis.REL_BUCKETS, Axis.HEADS),
     (R.NORM_ATTN_OUT, "weight"): (Axis.RESID,),
     (R.NORM_MLP_OUT, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "weight"): (Axis.RESID,),
@@ -102,7 +106,8 @@ class TensorInfo:
 class Architecture:
     """One model family in transformers layout.
 
-    `names` maps a role to its parameter prefix; `{L}` is the layer index, `{H}` a head index.
+    `names` maps a role to its parameter prefix (or prefixes: T5's encoder and decoder stacks); `{L}` is
+    the layer index, `{H}` a head index.
     `fused` maps a tensor stored on disk to the roles it concatenates along its first axis
     (Phi-3's qkv_proj is q | k | v): ops see the parts under their own names in `names`, and the
     output joins them again (`ModelState.output`).
@@ -110,7 +115,7 @@ class Architecture:
 
     name: str
     model_types: tuple[str, ...]
-    names: dict[TensorRole, str]
+    names: dict[TensorRole, str | tuple[str, ...]]
     norm: str  # "layernorm" | "rmsnorm"
     eps_field: str
     head_dim_field: str | None  # None: head_dim is hidden_size // num_heads (StableLM)
@@ -128,6 +133,12 @@ class Architecture:
     extra_bias_flags: tuple[str, ...] = field(default_factory=tuple)
     axes: dict[tuple[TensorRole, str], tuple[Axis, ...]] = field(default_factory=dict)  # overrides of AXES
     fused: dict[str, tuple[TensorRole, ...]] = field(default_factory=dict)
+    config_aliases: dict[str, str] = field(default_factory=dict)  # surgery's field name -> the family's (T5: d_model)
+    tied_aliases: tuple[str, ...] = ()  # stored copies of the embedding transformers ties on load (dropped)
+    ops: tuple[str, ...] | None = None  # the ops this family supports; None: all
+    ops_refusal: str = ""  # why the others are refused
+    required_per_layer: tuple[TensorRole, ...] | None = None  # None: every per-layer role the table names
+    init_rules: str | None = None  # "t5": `reinit method: hf` follows T5's own _init_weights
 
     def gain(self, w):
         """The multiplier a norm weight stands for."""
@@ -137,8 +148,12 @@ class Architecture:
         return g - self.norm_offset if self.norm_offset else g
 
     def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None) -> str:
-        prefix = self.names[role].replace("{L}", str(layer)).replace("{H}", str(head))
+        prefix = self.prefixes(role)[0].replace("{L}", str(layer)).replace("{H}", str(head))
         return f"{prefix}.{kind}"
+
+    def prefixes(self, role: TensorRole) -> tuple[str, ...]:
+        p = self.names[role]
+        return (p,) if isinstance(p, str) else p
 
     def classify(self, name: str) -> TensorInfo | None:
         for role, rx in self._patterns():
@@ -169,7 +184,7 @@ class Architecture:
         cached = _PATTERN_CACHE.get(self.name)
         if cached is None:
             cached = []
-            for role, prefix in self.names.items():
+            for role, prefix in ((r, p) for r in self.names for p in self.prefixes(r)):
                 rx = re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{H\}", r"(?P<H>\d+)")
                 cached.append((role, re.compile(rx + r"\.(?P<kind>weight|bias)")))
             _PATTERN_CACHE[self.name] = cached
@@ -297,6 +312,42 @@ ARCHITECTURES["gemma3_text"] = Architecture(
     },
     qk_norm="head",
     **GEMMA_LIKE,
+)
+
+# T5 (encoder-decoder, seed 004): tables for reinit and inspect; growth is not implemented for its layout.
+_T5_STACKS = ("encoder", "decoder")
+ARCHITECTURES["t5"] = Architecture(
+    name="t5",
+    model_types=("t5",),
+    names={
+        R.EMBED: "shared",
+        R.LM_HEAD: "lm_head",
+        R.ATTN_Q: tuple(f"{s}.block.{{L}}.layer.0.SelfAttention.q" for s in _T5_STACKS) + ("decoder.block.{L}.layer.1.EncDecAttention.q",),
+        R.ATTN_K: tuple(f"{s}.block.{{L}}.layer.0.SelfAttention.k" for s in _T5_STACKS) + ("decoder.block.{L}.layer.1.EncDecAttention.k",),
+        R.ATTN_V: tuple(f"{s}.block.{{L}}.layer.0.SelfAttention.v" for s in _T5_STACKS) + ("decoder.block.{L}.layer.1.EncDecAttention.v",),
+        R.ATTN_O: tuple(f"{s}.block.{{L}}.layer.0.SelfAttention.o" for s in _T5_STACKS) + ("decoder.block.{L}.layer.1.EncDecAttention.o",),
+        R.ATTN_REL_BIAS: tuple(f"{s}.block.{{L}}.layer.0.SelfAttention.relative_attention_bias" for s in _T5_STACKS),
+        R.MLP_GATE: ("encoder.block.{L}.layer.1.DenseReluDense.wi_0", "decoder.block.{L}.layer.2.DenseReluDense.wi_0"),
+        R.MLP_UP: ("encoder.block.{L}.layer.1.DenseReluDense.wi", "decoder.block.{L}.layer.2.DenseReluDense.wi",
+                   "encoder.block.{L}.layer.1.DenseReluDense.wi_1", "decoder.block.{L}.layer.2.DenseReluDense.wi_1"),
+        R.MLP_DOWN: ("encoder.block.{L}.layer.1.DenseReluDense.wo", "decoder.block.{L}.layer.2.DenseReluDense.wo"),
+        R.NORM_ATTN: ("encoder.block.{L}.layer.0.layer_norm", "decoder.block.{L}.layer.0.layer_norm",
+                      "decoder.block.{L}.layer.1.layer_norm"),
+        R.NORM_MLP: ("encoder.block.{L}.layer.1.layer_norm", "decoder.block.{L}.layer.2.layer_norm"),
+        R.NORM_FINAL: ("encoder.final_layer_norm", "decoder.final_layer_norm"),
+    },
+    norm="rmsnorm",
+    eps_field="layer_norm_epsilon",
+    head_dim_field="d_kv",
+    rotary="none",
+    config_aliases={"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                    "intermediate_size": "d_ff"},
+    tied_aliases=("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+    ops=("reinit",),
+    ops_refusal="T5 is an encoder-decoder: surgery re-initialises and inspects it; growth ops are not implemented "
+                "for its two stacks and cross-attention",
+    required_per_layer=(R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_UP, R.MLP_DOWN, R.NORM_ATTN, R.NORM_MLP),
+    init_rules="t5",
 )
 
 

@@ -118,7 +118,11 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     steps: list[Step] = []
     state = initial
     promises: list[Promise] = []
+    arch = spec.arch
     for i, op in enumerate(recipe.ops):
+        if arch.ops is not None and op.op not in arch.ops:
+            raise loaded.error(SurgeryError(f"{op.op} is refused for {arch.name}: {arch.ops_refusal}; supported: "
+                                            f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
             promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))

@@ -32,6 +32,8 @@ class ModelState:
         tensors: dict[str, LazyTensor] = {}
         unknown = []
         for name, m in metas.items():
+            if name in spec.arch.tied_aliases:
+                continue  # transformers ties it to the embedding on load
             fused = spec.arch.fused_parts(name)
             if fused is not None:
                 tensors.update(_split(spec, name, m, *fused, where))
@@ -118,6 +120,8 @@ class ModelState:
             Axis.KV: s.num_kv_heads * s.head_dim,
             Axis.INTER: s.intermediate_size,
             Axis.HEAD_DIM: s.head_dim,
+            Axis.HEADS: s.num_heads,
+            Axis.REL_BUCKETS: s.config.get("relative_attention_num_buckets", 32),
         }
         return tuple(sizes[a] for a in info.axes)
 
@@ -140,7 +144,8 @@ class ModelState:
         # Every family here has a gated MLP and the norms its table names; a parallel-residual StableLM has no
         # post_attention_layernorm, per-head q/k norms follow a config flag. Biases depend on config flags: only
         # their consistency is checked.
-        per_layer = [role for role, prefix in s.arch.names.items() if "{L}" in prefix and "{H}" not in prefix
+        per_layer = list(s.arch.required_per_layer) if s.arch.required_per_layer is not None else [
+                     role for role in s.arch.names if "{L}" in s.arch.prefixes(role)[0] and "{H}" not in s.arch.prefixes(role)[0]
                      and not (role == TensorRole.NORM_MLP and s.config.get("use_parallel_residual"))
                      and not (role in (TensorRole.ATTN_Q_NORM, TensorRole.ATTN_K_NORM) and not s.qk_norm)]
         final = s.arch.parameter_name(TensorRole.NORM_FINAL, "weight")
@@ -148,9 +153,10 @@ class ModelState:
             raise SurgeryError(f"missing tensor {final!r}", where=where)
         for layer in range(s.num_layers):
             for role in per_layer:
-                n = s.arch.parameter_name(role, "weight", layer)
-                if n not in self.tensors:
-                    raise SurgeryError(f"missing tensor {n!r}", where=where)
+                # a role with several prefixes (T5's stacks, its wi or wi_1) needs one of them
+                options = [f"{p.replace('{L}', str(layer))}.weight" for p in s.arch.prefixes(role)]
+                if not any(n in self.tensors for n in options):
+                    raise SurgeryError(f"missing tensor {options[0]!r}", where=where)
         # What one layer has (a bias, a per-head norm), every layer has.
         layers_with: dict[tuple, set[int]] = {}
         for name in self.tensors:
@@ -158,6 +164,8 @@ class ModelState:
             if info.layer is not None:
                 layers_with.setdefault((info.role, info.kind, info.head), set()).add(info.layer)
         for (role, kind, head), have in layers_with.items():
+            if role == TensorRole.ATTN_REL_BIAS:
+                continue  # T5: the first block holds it for the whole stack
             lacking = sorted(set(range(s.num_layers)) - have)
             if lacking:
                 n = s.arch.parameter_name(role, kind, lacking[0], head)
