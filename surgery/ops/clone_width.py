@@ -6,7 +6,9 @@ Attention heads are replicated as whole blocks: query head c*h + j is a copy of 
 the same n_rep, falls in kv group c*g + j // n_rep, the copy of its old group, so GQA stays right.
 The MLP's neurons are replicated the same way. [x, x] has the mean and the variance of x, so stock
 LayerNorm and RMSNorm stay exact with their weights (and biases) repeated and eps unchanged; head_dim
-and rotary are untouched, and per-head q/k norms are copied with their heads.
+and rotary are untouched, and per-head q/k norms are copied with their heads (a norm shared by all
+heads is kept, one over the whole projection, OLMo 2's, is repeated like the projection). Where the
+embedding is multiplied by sqrt(hidden_size) (Gemma) it is divided by sqrt(k).
 
 lm_head divides its input by k. With tied embeddings lm_head is the (repeated) embedding, so the
 final norm's weight and bias are divided by k instead.

@@ -4,7 +4,8 @@ Every head's q/k/v rows grow per head (reshape to (heads, head_dim, in), pad, re
 too) and o_proj's input columns the same way, with zero columns for the new dims, so the attention
 output is unchanged. Three details make it exact:
 
-- Scores are scaled by `head_dim ** -0.5`: q (weights and bias) is scaled by sqrt(D_h/d_h).
+- Scores are scaled by `head_dim ** -0.5`: q (weights and bias) is scaled by sqrt(D_h/d_h) (not where
+  the scale is a config constant: Gemma's `query_pre_attn_scalar`).
 - New q/k dims must add nothing to q.k: under `init: trainable` k's new rows are random and q's are
   zero (q's get gradient from the random k dims at once, so it is no saddle); v's new rows are
   random because o_proj's new columns are zero.
@@ -12,20 +13,22 @@ output is unchanged. Three details make it exact:
   `int(head_dim * partial_rotary_factor)` of each head; the factor is scaled by d_h/D_h so they stay
   put. With full rotary (rotate_half pairs i and i + d/2) the old halves go to [0:d/2] and
   [D/2 : D/2 + d/2] and `rope_theta' = rope_theta ** (D_h/d_h)`, which keeps the first d/2 inverse
-  frequencies theta ** (-2i/d); the new pairs get lower frequencies.
+  frequencies theta ** (-2i/d); the new pairs get lower frequencies. Gemma 3 has one theta per
+  attention type: each is raised alike.
 
 Where head_dim is derived from hidden_size / num_heads (`Architecture.head_dim_field is None`), the
 residual grows to heads * D_h through `grow_residual`, so `rescale_norm` and `patch_layernorm`
 (or `residual_fill: mean`) compose with it as they do with grow_heads. Elsewhere head_dim is a
 config field and the residual is kept.
 
-Per-head q/k LayerNorms (StableLM `qk_layernorm`) normalise over head_dim. The new pre-norm q/k dims
-are filled with their head's mean (rows and bias entries: the mean of the head's old ones), so the
-mean is unchanged and the variance over D_h is d_h/D_h of the old one; k's norm weights are scaled
-by sqrt(d_h/D_h) and q's norm bias by sqrt(D_h/d_h) (q's weights need no change: the variance
-factor and the score factor cancel). That is exact once eps is scaled by d_h/D_h, which is what
-`rescale_norm` does when it follows this op and the residual grew by the same ratio; the plan cannot
-prove that pairing, so the promise is approximate.
+q/k norms (StableLM's per-head LayerNorms, Qwen3's and Gemma 3's shared per-head RMSNorm, OLMo 2's
+over the whole projection) grow with head_dim by rho = D_h/d_h. Nothing but the old dims may enter
+their statistics: new pre-norm dims are zero (RMSNorm) or their head's mean (LayerNorm: rows and
+bias entries). q and k are scaled by sqrt(rho), which keeps each norm's mean square and so its eps
+(shared with the layer norms); the normalised values then come out sqrt(rho) larger, and the gains
+(Gemma: 1 + w) and LayerNorm biases bring q and k to c_q, c_k times their old values with
+c_q * c_k = 1 / sigma, sigma being the change of the score scale (sqrt(d_h/D_h), or 1 where a
+family scales scores by a config constant, Gemma's query_pre_attn_scalar). See docs/families.md.
 """
 from __future__ import annotations
 
