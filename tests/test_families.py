@@ -239,3 +239,15 @@ def test_gemma2_growth_transformers_cannot_configure_is_refused_in_one_line_befo
     model = make_model(release_config("gemma2", heads=4, kv_heads=2, head_dim=8, hidden=20, vocab=VOCAB))
     with pytest.raises(SurgeryError, match="not a multiple of the number of attention heads"):
         api.transform(model, [{"op": "grow_heads", "num_heads": 6, "residual": "keep"}])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_bf16_source_grows_exactly_in_float32_the_embedding_scale_taken_as_the_model_computes_it(family):
+    model = make_model(release_config(family, heads=4, kv_heads=2, head_dim=8, hidden=24, vocab=VOCAB, tied=True),
+                       seed=5, dtype=torch.bfloat16)
+    grown, plan = api.transform(model, [{"op": "grow_heads", "num_heads": 8}, {"op": "rescale_norm"}])
+    assert grown.dtype == torch.float32  # computed in float32 from the bf16 weights, as verification runs it
+    # the source as verification loads it: built in float32 (sqrt(hidden_size) unrounded), bf16 weights upcast
+    source = type(model)(model.config).eval()
+    source.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    assert_same_function(source, grown)

@@ -52,12 +52,17 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
         spec.meta.setdefault("signal_width", d)
 
 
-def embedding_factor(width: int, new_width: int, dtype) -> float:
-    """Gemma multiplies embeddings by hidden_size ** 0.5: a float32 buffer cast to the weight's dtype."""
+def embedding_factor(width: int, new_width: int) -> float:
+    """Gemma multiplies embeddings by hidden_size ** 0.5, a float32 buffer cast to the weight's dtype.
+
+    The float32 values make the factor exact wherever the model runs in float32 or float64 (and so in
+    verification); a model run in bfloat16 rounds the buffer once more, an error of the order of its
+    weights' own rounding.
+    """
     import torch
 
     def normalizer(n: int) -> float:
-        return float(torch.tensor(n ** 0.5, dtype=torch.float32).to(dtype))
+        return float(torch.tensor(n ** 0.5, dtype=torch.float32))
 
     return normalizer(width) / normalizer(new_width)
 
@@ -72,7 +77,7 @@ def rescale_embedding(state: ModelState, width: int, new_width: int, op: str) ->
     if arch.embed_scale != "sqrt_hidden":
         return
     emb = arch.parameter_name(R.EMBED, "weight")
-    f = embedding_factor(width, new_width, state.tensors[emb].dtype)
+    f = embedding_factor(width, new_width)
     state.tensors[emb] = scale(state.tensors[emb], f, f"{op}: embedding x sqrt({width}/{new_width}) (scaled by sqrt(hidden_size))")
     if spec.tied:
         for name, info, node in list(state.items(R.NORM_FINAL)):
