@@ -251,3 +251,19 @@ def test_gemma_bf16_source_grows_exactly_in_float32_the_embedding_scale_taken_as
     source = type(model)(model.config).eval()
     source.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     assert_same_function(source, grown)
+
+
+def test_phi3_reinit_draws_each_part_of_the_fused_tensors_and_inspect_predicts_the_fused_tensor(tmp_path):
+    from conftest import save_checkpoint
+    from surgery.inspect import inspect_checkpoint
+
+    model = make_model(release_config("phi3", heads=4, kv_heads=2, head_dim=8, vocab=VOCAB, intermediate=32), dtype=torch.float32)
+    fresh, plan = grow(model, [{"op": "reinit", "method": "hf", "targets": ["attn.k", "mlp.up"]}])
+    h, kv, inter = 4 * 8, 2 * 8, 32
+    old, new = model.model.layers[1].self_attn.qkv_proj.weight, fresh.model.layers[1].self_attn.qkv_proj.weight
+    assert torch.equal(old[:h], new[:h]) and torch.equal(old[h + kv:], new[h + kv:])  # q and v rows kept
+    assert abs(float(new[h:h + kv].detach().std()) - 0.02) < 0.005  # k rows re-drawn
+    gu_old, gu_new = model.model.layers[0].mlp.gate_up_proj.weight, fresh.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(gu_old[:inter], gu_new[:inter]) and not torch.equal(gu_old[inter:], gu_new[inter:])
+    stats = {s.name: s for s in inspect_checkpoint(save_checkpoint(fresh, tmp_path / "fresh"), method="hf").stats}
+    assert stats["model.layers.0.self_attn.qkv_proj.weight"].predicted.std == 0.02
