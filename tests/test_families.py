@@ -267,3 +267,14 @@ def test_phi3_reinit_draws_each_part_of_the_fused_tensors_and_inspect_predicts_t
     assert torch.equal(gu_old[:inter], gu_new[:inter]) and not torch.equal(gu_old[inter:], gu_new[inter:])
     stats = {s.name: s for s in inspect_checkpoint(save_checkpoint(fresh, tmp_path / "fresh"), method="hf").stats}
     assert stats["model.layers.0.self_attn.qkv_proj.weight"].predicted.std == 0.02
+
+
+@PROPERTY
+@given(case=family_models(), order=st.permutations(["heads", "head_dim", "clone", "mlp"]))
+def test_growths_compose_in_any_order_with_one_rescale_norm_at_the_end(case, order):
+    family, model = case
+    ops = {"heads": {"op": "grow_heads", "num_heads": "x2"}, "head_dim": {"op": "grow_head_dim", "head_dim": "x1.5"},
+           "clone": {"op": "clone_width", "factor": 2}, "mlp": {"op": "grow_mlp", "intermediate_size": "+3"}}
+    grown, plan = grow(model, [ops[o] for o in order] + [{"op": "rescale_norm"}])
+    assert plan.promise.exactness == Exactness.EXACT, plan.promise.reason
+    assert_same_function(model, grown)
