@@ -53,7 +53,7 @@ def release_config(family: str, *, heads: int = 4, kv_heads: int = 2, head_dim: 
     if family.startswith("gemma"):
         d["query_pre_attn_scalar"] = head_dim
     d.update(fields)
-    return transformers.AutoConfig.for_model(**d)
+    return transformers.AutoConfig.for_model(**{k: v for k, v in d.items() if v is not None or k != "partial_rotary_factor"})
 
 
 def make_config(family: str, *, hidden_heads: int = 4, kv_heads: int = 2, head_dim: int = 8, layers: int = 2,

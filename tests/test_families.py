@@ -56,6 +56,8 @@ def family_models(draw, families=NEW_FAMILIES):
     extra = dict(WINDOWS.get(family, {}))
     if HEAD_DIM_FIELD[family]:
         extra["hidden"] = draw(st.sampled_from([12, 20]))  # unrelated to heads x head_dim, as in Qwen3-0.6B
+    if family == "phi3" and draw(st.booleans()):
+        extra["partial_rotary_factor"] = None  # Phi-3-mini: config.json leaves the class default (1.0) out
     # eps as large as 0.1: growth must keep what every norm's eps does, not just be small next to it
     extra["rms_norm_eps"] = draw(st.sampled_from([1e-6, 0.1]))
     cfg = release_config(family, heads=kv * rep, kv_heads=kv, head_dim=head_dim, layers=draw(st.integers(1, 2)),
@@ -278,3 +280,21 @@ def test_growths_compose_in_any_order_with_one_rescale_norm_at_the_end(case, ord
     grown, plan = grow(model, [ops[o] for o in order] + [{"op": "rescale_norm"}])
     assert plan.promise.exactness == Exactness.EXACT, plan.promise.reason
     assert_same_function(model, grown)
+
+
+def test_phi3_mini_config_without_partial_rotary_factor_grows_head_dim_with_the_class_default(tmp_path, write_recipe):
+    import json
+
+    from conftest import save_checkpoint
+
+    cfg = release_config("phi3", heads=2, kv_heads=2, head_dim=8, vocab=512, partial_rotary_factor=None)
+    src = save_checkpoint(make_model(cfg, seed=2, dtype=torch.float32), tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("rope_parameters")  # as 4.x wrote Phi-3-mini: rope_theta, rope_scaling null, no partial_rotary_factor
+    raw.update(rope_theta=10000.0, rope_scaling=None)
+    (src / "config.json").write_text(json.dumps(raw))
+    result = api.run(write_recipe(recipe_text(src, [{"op": "grow_head_dim", "head_dim": 12}, {"op": "rescale_norm"}])),
+                     output=str(tmp_path / "out"))
+    assert result.report.passed, result.report.rule
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert int(12 * written["rope_parameters"]["partial_rotary_factor"]) == 8  # the 8 rotary dims of the source

@@ -211,6 +211,11 @@ class GrowHeadDim(Op):
         rope_type = spec.rope_value("rope_type") or "default"
         if rotary == "partial":
             factor = spec.rope_value("partial_rotary_factor")
+            if factor is None:  # the config class's default (Phi-3-mini's config.json leaves its 1.0 out)
+                from transformers import AutoConfig
+
+                rp = AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"}).rope_parameters
+                factor = rp.get("partial_rotary_factor") if isinstance(rp, dict) else None
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
             rot = int(d_h * factor)
