@@ -298,3 +298,27 @@ def test_phi3_mini_config_without_partial_rotary_factor_grows_head_dim_with_the_
     assert result.report.passed, result.report.rule
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert int(12 * written["rope_parameters"]["partial_rotary_factor"]) == 8  # the 8 rotary dims of the source
+
+
+def test_gemma3_4x_config_keeps_both_rope_bases_and_the_sliding_pattern_through_head_dim_and_depth_growth(tmp_path, write_recipe):
+    import json
+
+    from conftest import save_checkpoint
+
+    cfg = release_config("gemma3_text", heads=2, kv_heads=1, head_dim=8, hidden=16, vocab=512, layers=3, tied=True,
+                         sliding_window=4, sliding_window_pattern=2)
+    src = save_checkpoint(make_model(cfg, seed=4, dtype=torch.float32), tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types"):  # as 4.x wrote Gemma 3: two bases at the top, a pattern
+        raw.pop(key)
+    raw.update(rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None, sliding_window_pattern=2)
+    (src / "config.json").write_text(json.dumps(raw))
+    ops = [{"op": "grow_head_dim", "head_dim": 12}, {"op": "grow_layers", "num_layers": 4, "positions": [0]}]
+    result = api.run(write_recipe(recipe_text(src, ops)), output=str(tmp_path / "out"))
+    assert result.report.passed, result.report.rule
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    rope = written["rope_parameters"]
+    assert math.isclose(rope["full_attention"]["rope_theta"], 1e6 ** 1.5)
+    assert math.isclose(rope["sliding_attention"]["rope_theta"], 1e4 ** 1.5)
+    # pattern 2 over 3 layers: sliding, full, sliding; the new block at 0 copies layer 0's entry
+    assert written["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
