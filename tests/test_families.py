@@ -56,6 +56,8 @@ def family_models(draw, families=NEW_FAMILIES):
     extra = dict(WINDOWS.get(family, {}))
     if HEAD_DIM_FIELD[family]:
         extra["hidden"] = draw(st.sampled_from([12, 20]))  # unrelated to heads x head_dim, as in Qwen3-0.6B
+    if family in ("qwen3", "olmo2", "gemma2", "gemma3_text"):
+        extra["attention_bias"] = draw(st.booleans())  # q/k biases must scale with q/k wherever they do
     if family == "phi3" and draw(st.booleans()):
         extra["partial_rotary_factor"] = None  # Phi-3-mini: config.json leaves the class default (1.0) out
     # eps as large as 0.1: growth must keep what every norm's eps does, not just be small next to it
