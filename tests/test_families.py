@@ -324,3 +324,20 @@ def test_gemma3_4x_config_keeps_both_rope_bases_and_the_sliding_pattern_through_
     assert math.isclose(rope["sliding_attention"]["rope_theta"], 1e4 ** 1.5)
     # pattern 2 over 3 layers: sliding, full, sliding; the new block at 0 copies layer 0's entry
     assert written["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_reinit_hf_matches_a_freshly_constructed_transformers_model_gemma_norms_at_unit_gain(family):
+    model = make_model(release_config(family, heads=4, kv_heads=2, head_dim=8, vocab=VOCAB, intermediate=64,
+                                      **({"hidden": 32} if HEAD_DIM_FIELD[family] else {})), dtype=torch.float32)
+    out, _ = api.transform(model, [{"op": "reinit", "method": "hf"}])
+    torch.manual_seed(1)
+    fresh = type(model)(model.config).state_dict()
+    got = out.state_dict()
+    assert set(fresh) == set(got)
+    for name, f in fresh.items():
+        t = got[name]
+        if f.std() == 0:  # norms (Gemma: w = 0, unit gain) and biases: the same constants
+            assert torch.equal(t, f), name
+        else:
+            assert abs(float(t.std()) / float(f.std()) - 1) < 0.2, name
