@@ -32,7 +32,6 @@ family scales scores by a config constant, Gemma's query_pre_attn_scalar). See d
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -105,8 +104,7 @@ class GrowHeadDim(Op):
         if derived and d != h * d_h:
             raise SurgeryError(f"hidden_size {d} is not num_heads {h} x head_dim {d_h}", loc=("head_dim",))
         notes: list[str] = []
-        nested_rope = self._per_layer_type_rope(spec, d_h, new, notes)
-        rope_changes = self._rope_changes(spec, d_h, new, notes) if nested_rope is None else {}
+        rope_changes = self._rope_changes(spec, d_h, new, notes)
 
         trainable = self.init == Init.TRAINABLE
         qk_norm = spec.qk_norm
@@ -169,12 +167,8 @@ class GrowHeadDim(Op):
         if half and (qk_norm or c_q != 1.0):
             notes.append(f"{'q, k' if qk_norm else 'q'} rescaled by a factor that is rounded when stored in {', '.join(half)}")
         spec.set_head_dim(new)
-        for key, value in rope_changes.items():
-            spec.set_rope_value(key, value)
-        if nested_rope is not None:
-            spec.config["rope_parameters"] = nested_rope
-            for legacy in ("rope_theta", "rope_local_base_freq", "rope_scaling"):  # 4.x keys the nested form replaces
-                spec.config.pop(legacy, None)
+        for section, changes in zip(spec.rope_sections(), rope_changes):
+            section.update(changes)
         if derived:
             grow_residual(state, h * new, self.init, self.residual_fill, ctx, "grow_head_dim")
         elif self.residual_fill != "zero":
@@ -183,39 +177,15 @@ class GrowHeadDim(Op):
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
                        notes)
 
-    def _per_layer_type_rope(self, spec, d_h: int, new: int, notes: list[str]) -> dict | None:
-        """Gemma 3 keeps one rope setting per attention type (global rope_theta, local rope_local_base_freq
-        in 4.x configs): every one gets theta ** (D_h/d_h). None where the rope is one flat setting."""
-        if spec.arch.rotary != "full":
-            return None
-        from transformers import AutoConfig
+    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> list[dict]:
+        """For each rope section (one, or one per layer type), the settings that keep the old rotary dims."""
+        return [self._section_changes(spec, section, d_h, new, notes) for section in spec.rope_sections()]
 
-        rp = AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"}).rope_parameters
-        if not (isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values())):
-            return None
-        out = copy.deepcopy(rp)
-        for layer_type, sub in out.items():
-            rope_type = sub.get("rope_type") or "default"
-            if rope_type not in FULL_ROTARY_TYPES:
-                raise SurgeryError(f"{layer_type} rope_type {rope_type!r} derives its frequencies from head_dim in ways "
-                                   f"grow_head_dim cannot keep; supported: {', '.join(FULL_ROTARY_TYPES)}", loc=("head_dim",))
-            theta = float(sub["rope_theta"])
-            sub["rope_theta"] = theta ** (new / d_h)
-            notes.append(f"{layer_type}: rope_theta {theta:g} -> {sub['rope_theta']:g} keeps the first {d_h // 2} frequencies")
-        if d_h % 2 or new % 2:
-            raise SurgeryError(f"head_dim must be even for rotary embeddings, got {new}", loc=("head_dim",))
-        return out
-
-    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> dict:
+    def _section_changes(self, spec, section: dict, d_h: int, new: int, notes: list[str]) -> dict:
         rotary = spec.arch.rotary
-        rope_type = spec.rope_value("rope_type") or "default"
+        rope_type = section.get("rope_type") or "default"
         if rotary == "partial":
-            factor = spec.rope_value("partial_rotary_factor")
-            if factor is None:  # the config class's default (Phi-3-mini's config.json leaves its 1.0 out)
-                from transformers import AutoConfig
-
-                rp = AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"}).rope_parameters
-                factor = rp.get("partial_rotary_factor") if isinstance(rp, dict) else None
+            factor = section.get("partial_rotary_factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
             rot = int(d_h * factor)
@@ -232,7 +202,7 @@ class GrowHeadDim(Op):
             if d_h % 2 or new % 2:
                 raise SurgeryError(f"head_dim must be even for rotary embeddings (rotate_half pairs i and i + head_dim/2), got {new}",
                                    loc=("head_dim",))
-            factor = spec.rope_value("partial_rotary_factor")
+            factor = section.get("partial_rotary_factor")
             if factor not in (None, 1, 1.0):
                 raise SurgeryError(f"partial_rotary_factor {factor} with full rotary is not supported", loc=("head_dim",))
             if rope_type not in FULL_ROTARY_TYPES:
@@ -241,9 +211,9 @@ class GrowHeadDim(Op):
                     f"supported: {', '.join(FULL_ROTARY_TYPES)}",
                     loc=("head_dim",),
                 )
-            theta = spec.rope_value("rope_theta")
-            if theta is None:
-                theta = spec.rope["rope_theta"]
+            theta = section.get("rope_theta")
+            if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+                raise SurgeryError(f"config.json states no usable rope_theta (got {theta!r})", loc=("head_dim",))
             new_theta = float(theta) ** (new / d_h)
             notes.append(
                 f"rope_theta {theta:g} -> {new_theta:g} keeps the first {d_h // 2} frequencies; transformers computes them in "
