@@ -185,4 +185,7 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines.append(f"  parameters: {plan.initial.num_parameters:,} -> {plan.final.num_parameters:,} "
                  f"({plan.final.num_parameters - plan.initial.num_parameters:+,})")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
+    from .verify import planned_rule
+
+    lines.append(f"  verify: {planned_rule(plan)}")
     return "\n".join(lines)
