@@ -41,7 +41,8 @@ class RescaleNorm(Op):
         arch = spec.arch
         for name, info, node in list(state.items()):
             if info.role.is_norm and info.kind == "weight":
-                state.tensors[name] = scale_gain(node, factor, arch, f"rescale_norm: gain x sqrt({d}/{big})")
+                label = f"rescale_norm: gain x sqrt({d}/{big})"
+                state.tensors[name] = scale_gain(node, factor, arch, label) if arch.norm_offset else scale(node, factor, label)
             elif spec.qk_norm and info.role in (R.ATTN_Q, R.ATTN_K):
                 state.tensors[name] = scale(node, factor, f"rescale_norm: {info.role.value} x sqrt({d}/{big}) for the shared eps")
         spec.set_eps(spec.eps * ratio)
