@@ -50,13 +50,13 @@ def _recipe(write_recipe, source: str, ops: list[dict], out: Path, **verify) -> 
     return write_recipe(json.dumps(text))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(family=st.sampled_from(FAMILIES), tied=st.booleans(), n=st.integers(0, 4),
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(FAMILIES + tuple(sorted(getattr(factories, "RELEASES", {})))), tied=st.booleans(), n=st.integers(0, 4),
        pad=st.sampled_from([None, 1, 8, 48]), init=st.sampled_from(["mean", "hewitt", "zeros"]))
 def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, pad, init):
     if n == 0 and pad is None:
         pad = 48
-    model = make_model(make_config(family, tied=tied))
+    model = make_model(make_config(family, tied=tied) if family in FAMILIES else factories.release_config(family, tied=tied))
     ops = [{"op": "grow_vocab", "add_tokens": [f"tok{i}" for i in range(n)], "pad_to_multiple_of": pad, "init": init}]
     grown, plan = api.transform(model, ops)
     old = 64
@@ -67,7 +67,7 @@ def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, p
     cmp = compare(ref, out)
     assert cmp.max_logit_diff <= 1e-12 * _scale(ref)  # float64: the same sums, to the last bits
     if new > old:
-        assert out.loss > ref.loss
+        assert out.loss >= ref.loss  # new rows only add to the normaliser (float32 loss: may round equal)
         # transformers computes the loss in float32 even for a float64 model: agreement to float32 rounding
         assert abs(cmp.rel_change - cmp.expected_rel_change) <= 1e-6
         assert plan.promise.exactness == Exactness.EXACT_OLD_TOKENS
