@@ -25,6 +25,11 @@ class TensorRole(str, enum.Enum):
     NORM_ATTN = "norm.attn"
     NORM_MLP = "norm.mlp"
     NORM_FINAL = "norm.final"
+    MOE_ROUTER = "moe.router"  # router (Mixtral block_sparse_moe.gate): expert logits from the residual
+    SHARED_GATE = "shared.gate"  # Qwen2-MoE shared expert, always on
+    SHARED_UP = "shared.up"
+    SHARED_DOWN = "shared.down"
+    SHARED_ROUTER = "shared.router"  # Qwen2-MoE shared_expert_gate: sigmoid gate of the shared expert
 
     @property
     def is_norm(self) -> bool:
@@ -40,6 +45,9 @@ class Axis(str, enum.Enum):
     KV = "kv"  # num_kv_heads x head_dim
     INTER = "inter"  # MLP intermediate
     HEAD_DIM = "head_dim"  # one head's dims (per-head q/k norms)
+    EXPERT = "expert"  # routed experts (router rows)
+    SHARED_INTER = "shared_inter"  # the shared expert's intermediate
+    ONE = "one"  # a single output (the shared expert's gate): nothing grows it
 
 
 R = TensorRole
@@ -72,9 +80,16 @@ AXES: dict[tuple[TensorRole, str], tuple[Axis, ...]] = {
     (R.NORM_MLP, "bias"): (Axis.RESID,),
     (R.NORM_FINAL, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "bias"): (Axis.RESID,),
+    (R.MOE_ROUTER, "weight"): (Axis.EXPERT, Axis.RESID),
+    (R.SHARED_GATE, "weight"): (Axis.SHARED_INTER, Axis.RESID),
+    (R.SHARED_UP, "weight"): (Axis.SHARED_INTER, Axis.RESID),
+    (R.SHARED_DOWN, "weight"): (Axis.RESID, Axis.SHARED_INTER),
+    (R.SHARED_ROUTER, "weight"): (Axis.ONE, Axis.RESID),
 }
 
-WRITERS = (R.EMBED, R.ATTN_O, R.MLP_DOWN)
+WRITERS = (R.EMBED, R.ATTN_O, R.MLP_DOWN, R.SHARED_DOWN)
+MLP_ROLES = (R.MLP_GATE, R.MLP_UP, R.MLP_DOWN)
+MOE_ROLES = (R.MOE_ROUTER, R.SHARED_GATE, R.SHARED_UP, R.SHARED_DOWN, R.SHARED_ROUTER)
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class TensorInfo:
     kind: str  # "weight" | "bias"
     layer: int | None = None
     head: int | None = None
+    expert: int | None = None
 
     @property
     def axes(self) -> tuple[Axis, ...]:
@@ -95,7 +111,10 @@ class TensorInfo:
 class Architecture:
     """One model family in transformers layout.
 
-    `names` maps a role to its parameter prefix; `{L}` is the layer index, `{H}` a head index.
+    `names` maps a role to its parameter prefix; `{L}` is the layer index, `{H}` a head index,
+    `{E}` an expert index. In a mixture-of-experts family the MLP roles are the routed experts'
+    tensors (one per expert, as real releases ship them on disk), their intermediate axis counts
+    `inter_field`; `axis_fields` names the config field that sizes each further axis.
     """
 
     name: str
@@ -109,9 +128,17 @@ class Architecture:
     patched_class: str | None = None  # class shipped for patch_layernorm
     layer_type_fields: tuple[str, ...] = ()  # per-layer config lists that follow num_layers
     extra_bias_flags: tuple[str, ...] = field(default_factory=tuple)
+    inter_field: str = "intermediate_size"
+    axis_fields: dict[Axis, str] = field(default_factory=dict)
+    experts_per_token_field: str | None = None  # set for mixture-of-experts families
 
-    def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None) -> str:
-        prefix = self.names[role].replace("{L}", str(layer)).replace("{H}", str(head))
+    @property
+    def is_moe(self) -> bool:
+        return self.experts_per_token_field is not None
+
+    def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None,
+                       expert: int | None = None) -> str:
+        prefix = self.names[role].replace("{L}", str(layer)).replace("{H}", str(head)).replace("{E}", str(expert))
         return f"{prefix}.{kind}"
 
     def classify(self, name: str) -> TensorInfo | None:
@@ -120,7 +147,8 @@ class Architecture:
             if m:
                 layer = int(m.group("L")) if "L" in rx.groupindex else None
                 head = int(m.group("H")) if "H" in rx.groupindex else None
-                return TensorInfo(role, m.group("kind"), layer, head)
+                expert = int(m.group("E")) if "E" in rx.groupindex else None
+                return TensorInfo(role, m.group("kind"), layer, head, expert)
         return None
 
     def _patterns(self):
@@ -128,7 +156,8 @@ class Architecture:
         if cached is None:
             cached = []
             for role, prefix in self.names.items():
-                rx = re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{H\}", r"(?P<H>\d+)")
+                rx = (re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{H\}", r"(?P<H>\d+)")
+                      .replace(r"\{E\}", r"(?P<E>\d+)"))
                 cached.append((role, re.compile(rx + r"\.(?P<kind>weight|bias)")))
             _PATTERN_CACHE[self.name] = cached
         return cached
@@ -176,6 +205,42 @@ ARCHITECTURES: dict[str, Architecture] = {
         model_types=("qwen2",),
         names=dict(_DECODER),
         layer_type_fields=("layer_types",),
+        **LLAMA_LIKE,
+    ),
+    # Mixture-of-experts families, in the on-disk layout real releases ship (transformers 5 fuses the
+    # experts into 3D tensors in memory and converts on load and save).
+    "mixtral": Architecture(
+        name="mixtral",
+        model_types=("mixtral",),
+        names={
+            **_DECODER,
+            R.MLP_GATE: "model.layers.{L}.block_sparse_moe.experts.{E}.w1",
+            R.MLP_DOWN: "model.layers.{L}.block_sparse_moe.experts.{E}.w2",
+            R.MLP_UP: "model.layers.{L}.block_sparse_moe.experts.{E}.w3",
+            R.MOE_ROUTER: "model.layers.{L}.block_sparse_moe.gate",
+        },
+        axis_fields={Axis.EXPERT: "num_local_experts"},
+        experts_per_token_field="num_experts_per_tok",
+        **LLAMA_LIKE,
+    ),
+    "qwen2_moe": Architecture(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        names={
+            **_DECODER,
+            R.MLP_GATE: "model.layers.{L}.mlp.experts.{E}.gate_proj",
+            R.MLP_UP: "model.layers.{L}.mlp.experts.{E}.up_proj",
+            R.MLP_DOWN: "model.layers.{L}.mlp.experts.{E}.down_proj",
+            R.MOE_ROUTER: "model.layers.{L}.mlp.gate",
+            R.SHARED_GATE: "model.layers.{L}.mlp.shared_expert.gate_proj",
+            R.SHARED_UP: "model.layers.{L}.mlp.shared_expert.up_proj",
+            R.SHARED_DOWN: "model.layers.{L}.mlp.shared_expert.down_proj",
+            R.SHARED_ROUTER: "model.layers.{L}.mlp.shared_expert_gate",
+        },
+        layer_type_fields=("layer_types",),
+        inter_field="moe_intermediate_size",
+        axis_fields={Axis.EXPERT: "num_experts", Axis.SHARED_INTER: "shared_expert_intermediate_size"},
+        experts_per_token_field="num_experts_per_tok",
         **LLAMA_LIKE,
     ),
 }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arch import TensorInfo, TensorRole
+from .arch import MOE_ROLES, TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
 from .spec import ModelSpec
@@ -70,7 +70,10 @@ class ModelState:
             Axis.KV: s.num_kv_heads * s.head_dim,
             Axis.INTER: s.intermediate_size,
             Axis.HEAD_DIM: s.head_dim,
+            Axis.ONE: 1,
         }
+        for axis, field in s.arch.axis_fields.items():
+            sizes[axis] = s.config[field]
         return tuple(sizes[a] for a in info.axes)
 
     def check_shapes(self, where: str = "source") -> None:
@@ -80,6 +83,8 @@ class ModelState:
             info = self.info(name)
             if info.layer is not None and info.layer >= s.num_layers:
                 raise SurgeryError(f"tensor {name!r} is beyond num_hidden_layers={s.num_layers}", where=where)
+            if info.expert is not None and info.expert >= s.num_experts:
+                raise SurgeryError(f"tensor {name!r} is beyond the config's {s.num_experts} experts", where=where)
             want = self.expected_shape(info)
             if tuple(t.shape) != want:
                 raise SurgeryError(f"tensor {name!r} has shape {list(t.shape)} but config.json implies {list(want)}", where=where)
@@ -95,24 +100,27 @@ class ModelState:
                      TensorRole.MLP_GATE, TensorRole.MLP_UP, TensorRole.MLP_DOWN, TensorRole.NORM_ATTN]
         if not s.config.get("use_parallel_residual"):
             per_layer.append(TensorRole.NORM_MLP)
+        per_layer += [r for r in MOE_ROLES if r in s.arch.names]
         final = s.arch.parameter_name(TensorRole.NORM_FINAL, "weight")
         if final not in self.tensors:
             raise SurgeryError(f"missing tensor {final!r}", where=where)
         for layer in range(s.num_layers):
             for role in per_layer:
-                n = s.arch.parameter_name(role, "weight", layer)
-                if n not in self.tensors:
-                    raise SurgeryError(f"missing tensor {n!r}", where=where)
+                experts = range(s.num_experts) if "{E}" in s.arch.names[role] else [None]
+                for e in experts:
+                    n = s.arch.parameter_name(role, "weight", layer, expert=e)
+                    if n not in self.tensors:
+                        raise SurgeryError(f"missing tensor {n!r}", where=where)
         # What one layer has (a bias, a per-head norm), every layer has.
         layers_with: dict[tuple, set[int]] = {}
         for name in self.tensors:
             info = self.info(name)
             if info.layer is not None:
-                layers_with.setdefault((info.role, info.kind, info.head), set()).add(info.layer)
-        for (role, kind, head), have in layers_with.items():
+                layers_with.setdefault((info.role, info.kind, info.head, info.expert), set()).add(info.layer)
+        for (role, kind, head, expert), have in layers_with.items():
             lacking = sorted(set(range(s.num_layers)) - have)
             if lacking:
-                n = s.arch.parameter_name(role, kind, lacking[0], head)
+                n = s.arch.parameter_name(role, kind, lacking[0], head, expert)
                 raise SurgeryError(f"missing tensor {n!r} (layer {min(have)} has one)", where=where)
 
     def rename(self, mapping: dict[str, str]) -> None:
@@ -124,3 +132,10 @@ class ModelState:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses: of the routed experts, only top-k of E per layer."""
+        s = self.spec
+        routed = sum(t.numel for name, info, t in self.items() if info.expert is not None)
+        return self.num_parameters - routed + routed * s.experts_per_token // s.num_experts

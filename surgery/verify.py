@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
 from .ops import Exactness, Promise
@@ -114,6 +115,14 @@ def model_class(config):
     return AutoModelForCausalLM
 
 
+def experts_kwargs(config, dtype: torch.dtype) -> dict:
+    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel:
+    float64 mixture-of-experts models run the eager per-expert loop."""
+    if dtype == torch.float64 and get_checkpoint_conversion_mapping(config.model_type):
+        return {"experts_implementation": "eager"}
+    return {}
+
+
 def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                        attn_implementation: str | None = None):
     """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
@@ -121,6 +130,19 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "auto_map"})
     cls = model_class(cfg)
+    if get_checkpoint_conversion_mapping(cfg.model_type):
+        # on-disk names (per-expert tensors) that transformers converts while loading, as from a file
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)].from_pretrained(
+            None, config=cfg, state_dict={k: v.to(dtype) for k, v in tensors.items()}, dtype=dtype,
+            attn_implementation=attn_implementation, output_loading_info=True, **experts_kwargs(cfg, dtype))
+        bad = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise AssertionError(f"state does not fit {type(model).__name__}: {bad}")
+        return model.to(device).eval()
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
@@ -155,7 +177,8 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_
             offload = tempfile.mkdtemp(prefix="surgery-offload-")
             atexit.register(shutil.rmtree, offload, True)
             extra = {"device_map": device_map, "offload_folder": offload}
-        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra)
+        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra,
+                                          **experts_kwargs(cfg, dtype))
     finally:
         hf_logging.set_verbosity(level)
     bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -218,6 +241,16 @@ def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtyp
     return cmp.rel_change <= tolerance, f"approximate: rel change <= tolerance {tolerance:g}"
 
 
+def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters (or their gradients) under the names and shapes a checkpoint holds on disk:
+    transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, slices name them per expert."""
+    if not get_checkpoint_conversion_mapping(model.config.model_type):
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
 def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
@@ -235,13 +268,14 @@ def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: flo
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             model(input_ids=x, labels=x).loss.backward()
+        grads = disk_layout(model, {n: p.grad for n, p in params.items() if p.grad is not None})
         out = {}
         for i, s in enumerate(slices):
-            p = params.get(s.tensor)
-            if p is None or p.grad is None:
+            grad = grads.get(s.tensor)
+            if grad is None:
                 out[i] = len(s.index)
                 continue
-            g = p.grad.index_select(s.axis, torch.tensor(s.index, device=p.grad.device)).abs()
+            g = grad.index_select(s.axis, torch.tensor(s.index, device=grad.device)).abs()
             other = [d for d in range(g.dim()) if d != s.axis]
             n = int(((g.amax(dim=other) if other else g) == 0).sum())
             if n:

@@ -8,11 +8,13 @@ tensor's own statistics so the new dims train.
 """
 from __future__ import annotations
 
-from ..arch import WRITERS, Axis
+from ..arch import WRITERS, Axis, TensorRole
 from ..errors import SurgeryError
 from ..state import ModelState
 from .base import Init, OpContext
 from .slices import Fill, append_dest, grow_axis
+
+ROUTERS = (TensorRole.MOE_ROUTER, TensorRole.SHARED_ROUTER)
 
 
 def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx: OpContext, op: str) -> None:
@@ -39,6 +41,8 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
             elif writer:
                 f = Fill("mean") if fill == "mean" else Fill("zeros")
                 grow_axis(state, name, axis, new_width, dest, f, label, track=op if trainable and fill != "mean" else None)
+            elif info.role in ROUTERS:  # zero columns: routing (a discrete top-k choice) sees exactly the old logits
+                grow_axis(state, name, axis, new_width, dest, Fill("zeros"), label)
             else:
                 f = Fill("random", ctx.seed_parts(name, "resid")) if trainable else Fill("zeros")
                 grow_axis(state, name, axis, new_width, dest, f, label)
