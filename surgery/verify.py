@@ -297,6 +297,71 @@ def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: flo
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
 
 
+def expert_symmetry(model, ids: torch.Tensor, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+    """Per MoE layer: how many experts differ, and the router's gradient, before and after one SGD step.
+
+    Experts that start as copies of one MLP only separate if routing gives them different gradients;
+    with identical experts a renormalised router's own gradient is zero until they do. One step on
+    the calibration tokens shows whether training can leave that fixed point (the model is restored).
+    """
+    from .arch import TensorRole as R, architecture_for
+
+    arch = architecture_for(model.config.model_type)
+    if arch is None or not arch.is_moe:
+        return []
+    params = dict(model.named_parameters())
+    x = ids[:, :max_tokens].to(next(model.parameters()).device)
+
+    def by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for name, t in disk_layout(model, tensors).items():
+            info = arch.classify(name)
+            if info is None or info.layer is None:
+                continue
+            layer = out.setdefault(info.layer, {"experts": {}, "router": None})
+            if info.expert is not None:
+                layer["experts"].setdefault(info.expert, []).append((name, t))
+            elif info.role == R.MOE_ROUTER:
+                layer["router"] = t
+        return out
+
+    def distinct(experts: dict[int, list]) -> int:
+        groups: list[list[torch.Tensor]] = []
+        for e in sorted(experts):
+            ts = [t for _, t in sorted(experts[e], key=lambda nt: nt[0])]
+            if not any(all(torch.equal(a, b) for a, b in zip(ts, g)) for g in groups):
+                groups.append(ts)
+        return len(groups)
+
+    def router_grads() -> dict[int, float]:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(input_ids=x, labels=x).loss.backward()
+        grads = by_layer({n: p.grad for n, p in params.items() if p.grad is not None})
+        return {i: float(v["router"].norm()) if v["router"] is not None else 0.0 for i, v in grads.items()}
+
+    before = by_layer({n: p.detach() for n, p in params.items()})
+    counts_before = {i: distinct(v["experts"]) for i, v in before.items()}
+    grad_before = router_grads()
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        after = by_layer({n: p.detach() for n, p in params.items()})
+        counts_after = {i: distinct(v["experts"]) for i, v in after.items()}
+        grad_after = router_grads()
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        model.zero_grad(set_to_none=True)
+    return [{"layer": i, "experts": len(before[i]["experts"]), "distinct": counts_before[i],
+             "distinct_after_step": counts_after.get(i, 0), "router_grad": grad_before.get(i, 0.0),
+             "router_grad_after_step": grad_after.get(i, 0.0)} for i in sorted(before)]
+
+
 @torch.no_grad()
 def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[str, float]:
     """The linear layer whose output std is largest relative to its input's: the usual reason a
@@ -340,6 +405,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     vocab = p.initial.spec.vocab_size
     steps: list[StepResult] = []
     dead: list[dict] = []
+    symmetry: list[dict] = []
     broken = None
     final_cmp = None
     for i, step in enumerate(p.steps):
@@ -349,6 +415,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         if last:
             model = _load(out_dir, dtype, device)
             dead = dead_slices(model, ids, p.final.new_slices)
+            symmetry = expert_symmetry(model, ids)
             cmp = compare(ref_final, evaluate_model(model, ids))
             ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
         else:
@@ -383,7 +450,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
         precision=_name(dtype) + (f" compute, weights stored as {_name(storage)} (reference rounded alike)" if storage else ""),
-        steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
+        steps=steps, broken_by=broken if not ok else None, dead_slices=dead, expert_symmetry=symmetry,
     )
 
 

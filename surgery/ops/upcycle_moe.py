@@ -176,19 +176,19 @@ class UpcycleMoe(Op):
         n_drop = round(ratio * inter)
 
         def make(t: torch.Tensor) -> torch.Tensor:
-            x = t.float()
-            std, mean = float(x.std()) if x.numel() > 1 else 0.0, float(x.mean())
-            y = x * scale
+            std = float(t.float().std()) if t.numel() > 1 else 0.0
+            mean = float(t.float().mean())
+            y = t * scale  # a new tensor, in the compute dtype: copied neurons keep every bit
             if n_drop:
                 idx = torch.randperm(inter, generator=generator(*drop_seed))[:n_drop].to(t.device)
-                shape = list(x.shape)
+                shape = list(t.shape)
                 shape[axis] = n_drop
                 fresh = torch.randn(shape, generator=generator(*drop_seed, info.role.value), dtype=torch.float32)
-                y.index_copy_(axis, idx, (fresh * std + mean).to(t.device) * scale)
+                y.index_copy_(axis, idx, ((fresh * std + mean) * scale).to(device=t.device, dtype=t.dtype))
             if noise and std > 0:
-                z = torch.randn(x.shape, generator=generator(*noise_seed), dtype=torch.float32).to(t.device)
-                y.add_(z.mul_(noise * std * scale))
-            return y.to(t.dtype)
+                z = torch.randn(t.shape, generator=generator(*noise_seed), dtype=torch.float32)
+                y.add_((z * (noise * std * scale)).to(device=t.device, dtype=t.dtype))
+            return y
 
         what = [f"x{scale:g}"] if scale != 1.0 else []
         what += [f"noise {noise:g} std"] if noise else []
