@@ -14,11 +14,12 @@ from pathlib import Path
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
 from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
-from .io.native import add_hf_tokenizer, write_native
+from .io.native import write_native
 from .io.resolve import resolve_source
+from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
-from .recipe.loader import LoadedRecipe, load_recipe
+from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .verify import disk_layout, model_from_tensors, verify_plan
 
@@ -37,8 +38,10 @@ def load(recipe: str | Path, sets: list[str] | None = None, source: str | None =
 
 
 def validate(recipe: str | Path, **overrides) -> LoadedRecipe:
-    """Schema check only: no source is read."""
-    return load(recipe, **overrides)
+    """Schema check and the recipe's files (verification data); no source is read."""
+    loaded = load(recipe, **overrides)
+    check_paths(loaded)
+    return loaded
 
 
 def plan(recipe: str | Path | LoadedRecipe, **overrides) -> Plan:
@@ -68,7 +71,11 @@ def run(
     out_spec = r.output_spec
     if out_spec is None:
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
+    if verify:
+        check_paths(loaded)  # before any weight is written
     p = plan(loaded)
+    if verify:
+        text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing
     try:
         dev = pick_device(device or r.device)
     except SurgeryError as e:
@@ -83,7 +90,7 @@ def run(
             written = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
-        add_hf_tokenizer(p.source_dir, tmp)
+        add_hf_tokenizer(tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         report = None
