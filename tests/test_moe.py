@@ -260,3 +260,15 @@ def test_zero_router_is_reported_as_a_fixed_point_the_experts_never_leave(tmp_pa
     assert all(layer["distinct_after_step"] <= 2 and layer["router_grad_after_step"] < 1e-6
                for layer in report["expert_symmetry"])
     assert "do not separate" in (out / "surgery_report.md").read_text()
+
+
+def test_ops_after_an_upcycle_are_verified_step_by_step_in_stock_transformers(tmp_path, write_recipe):
+    src = save_checkpoint(dense("qwen2", head_dim=8, intermediate=16, vocab=TOKENIZER_VOCAB), tmp_path / "src")
+    ops = ("  - op: upcycle_moe\n    num_experts: 4\n  - op: grow_layers\n    num_layers: +1\n"
+           "  - op: grow_mlp\n    intermediate_size: +8\n")
+    out, report = run(tmp_path, write_recipe, src, ops)
+    assert report["passed"] and [s["passed"] for s in report["steps"]] == [True, True, True]
+    assert all(abs(s["rel_change"]) <= 1e-5 for s in report["steps"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["moe_intermediate_size"]) == ("qwen2_moe", 3, 24)
+    assert len(config["layer_types"]) == 3
