@@ -148,6 +148,12 @@ def test_upcycle_refuses_what_the_output_family_cannot_express(op, message):
         api.transform(dense("llama"), [{"op": "upcycle_moe", **op}])
 
 
+def test_hidden_router_refuses_fewer_calibration_tokens_than_experts():
+    with pytest.raises(SurgeryError, match="at least 8 calibration tokens, got 5"):
+        api.transform(dense("mistral"), [{"op": "upcycle_moe", "num_experts": 8, "router": "hidden"}],
+                      calibration_ids=ids(0, 5)[:1])
+
+
 def test_upcycle_refuses_llama_attention_bias():
     cfg = make_config("llama", qkv_bias=True, vocab=VOCAB)
     with pytest.raises(SurgeryError, match="attention_bias: true"):

@@ -141,7 +141,8 @@ class UpcycleMoe(Op):
     def _refuse(self, config: dict, dst: Architecture) -> None:
         for flag in ("attention_bias", "mlp_bias"):
             if config.get(flag):
-                raise SurgeryError(f"the source has {flag}: true, and {dst.name} has no such biases", loc=("into",))
+                raise SurgeryError(f"the source has {flag}: true, and {dst.name} has no such biases",
+                                   loc=("into",) if self.into else ("op",))
 
     def _config(self, config: dict, into: str, inter: int, share: float, normalise: bool) -> dict:
         out = {k: v for k, v in config.items() if k not in DROPPED}
