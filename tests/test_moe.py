@@ -278,3 +278,17 @@ def test_ops_after_an_upcycle_are_verified_step_by_step_in_stock_transformers(tm
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["moe_intermediate_size"]) == ("qwen2_moe", 3, 24)
     assert len(config["layer_types"]) == 3
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_windows_shorter_than_the_ids_survive_the_upcycle(family):
+    cfg = make_config(family, vocab=VOCAB)
+    if family == "mistral":
+        cfg.sliding_window = 4
+    else:
+        cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 0
+        cfg.layer_types = ["sliding_attention", "full_attention"]
+    model = make_model(cfg)
+    new, _ = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4}])
+    assert new.config.sliding_window == cfg.sliding_window
+    assert_same_function(model, new, ids(length=12))
