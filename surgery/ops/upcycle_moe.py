@@ -46,8 +46,12 @@ from .base import Exactness, Op, OpContext, Promise
 INTO: dict[str, tuple[str, ...]] = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("qwen2",), "qwen3_moe": ("qwen3",)}
 DEFAULT_INTO = {src: dst for dst, srcs in INTO.items() for src in srcs}
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-# Source config fields the output family has no place for (a true flag is refused, see `_refuse`).
-DROPPED = ("attention_bias", "mlp_bias", "pretraining_tp", "auto_map", "architectures")
+# Source config fields the output family has no place for (a true bias flag is refused, see `_refuse`).
+DROPPED = {
+    "mixtral": ("attention_bias", "mlp_bias", "pretraining_tp", "auto_map", "architectures"),
+    "qwen2_moe": ("auto_map", "architectures"),
+    "qwen3_moe": ("layer_types", "max_window_layers", "auto_map", "architectures"),
+}
 
 
 class UpcycleMoe(Op):
@@ -139,13 +143,17 @@ class UpcycleMoe(Op):
 
     # ------------------------------------------------------------------------------- pieces
     def _refuse(self, config: dict, dst: Architecture) -> None:
+        loc = ("into",) if self.into else ("op",)
         for flag in ("attention_bias", "mlp_bias"):
-            if config.get(flag):
-                raise SurgeryError(f"the source has {flag}: true, and {dst.name} has no such biases",
-                                   loc=("into",) if self.into else ("op",))
+            if config.get(flag) and flag in DROPPED[dst.name]:
+                raise SurgeryError(f"the source has {flag}: true, and {dst.name} has no such biases", loc=loc)
+        if dst.name == "qwen3_moe" and config.get("use_sliding_window") and any(
+                t != "full_attention" for t in config.get("layer_types") or ["sliding_attention"]):
+            raise SurgeryError("the source has sliding-window layers, and qwen3_moe has no per-layer attention types",
+                               loc=loc)
 
     def _config(self, config: dict, into: str, inter: int, share: float, normalise: bool) -> dict:
-        out = {k: v for k, v in config.items() if k not in DROPPED}
+        out = {k: v for k, v in config.items() if k not in DROPPED[into]}
         out["model_type"] = into
         out["architectures"] = [CLASSES[into]]
         dst = ARCHITECTURES[into]
