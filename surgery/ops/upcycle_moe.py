@@ -125,7 +125,9 @@ class UpcycleMoe(Op):
             if shared:
                 role = {R.MLP_GATE: R.SHARED_GATE, R.MLP_UP: R.SHARED_UP, R.MLP_DOWN: R.SHARED_DOWN}[info.role]
                 out = dst.parameter_name(role, info.kind, info.layer)
-                tensors[out] = node if info.role != R.MLP_DOWN else node.map(lambda t: t * (2 * share), label=f"{label}: shared down x{2 * share:g}")
+                if info.role == R.MLP_DOWN:
+                    node = node.map(lambda t: t * (2 * share), label=f"{label}: shared expert down_proj x{2 * share:g}")
+                tensors[out] = node
                 state.new_slices += [NewSlice(out, s.axis, list(s.index), s.op) for s in carried]
         dtype = state.tensors[src.parameter_name(R.EMBED, "weight")].dtype
         for layer in range(spec.num_layers):
