@@ -71,8 +71,7 @@ def run(
     out_spec = r.output_spec
     if out_spec is None:
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
-    if verify:
-        check_paths(loaded)  # before any weight is written
+    check_paths(loaded, data=verify)  # before any weight is written
     p = plan(loaded)
     if verify:
         text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing

@@ -126,9 +126,12 @@ def test_tekken_release_is_verified_with_mistral_common_and_converts_to_hf_with_
     assert "verification PASSED" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (ref.bos_id, ref.eos_id, ref.pad_id)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", mistral_format=False)
+    with_mistral_common = AutoTokenizer.from_pretrained(tmp_path / "hf")  # tekken.json is copied beside the weights
+    converted = AutoTokenizer.from_pretrained(tmp_path / "hf", mistral_format=False)  # the tokenizer.json surgery wrote
+    assert type(with_mistral_common).__name__ == "MistralCommonBackend" and (tmp_path / "hf" / "tokenizer.json").is_file()
     for s in PROBES:
-        assert tok(s)["input_ids"] == ref.encode(s, bos=True, eos=False), s
+        want = ref.encode(s, bos=True, eos=False)
+        assert converted(s)["input_ids"] == want and with_mistral_common(s)["input_ids"] == want, s
 
 
 def test_tekken_without_mistral_common_is_one_clear_line(tekken_release, tmp_path, capsys, monkeypatch):

@@ -124,3 +124,29 @@ def test_convert_output_named_relatively_is_where_its_resolved_recipe_reruns(tmp
     monkeypatch.chdir(elsewhere)
     assert main(["run", str(out / "surgery_recipe.yaml"), "--force", "--no-verify"]) == 0
     assert (out / "model.safetensors").is_file() and not list(elsewhere.iterdir())
+
+
+def test_builtin_and_hub_recipes_resolve_relative_paths_against_the_current_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from surgery import api
+
+    monkeypatch.chdir(tmp_path)
+    assert api.load("stablelm_grow").recipe.output == str(tmp_path / "out" / "stablelm-grown")  # not inside the package
+    cache = tmp_path / "hub-cache"
+    (cache / "snapshots").mkdir(parents=True)
+    (cache / "snapshots" / "r.yaml").write_text("name: r\nsource: builtin:tiny-llama\noutput: grown\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert api.load(cache / "snapshots" / "r.yaml").recipe.output == str(tmp_path / "grown")
+
+
+def test_validate_refuses_a_local_source_directory_that_does_not_exist_next_to_the_recipe(tmp_path, monkeypatch, capsys):
+    project = _project(tmp_path)
+    shutil.rmtree(project / "models")
+    shutil.copytree(ASSETS / "tiny-llama", tmp_path / "models" / "base")  # in the cwd, not next to the recipe
+    monkeypatch.chdir(tmp_path)
+    recipe = project / "grow.yaml"
+    recipe.write_text(recipe.read_text().replace("source: models/base", "source: ./models/base"))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grow.yaml:2:9" in err and f"source directory not found: {project / 'models' / 'base'}" in err

@@ -11,7 +11,10 @@ TEXT = (Path(__file__).resolve().parent.parent / "surgery" / "assets" / "python-
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
                   r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
-TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>"]
+# mistral-common's control tokens of a v7 tekken (rank = position): what its instruct tokenizer looks up.
+TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                   "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+                   "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
 
 
 def sentencepiece_model(path: Path, vocab: int = 400, normalization: str = "nmt_nfkc") -> Path:
@@ -56,7 +59,7 @@ def _bpe_merges(text: str, n_merges: int) -> list[bytes]:
     return merged
 
 
-def tekken_file(path: Path, n_merges: int = 120, version: str = "v11") -> Path:
+def tekken_file(path: Path, n_merges: int = 120, version: str = "v7") -> Path:
     """A tiny tekken.json in mistral-common's format: 256 byte tokens, learned merges, explicit special tokens."""
     tokens = [bytes([i]) for i in range(256)] + _bpe_merges(TEXT, n_merges)
     vocab = [{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("utf-8", "replace")}

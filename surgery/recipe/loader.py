@@ -254,12 +254,16 @@ def _defining_base(loc: tuple, positions: dict, bases: dict, file: str) -> Path:
     return bases.get(file, Path.cwd())
 
 
-def check_paths(loaded: "LoadedRecipe") -> None:
-    """What `validate` can check without reading a model: the verification data file exists."""
-    data = loaded.recipe.verify.data
-    if _SCHEME.match(data) or data in DATA_KEYWORDS or Path(data).exists():
+def check_paths(loaded: "LoadedRecipe", data: bool = True) -> None:
+    """What `validate` can check without reading a model: a local source and the verification data exist."""
+    src = loaded.recipe.source_spec.path
+    if os.path.isabs(src) and not Path(src).exists():  # made absolute by resolve_paths: a local directory
+        raise SurgeryError(f"source directory not found: {src} (paths in a recipe are relative to the recipe file)",
+                           where=loaded.where(("source",)))
+    value = loaded.recipe.verify.data
+    if not data or _SCHEME.match(value) or value in DATA_KEYWORDS or Path(value).exists():
         return
-    raise SurgeryError(f"verification data not found: {data} (paths in a recipe are relative to the recipe file); use "
+    raise SurgeryError(f"verification data not found: {value} (paths in a recipe are relative to the recipe file); use "
                        f"builtin:python-license, a text file, a directory of .txt files, or a dataset saved with datasets' "
                        f"save_to_disk", where=loaded.where(("verify", "data")))
 
