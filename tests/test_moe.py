@@ -183,6 +183,24 @@ def test_growth_of_a_mixtral_checkpoint_is_exact_on_every_expert_and_router(grow
 
 
 @PROPERTY
+@given(growth=st.sampled_from(GROWTHS), heads=st.sampled_from(GQA), experts=st.integers(2, 5), shared=st.integers(4, 20),
+       tied=st.booleans(), seed=st.integers(0, 3))
+def test_growth_of_a_qwen2_moe_checkpoint_keeps_its_unnormalised_routing_and_shared_expert(growth, heads, experts, shared,
+                                                                                          tied, seed):
+    cfg = transformers.Qwen2MoeConfig(  # Qwen1.5-MoE's conventions: norm_topk_prob false, a wider shared expert
+        vocab_size=VOCAB, hidden_size=heads[0] * 4, num_attention_heads=heads[0], num_key_value_heads=heads[1],
+        num_hidden_layers=2, intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=shared,
+        num_experts=experts, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=tied,
+        max_position_embeddings=64)
+    cfg._experts_implementation = "eager"
+    model = make_model(cfg, seed=seed)
+    new, plan = api.transform(model, growth)
+    assert plan.promise.exactness == Exactness.EXACT
+    check_counts(new, plan)
+    assert_same_function(model, new, ids(seed))
+
+
+@PROPERTY
 @given(growth=st.sampled_from(GROWTHS), heads=st.sampled_from(GQA), tied=st.booleans())
 def test_growth_after_an_upcycle_to_qwen2_moe_keeps_the_dense_function(growth, heads, tied):
     model = dense("qwen2", heads=heads, tied=tied)
