@@ -310,3 +310,18 @@ def test_sliding_windows_shorter_than_the_ids_survive_the_upcycle(family):
     new, _ = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4}])
     assert new.config.sliding_window == cfg.sliding_window
     assert_same_function(model, new, ids(length=12))
+
+
+def test_a_llama3_config_as_transformers_4_wrote_it_upcycles_exactly(tmp_path, write_recipe):
+    cfg = make_config("llama", qkv_bias=False, vocab=TOKENIZER_VOCAB, head_dim=8)
+    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    src = save_checkpoint(make_model(cfg).to(torch.bfloat16), tmp_path / "src")
+    c = json.loads((src / "config.json").read_text())
+    rope = c.pop("rope_parameters")
+    c.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, torch_dtype=c.pop("dtype"), transformers_version="4.46.0")
+    (src / "config.json").write_text(json.dumps(c))
+    out, report = run(tmp_path, write_recipe, src, "  - op: upcycle_moe\n    num_experts: 4\n")
+    assert report["passed"] and abs(report["rel_change"]) <= 1e-5
+    loaded = transformers.AutoConfig.from_pretrained(str(out))
+    assert loaded.rope_parameters["rope_type"] == "llama3" and loaded.rope_parameters["rope_theta"] == 500000.0
