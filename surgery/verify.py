@@ -97,13 +97,9 @@ def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
 
 
 def model_class(config):
-    if getattr(config, "surgery_live_width", None):
-        from .modeling.modeling_surgery import SurgeryStableLmForCausalLM
+    from .modeling import model_class as cls
 
-        return SurgeryStableLmForCausalLM
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
+    return cls(config)
 
 
 def experts_kwargs(config, dtype: torch.dtype) -> dict:
@@ -117,9 +113,9 @@ def experts_kwargs(config, dtype: torch.dtype) -> dict:
 def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                        attn_implementation: str | None = None):
     """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
-    from transformers import AutoConfig
+    from .modeling import config_from_dict
 
-    cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "auto_map"})
+    cfg = config_from_dict(config_dict)
     cls = model_class(cfg)
     if get_checkpoint_conversion_mapping(cfg.model_type):
         # on-disk names (per-expert tensors) that transformers converts while loading, as from a file
@@ -145,11 +141,12 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
 
 def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
     """Load a written checkpoint the way users will, and refuse any missing or unexpected key."""
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    from .modeling import config_from_pretrained
+
     hf_logging.disable_progress_bar()
-    cfg = AutoConfig.from_pretrained(str(out_dir))
+    cfg = config_from_pretrained(out_dir)
     cls = model_class(cfg)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would be a second message; `bad` below says it in one line
@@ -168,7 +165,7 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_
             offload = tempfile.mkdtemp(prefix="surgery-offload-")
             atexit.register(shutil.rmtree, offload, True)
             extra = {"device_map": device_map, "offload_folder": offload}
-        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra,
+        model, info = cls.from_pretrained(str(out_dir), config=cfg, dtype=dtype, output_loading_info=True, **extra,
                                           **experts_kwargs(cfg, dtype))
     finally:
         hf_logging.set_verbosity(level)

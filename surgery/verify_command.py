@@ -5,6 +5,7 @@ and freed before the other is loaded, so memory holds one model plus the referen
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import SurgeryError
-from .io.resolve import resolve_source
+from .io.resolve import open_checkpoint, resolve_source
 from .io.writer import file_digests
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -52,6 +53,8 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     dt = DTYPES[dtype]
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
+    for d in (ref_dir, cand_dir):
+        open_checkpoint(d)  # a directory that is no checkpoint: one line now, not transformers' error later
     ids = tokenize(ref_dir, data, max_tokens)
     ref = evaluate_model(load_output(ref_dir, dt, dev, device_map), ids)  # freed before the candidate loads
     cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
@@ -67,11 +70,26 @@ def check_integrity(output: Path) -> list[str]:
     report = output / "surgery_report.json"
     if not report.is_file():
         raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
-    recorded = json.loads(report.read_text()).get("files_sha256")
-    if not recorded:
+    try:
+        doc = json.loads(report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"not valid JSON ({e}); the report itself was changed", where=str(report)) from None
+    recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
     now = file_digests(output, skip=("surgery_report.json",))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
+
+
+def _token_budget(text: str) -> int:
+    """--max-tokens: a loss needs at least two tokens (one prediction)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: at least 2 tokens (a loss needs one prediction)")
+    return n
 
 
 def add_verify_parser(sub) -> None:
@@ -79,10 +97,14 @@ def add_verify_parser(sub) -> None:
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
-    p.add_argument("--data", default="builtin:python-license")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default="builtin:python-license",
+                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, or a saved "
+                        "dataset (default: %(default)s)")
+    p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
+                   help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="precision both models run in (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
