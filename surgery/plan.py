@@ -191,4 +191,7 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
         lines.append(f"  active parameters per token: {plan.final.active_parameters:,} "
                      f"(top-{plan.final.spec.experts_per_token} of {plan.final.spec.num_experts} experts)")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
+    from .verify import planned_rule
+
+    lines.append(f"  verify: {planned_rule(plan)}")
     return "\n".join(lines)

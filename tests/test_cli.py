@@ -182,7 +182,7 @@ def test_model_card_base_model_only_for_hub_ids(tmp_path, monkeypatch):
         p = compile_plan(loaded, resolve_source("builtin:tiny-stablelm"))
         d = tmp_path / source.replace("/", "_").replace(":", "_")
         d.mkdir()
-        write_resolved_recipe(loaded, p, d)
+        write_resolved_recipe(loaded, p, d, "0" * 64)
         write_model_card(loaded, p, d, None, 0.0123)
         card = (d / "README.md").read_text()
         assert front_matter(card).get("base_model") == expected
