@@ -68,6 +68,7 @@ class ModelSpec:
                 f"model_type {config.get('model_type')!r} is not supported; supported: {known}", where=where
             )
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+            key = arch.config_aliases.get(key, key)
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
         if arch.is_moe:
@@ -84,6 +85,8 @@ class ModelSpec:
             spec.config.pop("auto_map", None)
             spec.config.pop("architectures", None)
         spec.meta["standardised"] = spec._standardise(where)
+        if "tie_word_embeddings" not in spec.config:  # 4.x configs leave the class default out (Gemma, T5: tied)
+            spec.config["tie_word_embeddings"] = bool(hf_config(spec.config).tie_word_embeddings)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)
         return spec
 
@@ -121,11 +124,11 @@ class ModelSpec:
     # sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return self.config["hidden_size"]
+        return self.config[self.arch.config_aliases.get("hidden_size", "hidden_size")]
 
     @property
     def num_heads(self) -> int:
-        return self.config["num_attention_heads"]
+        return self.config[self.arch.config_aliases.get("num_attention_heads", "num_attention_heads")]
 
     @property
     def num_kv_heads(self) -> int:
@@ -140,7 +143,7 @@ class ModelSpec:
     @property
     def intermediate_size(self) -> int:
         """The MLP's width; in a mixture-of-experts family, each routed expert's."""
-        return self.config[self.arch.inter_field]
+        return self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)]
 
     @property
     def num_experts(self) -> int:
@@ -155,7 +158,7 @@ class ModelSpec:
 
     @property
     def num_layers(self) -> int:
-        return self.config["num_hidden_layers"]
+        return self.config[self.arch.config_aliases.get("num_hidden_layers", "num_hidden_layers")]
 
     @property
     def vocab_size(self) -> int:
@@ -171,7 +174,9 @@ class ModelSpec:
 
     @property
     def qk_norm(self) -> bool:
-        return bool(self.arch.qk_norm_field and self.config.get(self.arch.qk_norm_field))
+        if not self.arch.qk_norm:
+            return False
+        return not self.arch.qk_norm_field or bool(self.config.get(self.arch.qk_norm_field))
 
     @property
     def live_width(self) -> int | None:
@@ -222,7 +227,7 @@ class ModelSpec:
         self.config["hidden_size"] = hidden
 
     def set_intermediate_size(self, size: int) -> None:
-        self.config[self.arch.inter_field] = size
+        self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)] = size
 
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps

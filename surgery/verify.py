@@ -138,7 +138,9 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # T5's encoder/decoder embed_tokens are shared
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
+               and not (m != "lm_head.weight" and tied.get(m) in tensors)]
     if missing or unexpected:
         raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval()
@@ -495,7 +497,7 @@ def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[s
             hooks.append(mod.register_forward_hook(hook))
     try:
         x = ids[:, :max_tokens].to(next(model.parameters()).device)
-        model(input_ids=x)
+        model(input_ids=x, labels=x)  # labels: an encoder-decoder (T5) needs decoder inputs
     finally:
         for h in hooks:
             h.remove()
@@ -583,7 +585,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
                                     cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
             model = _load(out_dir, dtype, device)
-            dead = dead_slices(model, ids, p.final.new_slices)
+            dead = dead_slices(model, ids, p.final.output_slices())
             symmetry = expert_symmetry(model, ids)
             cmp = compare(ref.evaluation, evaluate_model(model, ids))
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
