@@ -22,7 +22,7 @@ from surgery.cli import main as cli_main
 from surgery.errors import SurgeryError
 from surgery.ops import Exactness
 from conftest import save_checkpoint
-from factories import logits, loss, make_config, make_model
+from factories import logits, loss, make_config, make_model, release_config
 
 VOCAB = 32
 TOKENIZER_VOCAB = 512  # the builtin tokenizer written beside saved checkpoints
@@ -325,3 +325,38 @@ def test_a_llama3_config_as_transformers_4_wrote_it_upcycles_exactly(tmp_path, w
     assert report["passed"] and abs(report["rel_change"]) <= 1e-5
     loaded = transformers.AutoConfig.from_pretrained(str(out))
     assert loaded.rope_parameters["rope_type"] == "llama3" and loaded.rope_parameters["rope_theta"] == 500000.0
+
+
+# ------------------------------------------------------------------------------ Qwen3 -> Qwen3-MoE
+@PROPERTY
+@given(heads=st.sampled_from(GQA), head_dim=st.sampled_from([4, 8]), hidden=st.sampled_from([None, 24]),
+       tied=st.booleans(), grow=st.booleans(), router=st.sampled_from(["zeros", "random", "hidden"]),
+       experts=st.integers(2, 6))
+def test_qwen3_upcycles_into_qwen3_moe_keeping_the_dense_function(heads, head_dim, hidden, tied, grow, router, experts):
+    cfg = release_config("qwen3", heads=heads[0], kv_heads=heads[1], head_dim=head_dim, hidden=hidden, intermediate=12,
+                         vocab=VOCAB, tied=tied)
+    model = make_model(cfg)
+    ops = [{"op": "grow_mlp", "intermediate_size": "+6"}] if grow else []
+    new, plan = api.transform(model, ops + [{"op": "upcycle_moe", "num_experts": experts, "top_k": 2 if experts > 2 else 1,
+                                             "router": router}], calibration_ids=ids(5, 16)[:1])
+    assert type(new).__name__ == "Qwen3MoeForCausalLM" and new.config.norm_topk_prob is True
+    assert plan.promise.exactness == Exactness.EXACT
+    check_counts(new, plan)
+    assert_same_function(model, new, ids())
+
+
+@PROPERTY
+@given(growth=st.sampled_from(GROWTHS), heads=st.sampled_from(GQA))
+def test_growth_after_an_upcycle_to_qwen3_moe_keeps_the_dense_function(growth, heads):
+    model = make_model(release_config("qwen3", heads=heads[0], kv_heads=heads[1], head_dim=4, vocab=VOCAB))
+    new, plan = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4, "top_k": 2, "router": "zeros",
+                                       "norm_topk_prob": False}] + growth)
+    assert plan.promise.exactness == Exactness.EXACT
+    check_counts(new, plan)
+    assert_same_function(model, new, ids())
+
+
+def test_qwen3_with_sliding_window_layers_is_refused():
+    cfg = release_config("qwen3", vocab=VOCAB, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(SurgeryError, match="sliding-window layers"):
+        api.transform(make_model(cfg), [{"op": "upcycle_moe"}])
