@@ -15,8 +15,9 @@ from .grow_vocab import GrowVocab
 from .patch_layernorm import PatchLayerNorm
 from .rescale_norm import RescaleNorm
 from .reinit import Reinit
+from .upcycle_moe import UpcycleMoe
 
-OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, GrowVocab, Reinit]
+OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, GrowVocab, Reinit, UpcycleMoe]
 
 AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
 

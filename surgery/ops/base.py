@@ -38,6 +38,7 @@ class OpContext:
     seed: int
     index: int  # position of the op in the recipe, part of every random draw's seed
     source_dir: Path | None = None  # the source checkpoint's folder (its tokenizer); None for a model in memory
+    calibration: object | None = None  # surgery.calibration.Calibration, for ops that learn from data
 
     def seed_parts(self, *parts) -> tuple:
         return (self.seed, self.index, *parts)
