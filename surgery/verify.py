@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import builtins
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SurgeryError
+from .gradient_flow import dead_slices
 from .ops import Exactness, Promise
 from .report import Report, StepResult
+from .runner import (QUIET, CheckpointSource, Comparison, Progress, RoundedSource, StateSource, StreamedModel, TensorSource,
+                     compare, evaluate, open_source)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -96,7 +98,9 @@ def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
     except SurgeryError:
         raise
     except Exception as e:  # transformers raises many types for a missing tokenizer
-        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}); verification needs one, or pass --no-verify",
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}{': ' + why if why else ''}); verification "
+                           "needs one: set verify.data: random (seeded token ids), or pass --no-verify",
                            where=str(source_dir)) from None
     ids = tok(load_text(data), return_tensors="pt")["input_ids"][:, :max_tokens]
     if ids.shape[1] < 2:
@@ -104,107 +108,13 @@ def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
     return ids
 
 
-def model_class(config):
-    if getattr(config, "surgery_live_width", None):
-        from .modeling.modeling_surgery import SurgeryStableLmForCausalLM
-
-        return SurgeryStableLmForCausalLM
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
-def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                       attn_implementation: str | None = None):
-    """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "auto_map"})
-    cls = model_class(cfg)
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval()
-
-
-def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
-    """Load a written checkpoint the way users will, and refuse any missing or unexpected key."""
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    cfg = AutoConfig.from_pretrained(str(out_dir))
-    cls = model_class(cfg)
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report would be a second message; `bad` below says it in one line
-    try:
-        extra = {}
-        if device_map:  # larger than one device: accelerate places (and offloads) the layers
-            try:
-                import accelerate  # noqa: F401
-            except ImportError:
-                raise SurgeryError("device_map needs the `accelerate` package: pip install accelerate", where=str(out_dir)) from None
-            import tempfile
-
-            import atexit
-            import shutil
-
-            offload = tempfile.mkdtemp(prefix="surgery-offload-")
-            atexit.register(shutil.rmtree, offload, True)
-            extra = {"device_map": device_map, "offload_folder": offload}
-        model, info = cls.from_pretrained(str(out_dir), dtype=dtype, output_loading_info=True, **extra)
-    finally:
-        hf_logging.set_verbosity(level)
-    bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:  # a source or compared checkpoint that disagrees with its config (an output doing so is a bug)
-        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
-                         for k, v in bad.items())
-        raise SurgeryError(f"does not load cleanly with transformers ({what})", where=str(out_dir))
-    return (model if device_map else model.to(device)).eval()
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    logits: torch.Tensor  # (tokens, vocab) on CPU, float32/64
-
-
-@torch.no_grad()
-def evaluate_model(model, ids: torch.Tensor) -> Evaluation:
-    dev = next(model.parameters()).device
-    out = model(input_ids=ids.to(dev), labels=ids.to(dev))
-    return Evaluation(float(out.loss), out.logits[0].to("cpu"))
-
-
-@dataclass
-class Comparison:
-    loss: float
-    rel_change: float
-    max_logit_diff: float
-    mean_logit_diff: float
-    top1_agreement: float
-    kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
-    compared_vocab: int
-
-
-def compare(ref: Evaluation, other: Evaluation) -> Comparison:
-    """Over the reference's vocabulary (a grown vocab is compared on its first V tokens)."""
-    v = ref.logits.shape[-1]
-    a, b = ref.logits.double(), other.logits[..., :v].double()
-    diff = (a - b).abs()
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
-    return Comparison(
-        loss=other.loss,
-        rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
-        max_logit_diff=float(diff.max()),
-        mean_logit_diff=float(diff.mean()),
-        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()),
-        kl_divergence=max(float(kl), 0.0),
-        compared_vocab=v,
-    )
+def calibration_ids(source_dir: Path, data: str, max_tokens: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """The verification tokens: the data tokenized by the source's tokenizer, or `random` seeded ids
+    (for a model that ships no tokenizer)."""
+    if data == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (1, max_tokens), generator=g)
+    return tokenize(source_dir, data, max_tokens)
 
 
 def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtype, vocab_size: int) -> tuple[bool, str]:
@@ -218,90 +128,62 @@ def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtyp
     return cmp.rel_change <= tolerance, f"approximate: rel change <= tolerance {tolerance:g}"
 
 
-def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
-    """Every new unit made trainable must receive gradient: one it never gets is dead.
-
-    A unit (one index of a new slice) is judged on the first backward pass, and, where it got
-    exactly zero, again after one small SGD step: some units are only one step from the signal
-    (with tied embeddings the last writer of the new residual dims waits for the embedding's new
-    columns to move). Zero gradient on both passes means zero on both sides: a saddle it never leaves.
-    """
-    if not slices:
-        return []
-    params = dict(model.named_parameters())
-    x = ids[:, :max_tokens].to(next(model.parameters()).device)
-
-    def dead_units() -> dict[int, int]:
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            model(input_ids=x, labels=x).loss.backward()
-        out = {}
-        for i, s in enumerate(slices):
-            p = params.get(s.tensor)
-            if p is None or p.grad is None:
-                out[i] = len(s.index)
-                continue
-            g = p.grad.index_select(s.axis, torch.tensor(s.index, device=p.grad.device)).abs()
-            other = [d for d in range(g.dim()) if d != s.axis]
-            n = int(((g.amax(dim=other) if other else g) == 0).sum())
-            if n:
-                out[i] = n
-        return out
-
-    dead = dead_units()
-    if dead:
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for p in params.values():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        dead = {i: n for i, n in dead_units().items() if i in dead}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-    model.zero_grad(set_to_none=True)
-    return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
-
-
-@torch.no_grad()
-def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[str, float]:
+def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                     max_tokens: int = 256) -> tuple[str, float]:
     """The linear layer whose output std is largest relative to its input's: the usual reason a
-    re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004)."""
+    re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004).
+    Streamed: each layer's linears are watched while that layer is in memory; lm_head's output is
+    the logits, whose std is accumulated block by block."""
+    sm = StreamedModel(source, device, dtype)
     gains: dict[str, float] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            def hook(m, inp, out, name=name):
-                i = float(inp[0].float().std())
-                gains[name] = max(gains.get(name, 0.0), float(out.float().std()) / i if i > 0 else 0.0)
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        x = ids[:, :max_tokens].to(next(model.parameters()).device)
-        model(input_ids=x)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def watch(module: torch.nn.Module, prefix: str):
+        hooks = []
+        for name, mod in module.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                def hook(m, inp, out, name=prefix + name):
+                    i = float(inp[0].float().std())
+                    gains[name] = max(gains.get(name, 0.0), float(out.float().std()) / i if i > 0 else 0.0)
+                hooks.append(mod.register_forward_hook(hook))
+        return hooks
+
+    sm.on_layer = lambda i, layer, prefix: watch(layer, prefix)
+    h = sm.hidden(ids[:, :max_tokens])
+    w, b = sm.head_weights()
+    n, s1, s2 = 0, 0.0, 0.0
+    step = max(1, (32 * 2**20) // (8 * h.shape[0]))
+    for start in range(0, w.shape[0], step):
+        z = sm.logits(h, w, b, start, min(w.shape[0], start + step), transform=False).double()
+        n, s1, s2 = n + z.numel(), s1 + float(z.sum()), s2 + float((z * z).sum())
+    i = float(h.float().std())
+    out = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / max(n - 1, 1))
+    gains[sm.head_prefix.rstrip(".")] = out / i if i > 0 else 0.0
     name = max(gains, key=gains.get)
     return name, gains[name]
 
 
-def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
-    """Loss and logits of the source, of every intermediate step (per_op), and of the written output."""
-    from .execute import compute_dtype_for, materialize
-    from .io.native import load_model as _load  # native dirs are converted in memory
+def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None,
+                progress: Progress = QUIET) -> Report:
+    """Loss and logits of the source, of every intermediate step (per_op), and of the written output.
+
+    Every model is run layer by layer (`runner`): the source and the output from their files, each
+    intermediate step from the lazy tensor graph, so memory holds one layer, never a model.
+    """
+    from .execute import compute_dtype_for
 
     v = p.loaded.recipe.verify
     dtype = compute_dtype_for(p.initial)
-    ids = tokenize(p.source_dir, v.data, v.max_tokens)
-    source_model = _load(p.source_dir, dtype, device)
-    ref = evaluate_model(source_model, ids)
-    del source_model
+    if ids is None:
+        ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
+    source = CheckpointSource(p.checkpoint, str(p.source_dir))
+    ref = evaluate(source, ids, device, dtype, progress, "evaluating source")
     # A lower-precision output is judged against the source rounded to the same precision, so the
     # check measures the surgery, not the cast; the report says so.
     storage = _storage_dtype(p)
     ref_final, judged_in = ref, dtype
     if storage is not None:
-        ref_final = evaluate_model(_load(p.source_dir, storage, device).to(dtype), ids)
+        ref_final = evaluate(RoundedSource(source, storage), ids, device, dtype, progress,
+                             f"evaluating source rounded to {_name(storage)}")
         judged_in = storage
     vocab = p.initial.spec.vocab_size
     steps: list[StepResult] = []
@@ -313,18 +195,17 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         if not (v.per_op or last):
             continue
         if last:
-            model = _load(out_dir, dtype, device)
-            dead = dead_slices(model, ids, p.final.new_slices)
-            cmp = compare(ref_final, evaluate_model(model, ids))
+            evaluated = open_source(out_dir)
+            cmp = compare(ref_final, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
+            dead = dead_slices(evaluated, ids, p.final.new_slices, device, dtype, progress=progress)
             ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
         else:
-            model = model_from_tensors(step.state.spec.config, materialize(step.state, p.checkpoint, device, dtype), dtype, device)
-            cmp = compare(ref, evaluate_model(model, ids))
+            evaluated = StateSource(step.state, p.checkpoint, f"after ops[{i}] ({step.op.op})")
+            cmp = compare(ref, evaluate(evaluated, ids, device, dtype, progress, f"evaluating ops[{i}] {step.op.op}"))
             ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
         if ok is False and step.cumulative.exactness == Exactness.REINIT:
-            name, gain = variance_culprit(model, ids)
+            name, gain = variance_culprit(evaluated, ids, device, dtype)
             rule += f"; {name} amplifies its input's std {gain:.1f}x"
-        del model
         if not last and step.cumulative.exactness == Exactness.APPROXIMATE:
             ok, rule = None, "approximate so far: informational, later ops may restore it"
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff,
@@ -334,7 +215,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         elif ok is False and broken is None:
             broken = f"ops[{i}] {step.op.op}"
     if final_cmp is None:  # no ops: a plain copy
-        cmp = compare(ref, evaluate_model(_load(out_dir, dtype, device), ids))
+        cmp = compare(ref, evaluate(open_source(out_dir), ids, device, dtype, progress, "evaluating output"))
         ok, rule = judge(p.promise, cmp, v.tolerance, dtype, vocab)
         final_cmp = (cmp, ok, rule)
     cmp, ok, rule = final_cmp

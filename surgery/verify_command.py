@@ -1,11 +1,12 @@
 """`surgery verify OUTPUT --against SOURCE` and `surgery verify --integrity OUTPUT`.
 
-Compares any two checkpoints (made by surgery or not) on the same tokens: one model is evaluated
-and freed before the other is loaded, so memory holds one model plus the reference logits.
+Compares any two checkpoints (made by surgery or not) on the same tokens. Both run layer by layer
+(`runner`), so memory holds one layer plus the reference's final hidden states, whatever the size.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,23 +44,46 @@ class PairReport:
 
 
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
-                        dtype: str = "float32", device: str = "auto", device_map: str | None = None) -> PairReport:
+                        dtype: str = "float32", device: str = "auto", progress: bool = False) -> PairReport:
+    """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
     from .execute import pick_device
-    from .io.native import load_model as load_output  # native folders are converted in memory
-    from .verify import compare, evaluate_model, tokenize
+    from .runner import Progress, compare, evaluate, open_source
+    from .verify import calibration_ids
 
     t0 = time.perf_counter()
     dt = DTYPES[dtype]
     dev = pick_device(device)
+    show = Progress(progress)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
-    ids = tokenize(ref_dir, data, max_tokens)
-    ref = evaluate_model(load_output(ref_dir, dt, dev, device_map), ids)  # freed before the candidate loads
-    cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
+    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)  # both described before any weight is read
+    ids = calibration_ids(ref_dir, data, max_tokens, int(ref_src.config.get("vocab_size") or 0))
+    if data != "random":
+        check_tokenizers(ref_dir, cand_dir, data, ids, show)
+    ref = evaluate(ref_src, ids, dev, dt, show, "evaluating reference")
+    cmp = compare(ref, evaluate(cand_src, ids, dev, dt, show, "evaluating candidate"))
     return PairReport(
         loss_reference=ref.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
         tokens=int(ids.shape[1]), precision=dtype, compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0,
     )
+
+
+def check_tokenizers(ref_dir: Path, cand_dir: Path, data: str, ids: torch.Tensor, show) -> None:
+    """Both models must read the same tokens: a candidate whose tokenizer splits the data differently is refused."""
+    from .verify import tokenize
+
+    try:
+        theirs = tokenize(cand_dir, data, ids.shape[1])
+    except SurgeryError:
+        print(f"warning: {cand_dir} has no loadable tokenizer; both models are fed the reference's tokens", file=sys.stderr)
+        return
+    n = min(ids.shape[1], theirs.shape[1])
+    differ = (ids[0, :n] != theirs[0, :n]).nonzero()
+    if differ.numel() or theirs.shape[1] != ids.shape[1]:
+        at = int(differ[0]) if differ.numel() else n
+        raise SurgeryError(f"the two tokenizers split the data differently (first difference at token {at}): the "
+                           "comparison would be meaningless; compare models that share a tokenizer, or pass --data random",
+                           where=str(cand_dir))
 
 
 def check_integrity(output: Path) -> list[str]:
@@ -79,11 +103,11 @@ def add_verify_parser(sub) -> None:
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
-    p.add_argument("--data", default="builtin:python-license")
+    p.add_argument("--data", default="builtin:python-license",
+                   help="builtin:python-license, a text file, a directory of .txt files, a saved dataset, or random (seeded ids)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="auto")
-    p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
 
@@ -99,6 +123,6 @@ def run_verify(args) -> int:
             return 0
     if not args.against:
         raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
-    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.device_map)
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, progress=True)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
     return 0

@@ -524,17 +524,7 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
     return digests
 
 
-# verification and tokenizer helpers --------------------------------------------------------
-
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
-    """A stock transformers model for a checkpoint directory, native (converted in memory) or not."""
-    from ..verify import load_output, model_from_tensors
-
-    if is_native(path):
-        ck = NativeCheckpoint(path)
-        return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
-    return load_output(path, dtype, device, device_map)
-
+# tokenizer helpers ---------------------------------------------------------------------------
 
 _PROBES = ("Hello world", "  two  spaces\tand a tab\nnew line", "Ünïcødé ✓ 1234", "ＡＢＣ full width", "<s> literal")
 

@@ -1,0 +1,501 @@
+"""Running a model: whole (a transformers model in memory) or streamed, one decoder layer at a time.
+
+Streamed evaluation keeps memory flat in the model size and still lets stock transformers compute
+every number. The family's own model class is built from the config with its parameters as
+placeholders on the `meta` device (no memory; buffers such as rotary frequencies are computed as
+`from_config` computes them), and its own forward runs on the calibration batch: it embeds, builds
+the causal / sliding-window masks and rotary embeddings, and calls each stock decoder layer (built
+from the config by the model class itself, e.g. `LlamaDecoderLayer(config, layer_idx)`). The layer
+list it iterates is replaced by a stream that loads one layer's tensors into that layer just
+before it runs and drops them right after, so a family added to `arch.py` needs no code here.
+The final projection (lm_head) runs in vocabulary chunks, and the loss, logit differences, KL and
+top-1 agreement are accumulated chunk by chunk: full-vocabulary logits never exist at once.
+
+Weights come from a tensor source: a checkpoint directory (safetensors, pickles or Mistral's
+native layout, one tensor read when needed), or a `ModelState` of lazy tensors (each tensor
+computed from the source when its layer runs), so a per-op step needs no materialised model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+CHUNK_BYTES = 32 * 2**20  # one float64 block of logits at a time
+
+
+# tensor sources -----------------------------------------------------------------------------
+
+class TensorSource(Protocol):
+    """Named tensors in transformers layout plus the config they belong to."""
+
+    where: str
+    config: dict
+
+    def names(self) -> Iterable[str]: ...
+
+    def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class CheckpointSource:
+    """A checkpoint reader (`Checkpoint`, `NativeCheckpoint`, `InMemoryCheckpoint`): one tensor read at a time."""
+
+    def __init__(self, reader, where: str | None = None):
+        self.reader = reader
+        self.config = reader.config
+        self.where = where or str(getattr(reader, "path", "checkpoint"))
+
+    def names(self):
+        return self.reader.tensors.keys()
+
+    def load(self, name, device, dtype):
+        t = self.reader.load(name)
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+
+class StateSource:
+    """A `ModelState`: each tensor computed from its lazy graph when its layer runs."""
+
+    def __init__(self, state, reader, where: str = "state"):
+        self.state, self.reader, self.where = state, reader, where
+        self.config = state.spec.config
+
+    def names(self):
+        return self.state.tensors.keys()
+
+    def load(self, name, device, dtype):
+        from .lazy import evaluate
+
+        return evaluate(self.state.tensors[name], self.reader, device, dtype)
+
+
+class RoundedSource:
+    """Another source with every floating tensor rounded through a storage dtype (bf16, fp16)."""
+
+    def __init__(self, inner: TensorSource, storage: torch.dtype):
+        self.inner, self.storage = inner, storage
+        self.config, self.where = inner.config, inner.where
+
+    def names(self):
+        return self.inner.names()
+
+    def load(self, name, device, dtype):
+        t = self.inner.load(name, device, dtype)
+        return t.to(self.storage).to(dtype) if t.is_floating_point() else t
+
+
+def open_source(path: Path) -> CheckpointSource:
+    """A checkpoint directory (transformers or Mistral native layout) as a tensor source."""
+    from .io.resolve import open_checkpoint
+
+    return CheckpointSource(open_checkpoint(Path(path)), str(path))
+
+
+def model_source(model) -> CheckpointSource:
+    """A transformers model in memory as a tensor source (notebooks, tests)."""
+    from .io.checkpoint import InMemoryCheckpoint
+
+    return CheckpointSource(InMemoryCheckpoint(model.config.to_dict(), dict(model.state_dict())), "<memory>")
+
+
+# the family's model class --------------------------------------------------------------------
+
+def model_class(config):
+    if getattr(config, "surgery_live_width", None):
+        from .modeling.modeling_surgery import SurgeryStableLmForCausalLM
+
+        return SurgeryStableLmForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def hf_config(config: dict, where: str = "config.json"):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "auto_map"})
+    except (ValueError, TypeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"transformers cannot read the config: {msg}", where=where) from None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside become placeholders on `meta`; buffers stay real.
+
+    What accelerate's `init_empty_weights(include_buffers=False)` does, without needing it: the
+    skeleton of a 70B model costs nothing, and its rotary buffers are the ones `from_config` computes.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton(config: dict, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None,
+             where: str = "config.json"):
+    """The family's stock model for `config`, parameters on `meta`, buffers on `device`."""
+    cfg = hf_config(config, where)
+    cls = model_class(cfg)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    try:
+        with _parameters_on_meta():
+            model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    except SurgeryError:
+        raise
+    except Exception as e:  # transformers raises many types for a config it cannot build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"transformers cannot build the model from its config: {first}", where=where) from None
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model.eval()
+
+
+def _set(module: nn.Module, dotted: str, value: torch.Tensor | None) -> None:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    module._parameters[leaf] = value
+
+
+# whole models (notebooks, api.transform) -----------------------------------------------------
+
+def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                       attn_implementation: str | None = None):
+    """A transformers model holding exactly these tensors."""
+    cfg = hf_config(config_dict)
+    cls = model_class(cfg)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval()
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+    """A whole stock transformers model for a checkpoint directory (Mistral's native layout converted in memory)."""
+    ck = open_source(path).reader
+    return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
+
+
+# streamed running ---------------------------------------------------------------------------
+
+_LOGIT_TRANSFORMS: dict[str, Callable] = {
+    # What some families' *ForCausalLM.forward does to the logits after lm_head; keyed by config field.
+    "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,
+}
+
+
+class Progress:
+    """`layer i of n` bars on a terminal and one summary line per phase, on stderr; silent when off."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def phase(self, desc: str, total: int | None = None):
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=desc, unit="layer", leave=False, file=sys.stderr,
+                   disable=not (self.enabled and sys.stderr.isatty()))
+        summary: list[str] = []
+        try:
+            yield bar, summary
+        finally:
+            bar.close()
+        if self.enabled:
+            extra = f": {summary[0]}" if summary else ""
+            print(f"{desc}{extra} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+
+QUIET = Progress(False)
+
+
+class StreamedModel:
+    """A stock transformers model whose weights live in a tensor source and visit memory one layer at a time."""
+
+    def __init__(self, source: TensorSource, device: torch.device, dtype: torch.dtype,
+                 attn_implementation: str | None = None):
+        self.source, self.device, self.dtype = source, torch.device(device), dtype
+        self.model = skeleton(source.config, dtype, self.device, attn_implementation, where=source.where)
+        self.config = self.model.config
+        self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        prefix = self._prefix_of(self.base)
+        self.layer_prefix = f"{prefix}layers."
+        self.layers = list(self.base.layers)
+        self.base.layers = _LayerStream(self)
+        self.head = self.model.get_output_embeddings()
+        self.head_prefix = self._prefix_of(self.head)
+        self.embed = self.base.get_input_embeddings()
+        self.embed_prefix = self._prefix_of(self.embed)
+        self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self._check_keys()
+        # Called with each module as its tensors arrive (a layer, or the embedding / final norm);
+        # the hook handles they return are removed when the module leaves.
+        self.on_layer: Callable[[int, nn.Module, str], list] | None = None
+        self.on_module: Callable[[nn.Module, str], list] | None = None
+
+    def _prefix_of(self, module: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return f"{name}." if name else ""
+        raise AssertionError("module not in the model")
+
+    def _check_keys(self) -> None:
+        """The source must hold exactly the model's parameters, as `from_pretrained` would refuse otherwise."""
+        names = set(self.source.names())
+        expected = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        for i, layer in enumerate(self.layers):
+            expected |= {f"{self.layer_prefix}{i}.{n}" for n, _ in layer.named_parameters()}
+        head = {f"{self.head_prefix}{n}" for n, _ in self.head.named_parameters()}
+        optional = head if self.tied else set()
+        ignore = [re.compile(p) for p in (getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+        ignore.append(re.compile(r".*rotary_emb\.inv_freq$"))  # older checkpoints persisted it; transformers drops it
+        missing = sorted(expected - names - optional)
+        unexpected = sorted(n for n in names - expected if not any(p.search(n) for p in ignore))
+        if missing or unexpected:
+            parts = [f"{what}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
+                     for what, v in (("missing keys", missing), ("unexpected keys", unexpected)) if v]
+            raise SurgeryError(f"does not load cleanly with transformers ({'; '.join(parts)})", where=self.source.where)
+        self._present = names
+
+    # loading one module's tensors --------------------------------------------------------
+    def _fill(self, module: nn.Module, prefix: str) -> list[str]:
+        names = []
+        for n, p in list(module.named_parameters()):
+            full = prefix + n
+            if full not in self._present and self.tied and full.startswith(self.head_prefix):
+                full = self.embed_prefix + n  # tied: the head is the embedding
+            t = self.source.load(full, self.device, self.dtype)
+            if tuple(t.shape) != tuple(p.shape):
+                raise SurgeryError(f"tensor {full!r} has shape {list(t.shape)} but the config implies {list(p.shape)}",
+                                   where=self.source.where)
+            _set(module, n, nn.Parameter(t, requires_grad=False))
+            names.append(n)
+        return names
+
+    def _empty(self, module: nn.Module) -> None:
+        for n, p in list(module.named_parameters()):
+            _set(module, n, nn.Parameter(p.detach().to("meta"), requires_grad=False))
+
+    def _globals(self) -> list[tuple[str, nn.Module]]:
+        """Modules outside the layers and the head that own parameters (embedding, final norm, ...)."""
+        return [(f"{name}." if name else "", m) for name, m in self.model.named_modules()
+                if m is not self.head and any(p is not None for p in m._parameters.values())]
+
+    # running -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def hidden(self, ids: torch.Tensor, progress: Progress = QUIET, desc: str = "evaluating") -> torch.Tensor:
+        """The final (normed) hidden states of the stock forward, shape (tokens, hidden)."""
+        self._progress, self._desc = progress, desc
+        glob = self._globals()
+        hooks = []
+        for prefix, m in glob:
+            self._fill_direct(m, prefix)
+            if self.on_module:
+                hooks += self.on_module(m, prefix) or []
+        try:
+            with progress.phase(desc, total=len(self.layers)) as (bar, summary):
+                self._bar = bar
+                out = self.base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+                summary.append(f"{len(self.layers)} layers, {ids.shape[1]} tokens")
+        finally:
+            for h in hooks:
+                h.remove()
+            for _, m in glob:
+                self._empty(m)
+        return out[0]
+
+    def _fill_direct(self, module: nn.Module, prefix: str) -> None:
+        for n, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            t = self.source.load(prefix + n, self.device, self.dtype)
+            module._parameters[n] = nn.Parameter(t, requires_grad=False)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """lm_head's weight (the embedding's when tied) and bias, in the compute dtype."""
+        def get(kind: str):
+            if getattr(self.head, kind, None) is None:
+                return None
+            name = f"{self.head_prefix}{kind}"
+            if name not in self._present and self.tied and kind == "weight":
+                name = f"{self.embed_prefix}weight"
+            return self.source.load(name, self.device, self.dtype)
+
+        return get("weight"), get("bias")
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int,
+               transform: bool = True) -> torch.Tensor:
+        """Logits of vocabulary rows [start, stop), computed as the family's *ForCausalLM does."""
+        z = torch.nn.functional.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
+        for field, fn in _LOGIT_TRANSFORMS.items() if transform else ():
+            value = getattr(self.config, field, None)
+            if value:
+                z = fn(z, value)
+        return z
+
+
+class _LayerStream(nn.Module):
+    """Stands in for the decoder's `layers` list: each layer is loaded when the forward reaches it."""
+
+    def __init__(self, owner: StreamedModel):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+
+    def __len__(self):
+        return len(self.owner.layers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _Slice(self, range(len(self))[index])
+        raise TypeError("streamed layers are visited in order only")
+
+    def __iter__(self):
+        return iter(_Slice(self, range(len(self))))
+
+
+class _Slice:
+    def __init__(self, stream: _LayerStream, indices: range):
+        self.stream, self.indices = stream, indices
+
+    def __iter__(self):
+        owner = self.stream.owner
+        owner._empty(owner.embed)  # embedded already: the largest tensor leaves before layer 0 arrives
+        for i in self.indices:
+            layer = owner.layers[i]
+            prefix = f"{owner.layer_prefix}{i}."
+            owner._fill(layer, prefix)
+            hooks = owner.on_layer(i, layer, prefix) if owner.on_layer else None
+            try:
+                yield layer
+            finally:
+                for h in hooks or ():
+                    h.remove()
+                owner._empty(layer)
+                owner._bar.update(1)
+
+
+# evaluation and comparison ------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """What one model said about the calibration tokens, without its full logits.
+
+    `hidden` and the head it was projected by (`streamed`) give any block of logits again.
+    """
+
+    loss: float
+    hidden: torch.Tensor  # (tokens, hidden), final normed
+    lse: torch.Tensor  # (tokens,) float64 log-sum-exp over the whole vocabulary
+    top1: torch.Tensor  # (tokens,) argmax over the whole vocabulary
+    vocab: int
+    streamed: StreamedModel
+
+
+@dataclass
+class Comparison:
+    loss: float
+    rel_change: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+    kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
+    compared_vocab: int
+
+
+def _chunk(tokens: int) -> int:
+    return max(1, CHUNK_BYTES // (8 * max(tokens, 1)))
+
+
+def evaluate(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+             progress: Progress = QUIET, desc: str = "evaluating", attn_implementation: str | None = None) -> Evaluation:
+    """Loss (mean next-token cross-entropy, as transformers' loss) of `source` on `ids`, streamed."""
+    sm = StreamedModel(source, device, dtype, attn_implementation)
+    h = sm.hidden(ids, progress, desc)
+    w, b = sm.head_weights()
+    T, V = h.shape[0], w.shape[0]
+    labels = ids[0, 1:].to(h.device)
+    lse = torch.full((T,), -math.inf, dtype=torch.float64, device=h.device)
+    best = torch.full((T,), -math.inf, dtype=torch.float64, device=h.device)
+    top1 = torch.zeros(T, dtype=torch.long, device=h.device)
+    target = torch.zeros(T - 1, dtype=torch.float64, device=h.device)
+    step = _chunk(T)
+    for start in range(0, V, step):
+        stop = min(V, start + step)
+        z = sm.logits(h, w, b, start, stop).double()
+        lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+        m, j = z.max(-1)
+        better = m > best
+        best, top1 = torch.where(better, m, best), torch.where(better, j + start, top1)
+        inside = (labels >= start) & (labels < stop)
+        if inside.any():
+            rows = inside.nonzero().flatten()
+            target[rows] = z[rows, labels[rows] - start]
+        del z
+    del w, b
+    loss = float((lse[:-1] - target).mean())
+    return Evaluation(loss, h, lse, top1, V, sm)
+
+
+def compare(ref: Evaluation, other: Evaluation) -> Comparison:
+    """Over the reference's vocabulary (a grown vocab is compared on its first V tokens), block by block in float64."""
+    v = ref.vocab
+    wr, br = ref.streamed.head_weights()
+    wo, bo = other.streamed.head_weights()
+    T = ref.hidden.shape[0]
+    dev = ref.hidden.device
+    hr, ho = ref.hidden, other.hidden.to(dev)
+    max_diff, sum_diff = 0.0, 0.0
+    lse_o = torch.full((T,), -math.inf, dtype=torch.float64, device=dev)
+    best = torch.full((T,), -math.inf, dtype=torch.float64, device=dev)
+    top1 = torch.zeros(T, dtype=torch.long, device=dev)
+    cross = torch.zeros(T, dtype=torch.float64, device=dev)  # sum_v p_ref (z_ref - z_other)
+    step = _chunk(T)
+    for start in range(0, v, step):
+        stop = min(v, start + step)
+        a = ref.streamed.logits(hr, wr, br, start, stop).double()
+        b = other.streamed.logits(ho, wo.to(dev), None if bo is None else bo.to(dev), start, stop).double()
+        d = a - b
+        max_diff = max(max_diff, float(d.abs().max()))
+        sum_diff += float(d.abs().sum())
+        lse_o = torch.logaddexp(lse_o, torch.logsumexp(b, -1))
+        cross += ((a - ref.lse[:, None]).exp() * d).sum(-1)
+        m, j = b.max(-1)
+        better = m > best
+        best, top1 = torch.where(better, m, best), torch.where(better, j + start, top1)
+        del a, b, d
+    kl = (cross - ref.lse + lse_o).mean()
+    return Comparison(
+        loss=other.loss,
+        rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
+        max_logit_diff=max_diff,
+        mean_logit_diff=sum_diff / (T * v),
+        top1_agreement=float((ref.top1 == top1).double().mean()),
+        kl_divergence=max(float(kl), 0.0),
+        compared_vocab=v,
+    )
