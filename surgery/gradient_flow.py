@@ -123,17 +123,19 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
 
     sm.on_layer = lambda i, layer, prefix: check(layer, prefix)
     sm.on_module = check
-    h = sm.hidden(ids[:, :max_tokens], progress, "gradient-flow check")
-    head = [i for i, s in enumerate(slices) if s.tensor.startswith(sm.head_prefix) and i not in placed]
-    if head:  # lm_head: its own module, the logits of these few tokens fit in memory
-        sm._fill(sm.head, sm.head_prefix)
-        try:
-            dead.update(_judge_module(sm.head, lambda: sm.head(h), sm.head_prefix, slices, head, lr))
-        finally:
-            sm._empty(sm.head)
-        placed.update(head)
-    for i in range(len(slices)):
-        if i not in placed:  # a slice of no module the model has: nothing can reach it
-            dead[i] = len(slices[i].index)
+    with progress.phase("gradient-flow check", total=len(sm.layers)) as (bar, summary):
+        h = sm.hidden(ids[:, :max_tokens], bar)
+        head = [i for i, s in enumerate(slices) if s.tensor.startswith(sm.head_prefix) and i not in placed]
+        if head:  # lm_head: its own module, the logits of these few tokens fit in memory
+            sm._fill(sm.head, sm.head_prefix)
+            try:
+                dead.update(_judge_module(sm.head, lambda: sm.head(h), sm.head_prefix, slices, head, lr))
+            finally:
+                sm._empty(sm.head)
+            placed.update(head)
+        for i in range(len(slices)):
+            if i not in placed:  # a slice of no module the model has: nothing can reach it
+                dead[i] = len(slices[i].index)
+        summary.append(f"{len(slices)} new slice(s), {len(dead)} with dead units")
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)}
             for i, n in sorted(dead.items())]

@@ -258,6 +258,7 @@ class StreamedModel:
         # the hook handles they return are removed when the module leaves.
         self.on_layer: Callable[[int, nn.Module, str], list] | None = None
         self.on_module: Callable[[nn.Module, str], list] | None = None
+        self._bar = None
 
     def _prefix_of(self, module: nn.Module) -> str:
         for name, m in self.model.named_modules():
@@ -309,9 +310,9 @@ class StreamedModel:
 
     # running -----------------------------------------------------------------------------
     @torch.no_grad()
-    def hidden(self, ids: torch.Tensor, progress: Progress = QUIET, desc: str = "evaluating") -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, bar=None) -> torch.Tensor:
         """The final (normed) hidden states of the stock forward, shape (tokens, hidden)."""
-        self._progress, self._desc = progress, desc
+        self._bar = bar
         glob = self._globals()
         hooks = []
         for prefix, m in glob:
@@ -319,10 +320,7 @@ class StreamedModel:
             if self.on_module:
                 hooks += self.on_module(m, prefix) or []
         try:
-            with progress.phase(desc, total=len(self.layers)) as (bar, summary):
-                self._bar = bar
-                out = self.base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
-                summary.append(f"{len(self.layers)} layers, {ids.shape[1]} tokens")
+            out = self.base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
         finally:
             for h in hooks:
                 h.remove()
@@ -397,7 +395,8 @@ class _Slice:
                 for h in hooks or ():
                     h.remove()
                 owner._empty(layer)
-                owner._bar.update(1)
+                if owner._bar is not None:
+                    owner._bar.update(1)
 
 
 # evaluation and comparison ------------------------------------------------------------------
@@ -435,8 +434,17 @@ def _chunk(tokens: int) -> int:
 def evaluate(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
              progress: Progress = QUIET, desc: str = "evaluating", attn_implementation: str | None = None) -> Evaluation:
     """Loss (mean next-token cross-entropy, as transformers' loss) of `source` on `ids`, streamed."""
+    with progress.phase(desc, total=None) as (bar, summary):
+        ev = _evaluate(source, ids, device, dtype, bar, attn_implementation)
+        summary.append(f"loss {ev.loss:.6f}, {len(ev.streamed.layers)} layers, {ids.shape[1]} tokens")
+    return ev
+
+
+def _evaluate(source, ids, device, dtype, bar, attn_implementation) -> Evaluation:
     sm = StreamedModel(source, device, dtype, attn_implementation)
-    h = sm.hidden(ids, progress, desc)
+    if bar is not None:
+        bar.reset(total=len(sm.layers))
+    h = sm.hidden(ids, bar)
     w, b = sm.head_weights()
     T, V = h.shape[0], w.shape[0]
     labels = ids[0, 1:].to(h.device)

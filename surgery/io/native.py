@@ -34,6 +34,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -502,7 +503,8 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir / WEIGHTS_FILE, planned)
     digests: dict[str, str] = {}
-    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
+               disable=not (progress and sys.stderr.isatty()), leave=False)
     try:
         for p in planned:
             node, d, heads = jobs[p.name]
