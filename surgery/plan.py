@@ -70,7 +70,7 @@ def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
     return out
 
 
-def _cumulative(promises: list[Promise], spec: ModelSpec) -> Promise:
+def cumulative_promise(promises: list[Promise], spec: ModelSpec) -> Promise:
     items = [(p.exactness, p.reason) for p in promises] + state_promise(spec)
     worst = max((e for e, _ in items), key=_RANK.get, default=Exactness.EXACT)
     if worst == Exactness.EXACT:
@@ -144,7 +144,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
                 op=op,
                 state=nxt,
                 promise=promise,
-                cumulative=_cumulative(promises, nxt.spec),
+                cumulative=cumulative_promise(promises, nxt.spec),
                 config_changes=_diff_config(state.spec.config, nxt.spec.config),
                 touched=touched,
                 param_delta=nxt.num_parameters - state.num_parameters,

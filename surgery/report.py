@@ -21,6 +21,10 @@ class StepResult:
     exactness: str
     rule: str
     passed: bool | None  # None: an intermediate approximate step, reported but not judged
+    op_index: int | None = None  # the recipe op after which this state was taken
+    kl_divergence: float = 0.0
+    top1_agreement: float = 1.0
+    reference: str = "source"  # what it was compared with: the source, or the state after the last reinit
 
 
 @dataclass
@@ -43,6 +47,10 @@ class Report:
     broken_by: str | None = None
     dead_slices: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    reference: str = "source"  # what the output was compared with: the source, or the state after the last reinit
+    bound: dict | None = None  # the final verdict's bound per metric (verify.Bound), and its basis
+    failed: list[str] = field(default_factory=list)  # each metric beyond its bound, e.g. "max |dlogit| 8.1 > 0.35"
+    noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.NoiseFloor)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -79,21 +79,6 @@ class StateSource:
         return evaluate(self.state.tensors[name], self.reader, device, dtype)
 
 
-class RoundedSource:
-    """Another source with every floating tensor rounded through a storage dtype (bf16, fp16)."""
-
-    def __init__(self, inner: TensorSource, storage: torch.dtype):
-        self.inner, self.storage = inner, storage
-        self.config, self.where = inner.config, inner.where
-
-    def names(self):
-        return self.inner.names()
-
-    def load(self, name, device, dtype):
-        t = self.inner.load(name, device, dtype)
-        return t.to(self.storage).to(dtype) if t.is_floating_point() else t
-
-
 def open_source(path: Path) -> CheckpointSource:
     """A checkpoint directory (transformers or Mistral native layout) as a tensor source."""
     from .io.resolve import open_checkpoint
@@ -418,13 +403,19 @@ class Evaluation:
 
 @dataclass
 class Comparison:
-    loss: float
-    rel_change: float
-    max_logit_diff: float
-    mean_logit_diff: float
-    top1_agreement: float
+    """How far one evaluation lies from a reference on the same tokens: what judging reads.
+
+    Logits are compared over the reference's vocabulary (a grown vocab on its first V tokens), in
+    float64. Every field is a sum or a max over tokens, so it is accumulated chunk by chunk.
+    """
+    loss: float  # the candidate's mean next-token loss
+    rel_change: float  # (loss - reference loss) / |reference loss|
+    max_logit_diff: float  # max over tokens and vocab of |logit difference|
+    mean_logit_diff: float  # mean over tokens and vocab of |logit difference|
+    top1_agreement: float  # share of tokens whose argmax (greedy next token) agrees
     kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
     compared_vocab: int
+    reference_loss: float = math.nan
 
 
 def _chunk(tokens: int) -> int:
@@ -506,4 +497,5 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
         top1_agreement=float((ref.top1 == top1).double().mean()),
         kl_divergence=max(float(kl), 0.0),
         compared_vocab=v,
+        reference_loss=ref.loss,
     )

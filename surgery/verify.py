@@ -1,13 +1,14 @@
 """Proof that the function was kept: loss and logits of source and output, run by transformers.
 
 Every comparison runs the models with stock transformers code (or the code shipped with a patched
-checkpoint), in float32 by default, on the same tokens. Each step is judged by the rule its
+checkpoint), in float32 by default, on the same tokens, one decoder layer at a time (`runner`). Each step is judged by the rule its
 promise implies: exact ops against float rounding, approximate ones against the recipe tolerance.
 """
 from __future__ import annotations
 
 import builtins
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,25 +16,25 @@ import torch
 
 from .errors import SurgeryError
 from .gradient_flow import dead_slices
+from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
-from .runner import (QUIET, CheckpointSource, Comparison, Progress, RoundedSource, StateSource, StreamedModel, TensorSource,
+from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
                      compare, evaluate, open_source)
 
 if TYPE_CHECKING:
     from .plan import Plan
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-# Relative loss change accepted for a step promised exact, by evaluation precision.
-# Relative loss change accepted for an exact step, by the precision the comparison is made in.
-# A bf16/fp16 output rounds every grown weight once more than the (equally rounded) reference:
-# two units of roundoff of that format.
-EXACT_TOLERANCE = {
-    torch.float32: 1e-5,
-    torch.float64: 1e-10,
-    torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps,
-    torch.float16: 2 * torch.finfo(torch.float16).eps,
-}
+# An exact step is judged against rounding noise measured on its reference (see NoiseFloor): the
+# candidate and the reference each carry their own rounding, so their distance may reach twice one
+# rounding's (KL, quadratic in small logit moves, four times).
+MARGIN = 2.0
+# Whatever rounding explains, a model whose greedy next token differs on more than 1 token in 100
+# is not the same model: an exact verdict also needs this top-1 agreement. (Within the max |dlogit|
+# bound B a token's argmax can only flip where the reference's top two are within 2B: near-ties.)
+MIN_TOP1_AGREEMENT = 0.99
+HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def license_text() -> str:
@@ -117,15 +118,123 @@ def calibration_ids(source_dir: Path, data: str, max_tokens: int, vocab_size: in
     return tokenize(source_dir, data, max_tokens)
 
 
-def judge(promise: Promise, cmp: Comparison, tolerance: float, dtype: torch.dtype, vocab_size: int) -> tuple[bool, str]:
-    """Which rule applies to a step, and whether it held."""
+@dataclass
+class NoiseFloor:
+    """How far rounding alone moves a reference model's logits, measured on that model and tokens.
+
+    compute: the model evaluated in float32 against float64 (for a float64 model: its weights
+      rounded to float32 and run so); what evaluating in the compute precision costs.
+    storage: every weight of the model multiplied by (1 + d), d uniform in [-u, u] (seeded), u the
+      unit roundoff of the half-precision dtype the output stores rounded tensors in: one rounding
+      of every weight into that dtype, on any source (a bf16 source's own round trip would be the
+      identity). None when nothing is stored coarser than float32.
+    """
+    compute: Comparison
+    storage: Comparison | None = None
+    storage_dtype: torch.dtype | None = None
+
+
+@dataclass
+class Bound:
+    """The largest distance from its reference a step may show and still pass; `basis` says why."""
+    max_logit_diff: float
+    mean_logit_diff: float
+    kl_divergence: float
+    min_top1_agreement: float
+    max_rel_change: float  # inf: the loss is not judged separately (exact steps: it follows from the logits)
+    basis: str
+
+    def exceeded(self, cmp: Comparison) -> list[str]:
+        """One phrase per metric beyond its bound, e.g. 'max |dlogit| 8.1 > 0.35'."""
+        out = []
+        if not cmp.max_logit_diff <= self.max_logit_diff:
+            out.append(f"max |dlogit| {cmp.max_logit_diff:.3g} > {self.max_logit_diff:.3g}")
+        if not cmp.mean_logit_diff <= self.mean_logit_diff:
+            out.append(f"mean |dlogit| {cmp.mean_logit_diff:.3g} > {self.mean_logit_diff:.3g}")
+        if not cmp.kl_divergence <= self.kl_divergence:
+            out.append(f"KL {cmp.kl_divergence:.3g} > {self.kl_divergence:.3g}")
+        if not cmp.top1_agreement >= self.min_top1_agreement:
+            out.append(f"top-1 agreement {cmp.top1_agreement:.4f} < {self.min_top1_agreement:.4f}")
+        if not abs(cmp.rel_change) <= self.max_rel_change:
+            out.append(f"|rel change| {abs(cmp.rel_change):.3g} > {self.max_rel_change:.3g}")
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        if math.isfinite(self.max_logit_diff):
+            parts += [f"max |dlogit| <= {self.max_logit_diff:.3g}", f"mean <= {self.mean_logit_diff:.3g}"]
+        parts.append(f"KL <= {self.kl_divergence:.3g}")
+        if self.min_top1_agreement > 0:
+            parts.append(f"top-1 >= {self.min_top1_agreement:.4g}")
+        if math.isfinite(self.max_rel_change):
+            parts.insert(0, f"|rel change| <= {self.max_rel_change:.3g}")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _noise_parts(floor: NoiseFloor, rounded: bool) -> list[Comparison]:
+    return [floor.compute] + ([floor.storage] if rounded and floor.storage is not None else [])
+
+
+def exact_bound(floor: NoiseFloor, rounded: bool) -> Bound:
+    """An exact step: the compute precision's noise, plus one storage rounding where the step's
+    weights were rounded into half precision (the written output), each times MARGIN."""
+    parts = _noise_parts(floor, rounded)
+    what = "float32 evaluation" + (f" + {HALF[floor.storage_dtype]} rounding" if len(parts) > 1 else "")
+    return Bound(
+        max_logit_diff=MARGIN * sum(c.max_logit_diff for c in parts),
+        mean_logit_diff=MARGIN * sum(c.mean_logit_diff for c in parts),
+        kl_divergence=MARGIN ** 2 * sum(c.kl_divergence for c in parts),
+        min_top1_agreement=MIN_TOP1_AGREEMENT,
+        max_rel_change=math.inf,
+        basis=f"{MARGIN:g}x measured noise of {what}",
+    )
+
+
+def approximate_bound(tolerance: float, floor: NoiseFloor, rounded: bool, reference_loss: float) -> Bound:
+    """The loss may move by `tolerance` either way, and KL(reference || output), the rise of the
+    output's cross-entropy against the reference's own predictions, by tolerance x reference loss;
+    the measured rounding noise comes on top. Logit distances and top-1 are reported, not judged."""
+    parts = _noise_parts(floor, rounded)
+    return Bound(
+        max_logit_diff=math.inf, mean_logit_diff=math.inf,
+        kl_divergence=tolerance * abs(reference_loss) + MARGIN ** 2 * sum(c.kl_divergence for c in parts),
+        min_top1_agreement=0.0,
+        max_rel_change=tolerance + MARGIN * sum(abs(c.rel_change) for c in parts),
+        basis=f"tolerance {tolerance:g}, KL relative to the reference loss {reference_loss:.4g}",
+    )
+
+
+@dataclass
+class Verdict:
+    passed: bool | None  # None: an intermediate approximate step, reported but not judged
+    rule: str
+    failed: list[str] = field(default_factory=list)
+    bound: Bound | None = None
+
+
+def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float, vocab_size: int,
+          rounded: bool = False) -> Verdict:
+    """Which rule applies to a step, and whether it held; `rounded`: the step's weights were
+    stored in the floor's half-precision dtype."""
     if promise.exactness == Exactness.REINIT:
         bound = 2 * math.log(vocab_size)
-        return cmp.loss <= bound, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}"
+        ok = cmp.loss <= bound
+        return Verdict(ok, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}",
+                       [] if ok else [f"initial loss {cmp.loss:.3f} > {bound:.3f}"])
     if promise.exactness in (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE):
-        tol = EXACT_TOLERANCE[dtype]  # the precision in use, not the recipe's tolerance (that is for approximations)
-        return abs(cmp.rel_change) <= tol, f"{promise.exactness.value}: |rel change| <= {tol:g} ({str(dtype)[6:]} rounding)"
-    return cmp.rel_change <= tolerance, f"approximate: rel change <= tolerance {tolerance:g}"
+        b, head = exact_bound(floor, rounded), promise.exactness.value
+        if rounded and floor.storage_dtype is not None:
+            head += f" up to {HALF[floor.storage_dtype]} storage"
+    else:
+        b, head = approximate_bound(tolerance, floor, rounded, cmp.reference_loss), "approximate"
+    failed = b.exceeded(cmp)
+    rule = f"{head}: {b.describe()} ({b.basis})"
+    if failed:
+        rule += "; beyond: " + ", ".join(failed)
+    return Verdict(not failed, rule, failed, b)
 
 
 def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -162,11 +271,54 @@ def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.devi
     return name, gains[name]
 
 
+@dataclass
+class Reference:
+    """What later steps are compared with: the source, or the state right after the last reinit."""
+    label: str
+    evaluation: Evaluation  # in the compute dtype
+    floor: NoiseFloor
+
+
+class DitheredSource:
+    """Another source whose every weight is multiplied by (1 + d), d uniform in [-u, u] with u the unit
+    roundoff of `dtype`: one rounding into `dtype` as the standard model of floating point has it,
+    seeded per tensor name (a tied head sees its embedding's dither)."""
+
+    def __init__(self, inner: TensorSource, dtype: torch.dtype, seed: int = 0):
+        self.inner, self.u, self.seed = inner, torch.finfo(dtype).eps / 2, seed
+        self.config, self.where = inner.config, inner.where
+
+    def names(self):
+        return self.inner.names()
+
+    def load(self, name, device, dtype):
+        w = self.inner.load(name, device, dtype)
+        if not w.is_floating_point():
+            return w
+        d = 2 * torch.rand(w.shape, generator=generator("dither", self.seed, name), dtype=w.dtype) - 1
+        return w.mul_(1 + self.u * d.to(w.device))
+
+
+def measure_reference(label: str, source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                      storage: torch.dtype | None, progress: Progress = QUIET) -> Reference:
+    """Evaluate a reference and measure its noise floor (each model streamed layer by layer)."""
+    ev = evaluate(source, ids, device, dtype, progress, f"evaluating {label}")
+    stored = None
+    if storage is not None:
+        stored = compare(ev, evaluate(DitheredSource(source, storage), ids, device, dtype, progress,
+                                      f"noise floor: {label} with {_name(storage)} rounding"))
+    probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
+    probe = evaluate(source, ids, device, probe_dtype, progress, f"noise floor: {label} in {_name(probe_dtype)}")
+    return Reference(label, ev, NoiseFloor(compare(ev, probe), stored, storage))
+
+
 def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None,
                 progress: Progress = QUIET) -> Report:
     """Loss and logits of the source, of every intermediate step (per_op), and of the written output.
 
-    Every model is run layer by layer (`runner`): the source and the output from their files, each
+    Steps are compared with the source, or, after a `reinit`, with the state right after the last
+    one (which itself is judged by its initial loss): what later ops promise is relative to it.
+    Every model runs layer by layer (`runner`): the source and the output from their files, each
     intermediate step from the lazy tensor graph, so memory holds one layer, never a model.
     """
     from .execute import compute_dtype_for
@@ -175,83 +327,101 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     dtype = compute_dtype_for(p.initial)
     if ids is None:
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
-    source = CheckpointSource(p.checkpoint, str(p.source_dir))
-    ref = evaluate(source, ids, device, dtype, progress, "evaluating source")
-    # A lower-precision output is judged against the source rounded to the same precision, so the
-    # check measures the surgery, not the cast; the report says so.
-    storage = _storage_dtype(p)
-    ref_final, judged_in = ref, dtype
-    if storage is not None:
-        ref_final = evaluate(RoundedSource(source, storage), ids, device, dtype, progress,
-                             f"evaluating source rounded to {_name(storage)}")
-        judged_in = storage
+    storage = half_storage(p)
     vocab = p.initial.spec.vocab_size
+    ref = measure_reference("source", CheckpointSource(p.checkpoint, str(p.source_dir)), ids, device, dtype, storage, progress)
+    source = ref
+    reinit_at = max((s.index for s in p.steps if s.promise.exactness == Exactness.REINIT), default=None)
     steps: list[StepResult] = []
     dead: list[dict] = []
-    broken = None
-    final_cmp = None
+    final = None
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
-        if not (v.per_op or last):
+        new_reference = step.index == reinit_at and not last
+        if not (v.per_op or last or new_reference):
             continue
+        promise = step.cumulative if reinit_at is None or step.index <= reinit_at else _promise_after(p, reinit_at, step)
+        label = f"ops[{step.index}] {step.op.op}"
         if last:
             evaluated = open_source(out_dir)
-            cmp = compare(ref_final, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
+            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
             dead = dead_slices(evaluated, ids, p.final.new_slices, device, dtype, progress=progress)
-            ok, rule = judge(step.cumulative, cmp, v.tolerance, judged_in, vocab)
+            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
+        elif new_reference:
+            evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
+            ref = measure_reference(label, evaluated, ids, device, dtype, storage, progress)
+            cmp = compare(source.evaluation, ref.evaluation)
+            verdict = judge(promise, cmp, source.floor, v.tolerance, vocab)
         else:
-            evaluated = StateSource(step.state, p.checkpoint, f"after ops[{i}] ({step.op.op})")
-            cmp = compare(ref, evaluate(evaluated, ids, device, dtype, progress, f"evaluating ops[{i}] {step.op.op}"))
-            ok, rule = judge(step.cumulative, cmp, v.tolerance, dtype, vocab)
-        if ok is False and step.cumulative.exactness == Exactness.REINIT:
+            evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
+            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}"))
+            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
+        if verdict.passed is False and promise.exactness == Exactness.REINIT:
             name, gain = variance_culprit(evaluated, ids, device, dtype)
-            rule += f"; {name} amplifies its input's std {gain:.1f}x"
-        if not last and step.cumulative.exactness == Exactness.APPROXIMATE:
-            ok, rule = None, "approximate so far: informational, later ops may restore it"
-        steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff,
-                                step.cumulative.exactness.value, rule, ok))
+            verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
+        if not last and promise.exactness == Exactness.APPROXIMATE:
+            verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
+        steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff, promise.exactness.value,
+                                verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
+                                ref.label if not new_reference else source.label))
         if last:
-            final_cmp = (cmp, ok, rule)
-        elif ok is False and broken is None:
-            broken = f"ops[{i}] {step.op.op}"
-    if final_cmp is None:  # no ops: a plain copy
-        cmp = compare(ref, evaluate(open_source(out_dir), ids, device, dtype, progress, "evaluating output"))
-        ok, rule = judge(p.promise, cmp, v.tolerance, dtype, vocab)
-        final_cmp = (cmp, ok, rule)
-    cmp, ok, rule = final_cmp
+            final = (cmp, verdict)
+    if final is None:  # no ops: a plain copy
+        cmp = compare(ref.evaluation, evaluate(open_source(out_dir), ids, device, dtype, progress, "evaluating output"))
+        final = (cmp, judge(p.promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None))
+    cmp, verdict = final
+    ok, rule = verdict.passed, verdict.rule
     if dead:
         ok = False
         rule += f"; {len(dead)} new slice(s) get no gradient"
-    if not ok and broken is None and p.steps:
-        broken = _first_failing(steps, p)
+    broken = broken_by(steps, p) if not ok else None
     return Report(
-        loss_source=ref.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        loss_source=source.evaluation.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
-        precision=_name(dtype) + (f" compute, weights stored as {_name(storage)} (reference rounded alike)" if storage else ""),
-        steps=steps, broken_by=broken if not ok else None, dead_slices=dead,
+        precision=_name(dtype) + (f" compute, rounded weights stored as {_name(storage)} (judged against measured "
+                                  f"{_name(storage)} rounding noise)" if storage else ""),
+        steps=steps, broken_by=broken, dead_slices=dead, reference=ref.label,
+        bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
+        noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
     )
+
+
+def broken_by(steps: list[StepResult], p: Plan) -> str | None:
+    """The op (or the ops) between the last state that passed and the first that failed: with
+    per_op: false or approximate intermediate steps, one state cannot name one op."""
+    good = -1  # the source
+    for s in steps:
+        if s.passed is False:
+            first = good + 1
+            if first == s.op_index:
+                return f"ops[{first}] {p.steps[first].op.op}"
+            return f"one of ops[{first}..{s.op_index}] ({', '.join(st.op.op for st in p.steps[first:s.op_index + 1])})"
+        if s.passed:
+            good = s.op_index
+    return None
+
+
+def _promise_after(p: Plan, start: int, step) -> Promise:
+    """What the ops after the re-init at ops[start] promise, relative to the state it left."""
+    from .plan import cumulative_promise
+
+    pr = cumulative_promise([s.promise for s in p.steps if start < s.index <= step.index], step.state.spec)
+    return Promise(pr.exactness, f"relative to the state after ops[{start}] reinit: {pr.reason}")
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _storage_dtype(p: Plan) -> torch.dtype | None:
-    """The output's dtype when it is coarser than the source's, else None."""
-    from .execute import DTYPES
+def half_storage(p: Plan) -> torch.dtype | None:
+    """The half-precision dtype the output rounds computed or cast tensors into (the coarser of
+    bfloat16 and float16 if both), else None."""
+    from .execute import output_tensors
 
     out = p.loaded.recipe.output_spec
-    if out is None or out.dtype == "auto":
-        return None
-    storage = DTYPES[out.dtype]
-    src = max((t.dtype for t in p.initial.tensors.values() if t.dtype.is_floating_point), key=lambda d: d.itemsize)
-    return storage if storage.itemsize < src.itemsize else None
+    rounded = {target for _, node, target in output_tensors(p.final, out.dtype if out else "auto")
+               if target in HALF and (node.fn is not None or node.dtype != target)}
+    return max(rounded, key=lambda d: torch.finfo(d).eps) if rounded else None
 
-
-def _first_failing(steps: list[StepResult], p: Plan) -> str | None:
-    for s, step in zip(steps, p.steps):
-        if s.passed is False:
-            return f"ops[{step.index}] {step.op.op}"
-    return None
