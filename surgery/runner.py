@@ -220,11 +220,37 @@ class Progress:
 QUIET = Progress(False)
 
 
+def return_freed_memory() -> None:
+    """Make glibc give freed blocks above 1 MiB back to the system.
+
+    glibc serves blocks below a threshold from its heap, and raises that threshold (up to 32 MiB)
+    each time a larger block is freed: a layer's weights and activations then come from a heap that
+    fragments and never shrinks, and resident memory grew by ~25 MB per layer streamed (1.5 GB after
+    24 layers of a 1 GB model). A fixed threshold keeps it flat. Elsewhere (macOS, musl) a no-op.
+    """
+    global _RETURNING
+    if _RETURNING:
+        return
+    _RETURNING = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, which also stops its dynamic growth
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: free heap tops above 1 MiB go back too
+    except (OSError, AttributeError):
+        pass
+
+
+_RETURNING = False
+
+
 class StreamedModel:
     """A stock transformers model whose weights live in a tensor source and visit memory one layer at a time."""
 
     def __init__(self, source: TensorSource, device: torch.device, dtype: torch.dtype,
                  attn_implementation: str | None = None):
+        return_freed_memory()
         self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.model = skeleton(source.config, dtype, self.device, attn_implementation, where=source.where)
         self.config = self.model.config
