@@ -47,7 +47,7 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
                         dtype: str = "float32", device: str = "auto", progress: bool = False) -> PairReport:
     """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
     from .execute import pick_device
-    from .runner import Progress, compare, evaluate, open_source
+    from .runner import Progress, StreamedModel, compare, evaluate, open_source
     from .verify import calibration_ids
 
     t0 = time.perf_counter()
@@ -55,7 +55,9 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     dev = pick_device(device)
     show = Progress(progress)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
-    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)  # both described before any weight is read
+    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)
+    for src in (ref_src, cand_src):  # both must load cleanly before either is run
+        StreamedModel(src, dev, dt)
     ids = calibration_ids(ref_dir, data, max_tokens, int(ref_src.config.get("vocab_size") or 0))
     if data != "random":
         check_tokenizers(ref_dir, cand_dir, data, ids, show)

@@ -210,3 +210,13 @@ def test_layer_local_gradient_check_agrees_with_the_whole_model_backward(family,
     if ops != 1:
         local = {d["tensor"]: d["dead"] for d in dead_slices(grown, ids, slices)}
         assert local and local == global_dead(grown, ids, slices)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine; runs where one is lent")
+def test_layers_stream_through_the_gpu_and_agree_with_the_cpu():
+    model = make_model(make_config("qwen2", tied=True), dtype=torch.float32)
+    ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(7))
+    cpu = evaluate(model_source(model), ids, CPU, torch.float32)
+    gpu = evaluate(model_source(model), ids, torch.device("cuda"), torch.float32)
+    assert gpu.hidden.device.type == "cuda" and math.isclose(gpu.loss, cpu.loss, rel_tol=1e-5)
+    assert compare(cpu, gpu).max_logit_diff < 1e-4
