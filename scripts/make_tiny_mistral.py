@@ -14,7 +14,9 @@ Deterministic, CPU only (one thread), no network, about a minute:
 3. Writes it with surgery's own native writer (``surgery.io.native.write_native``):
    ``consolidated.safetensors`` (native names, interleaved rotary rows) and ``params.json``.
    Beside ``tokenizer.model`` it saves ``tokenizer.json``/``tokenizer_config.json`` converted
-   from it (``native_tokenizer``), so ``AutoTokenizer.from_pretrained(dir)`` works without protobuf.
+   from it by transformers' own converter (``surgery.io.tokenizer.hf_tokenizer_from_native``,
+   needs protobuf), so ``AutoTokenizer.from_pretrained(dir)`` works. (The committed asset's
+   tokenizer.json was made by an earlier hand-written converter; tests check both encode alike.)
 4. Reads the folder back through ``NativeCheckpoint`` and checks the loss is the trained model's.
 """
 from __future__ import annotations
@@ -118,16 +120,17 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     from surgery.io.checkpoint import InMemoryCheckpoint
-    from surgery.io.native import NativeCheckpoint, native_tokenizer, write_native
+    from surgery.io.native import NativeCheckpoint, write_native
+    from surgery.io.tokenizer import hf_tokenizer_from_native
     from surgery.spec import ModelSpec
     from surgery.state import ModelState
-    from surgery.verify import model_from_tensors
+    from surgery.runner import model_from_tensors
 
     text = TEXT.read_text(encoding="utf-8")
     tmp = Path(tempfile.mkdtemp(prefix="tiny-mistral-"))
     try:
         (tmp / "tokenizer.model").write_bytes(train_tokenizer(text))
-        tok = native_tokenizer(tmp)
+        tok = hf_tokenizer_from_native(tmp / "tokenizer.model")
         ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
         assert tok.decode(ids, skip_special_tokens=True) == text, "tokenizer does not round-trip the license text"
         print(f"license text: {len(text)} chars, {ids.numel()} tokens (vocab {VOCAB}, BOS first)")

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import sys
 import time
-
-import torch
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
 from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
-from .io.native import add_hf_tokenizer, write_native
+from .io.native import write_native
 from .io.resolve import resolve_source
+from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
-from .recipe.loader import LoadedRecipe, load_recipe
+from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .runner import Progress, model_from_tensors
 from .verify import verify_plan
@@ -41,8 +42,10 @@ def load(recipe: str | Path, sets: list[str] | None = None, source: str | None =
 
 
 def validate(recipe: str | Path, **overrides) -> LoadedRecipe:
-    """Schema check only: no source is read."""
-    return load(recipe, **overrides)
+    """Schema check and the recipe's files (verification data); no source is read."""
+    loaded = load(recipe, **overrides)
+    check_paths(loaded)
+    return loaded
 
 
 def plan(recipe: str | Path | LoadedRecipe, **overrides) -> Plan:
@@ -72,7 +75,10 @@ def run(
     out_spec = r.output_spec
     if out_spec is None:
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
+    check_paths(loaded, data=verify)  # before any weight is written
     p = plan(loaded)
+    if verify:
+        text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing
     try:
         dev = pick_device(device or r.device)
     except SurgeryError as e:
@@ -89,7 +95,7 @@ def run(
             written = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
-        add_hf_tokenizer(p.source_dir, tmp)
+        add_hf_tokenizer(tmp)
         write_resolved_recipe(loaded, p, tmp)
         surgery_seconds = time.perf_counter() - t0
         if progress:

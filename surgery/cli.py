@@ -139,7 +139,7 @@ def _run(args) -> int:
         return handler(args)
     kw = dict(sets=args.sets, source=args.source, output=args.output, libraries=args.library)
     if args.command == "validate":
-        loaded = api.load(args.recipe, **kw)
+        loaded = api.validate(args.recipe, **kw)
         print(f"{loaded.file}: ok ({len(loaded.recipe.ops)} ops)")
         return 0
     if args.command == "plan":

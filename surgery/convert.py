@@ -11,7 +11,7 @@ import sys
 
 def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
     """The LoadedRecipe of a conversion (no ops)."""
-    from .recipe.loader import validate_recipe
+    from .recipe.loader import resolve_paths, validate_recipe
 
     data = {
         "name": f"convert-to-{to}",
@@ -20,6 +20,7 @@ def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
         "output": {"path": output, "format": to, "dtype": dtype},
         "ops": [],
     }
+    resolve_paths(data, {}, {("source",): "surgery convert", ("output",): "surgery convert"}, {}, "surgery convert")
     return validate_recipe(data, "surgery convert")
 
 

@@ -90,20 +90,10 @@ def dataset_text(path: Path, max_chars: int = 2_000_000) -> str:
 
 
 def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    from .io.tokenizer import text_encoder
 
-    from .io.native import is_native, native_tokenizer
-
-    try:
-        tok = native_tokenizer(source_dir) if is_native(source_dir) else AutoTokenizer.from_pretrained(str(source_dir))
-    except SurgeryError:
-        raise
-    except Exception as e:  # transformers raises many types for a missing tokenizer
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}{': ' + why if why else ''}); verification "
-                           "needs one: set verify.data: random (seeded token ids), or pass --no-verify",
-                           where=str(source_dir)) from None
-    ids = tok(load_text(data), return_tensors="pt")["input_ids"][:, :max_tokens]
+    encode = text_encoder(source_dir)
+    ids = torch.tensor([encode(load_text(data))], dtype=torch.long)[:, :max_tokens]
     if ids.shape[1] < 2:
         raise SurgeryError("verification data gives fewer than 2 tokens", where=f"verify.data {data}")
     return ids

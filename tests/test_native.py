@@ -23,7 +23,8 @@ from surgery import api
 from surgery.cli import main
 from surgery.convert import add_convert_parser, convert_recipe, run_convert
 from surgery.errors import SurgeryError
-from surgery.io.native import NativeCheckpoint, is_native, native_tokenizer, params_to_config, read_params
+from surgery.io.native import NativeCheckpoint, is_native, params_to_config, read_params
+from surgery.io.tokenizer import hf_tokenizer_from_native, text_encoder
 from surgery.runner import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,17 +174,17 @@ def test_tiny_mistral_has_a_low_loss_on_its_training_text():
     assert loss < 0.5
 
 
-def test_native_tokenizer_equals_sentencepiece_and_the_shipped_tokenizer_json():
+def test_native_tokenizer_read_by_its_library_equals_sentencepiece_transformers_conversion_and_the_shipped_json():
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
-    ours, shipped = native_tokenizer(TINY), AutoTokenizer.from_pretrained(TINY)
+    ours, converted, shipped = text_encoder(TINY), hf_tokenizer_from_native(TINY / "tokenizer.model"), AutoTokenizer.from_pretrained(TINY)
     text = (ROOT / "surgery" / "assets" / "python-license.txt").read_text()
-    for s in (text, "  indented\n\tline ✓ 42", "<s> is text here", "Ünïcødé"):
+    for s in (text, "  indented\n\tline ✓ 42", "Ünïcødé"):
         want = [sp.bos_id()] + sp.encode(s)
-        assert ours(s)["input_ids"] == want and shipped(s)["input_ids"] == want, s
-    assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == text
+        assert ours(s) == want and converted(s)["input_ids"] == want and shipped(s)["input_ids"] == want, s
+    assert converted.decode(converted(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_missing_rope_theta_defaults_to_10000_and_kv_heads_to_n_heads(tmp_path):

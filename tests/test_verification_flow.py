@@ -11,7 +11,7 @@ def test_missing_verification_data_fails_before_any_weight_is_written(tmp_path, 
                      f"verify:\n  data: {tmp_path / 'nope.txt'}\n")
     assert main(["run", str(r), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "verify.data" in err and "not found" in err
+    assert "recipe.yaml:7" in err and "not found" in err
     assert not (tmp_path / "o").exists()
 
 

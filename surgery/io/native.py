@@ -3,7 +3,8 @@
 A native folder holds `params.json` (dim, n_layers, head_dim, hidden_dim, n_heads, n_kv_heads,
 norm_eps, sliding_window, vocab_size, sometimes rope_theta and max_seq_len), the weights as
 `consolidated.safetensors` (newer releases) or `consolidated.NN.pth` (plain pickled state dicts),
-and a sentencepiece `tokenizer.model`. No `config.json`.
+and a tokenizer (`tekken.json` or a sentencepiece `tokenizer.model[.vN]`, read by `tokenizer.py`
+with the libraries that own them; its bos/eos/pad ids go into the config). No `config.json`.
 
 `NativeCheckpoint` poses as a transformers checkpoint (`Checkpoint`'s interface: `.config` a
 MistralConfig-style dict, `.tensors` transformers names and shapes, `.load(name)` one tensor in
@@ -42,6 +43,7 @@ import torch
 
 from ..errors import SurgeryError
 from .checkpoint import _ST_DTYPES, TensorMeta, load_pickle, read_safetensors_header
+from .tokenizer import special_token_ids
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"
@@ -335,6 +337,7 @@ class NativeCheckpoint:
         self._index()
         emb = self.tensors["model.embed_tokens.weight"].dtype
         self.config = params_to_config(self.params, emb)
+        self.config.update(special_token_ids(self.path))  # params.json has no token ids
 
     # index -------------------------------------------------------------------------------
     def _file_tensors(self, f: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -524,75 +527,3 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
         for f in sorted(Path(src).glob("tokenizer.model*")):
             shutil.copyfile(f, out_dir / f.name)
     return digests
-
-
-# tokenizer helpers ---------------------------------------------------------------------------
-
-_PROBES = ("Hello world", "  two  spaces\tand a tab\nnew line", "Ünïcødé ✓ 1234", "ＡＢＣ full width", "<s> literal")
-
-
-def native_tokenizer(path: Path):
-    """A transformers fast tokenizer equal to the folder's sentencepiece `tokenizer.model`.
-
-    Built from sentencepiece's own API (vocab, scores, byte pieces), so it needs `sentencepiece` but
-    not `protobuf`, which transformers' converter wants. It mirrors a BPE model with byte fallback,
-    identity normalisation and a dummy prefix, as Mistral's tokenizers are; the result is checked
-    against sentencepiece on probe strings, and a tokenizer.model it cannot reproduce is an error.
-    """
-    path = Path(path)
-    models = sorted(path.glob("tokenizer.model*"))
-    if not models:
-        raise SurgeryError("no tokenizer.model", where=str(path))
-    try:
-        import sentencepiece as spm
-    except ImportError:
-        raise SurgeryError("reading tokenizer.model needs sentencepiece: pip install 'surgery[native]'", where=str(models[0])) from None
-    from tokenizers import Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    sp = spm.SentencePieceProcessor(model_file=str(models[0]))
-    n = sp.get_piece_size()
-    vocab = {sp.id_to_piece(i): i for i in range(n)}
-    special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)}
-    mergeable = {sp.id_to_piece(i) for i in range(n) if i not in special}
-    merges = []
-    for i in range(n):
-        piece = sp.id_to_piece(i)
-        if i in special:
-            continue
-        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in mergeable and piece[k:] in mergeable]
-        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-        merges.extend((sp.get_score(i), l, r) for l, r in local)
-    merges.sort(key=lambda m: (-m[0], len(m[1]), len(m[2])))  # sentencepiece merges the best-scoring piece first
-    unk = sp.id_to_piece(sp.unk_id())
-    tok = Tokenizer(BPE(vocab=vocab, merges=[(l, r) for _, l, r in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    kw = {"unk_token": unk}
-    if sp.bos_id() >= 0:
-        bos = sp.id_to_piece(sp.bos_id())
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, sp.bos_id())])
-        kw["bos_token"] = bos
-    if sp.eos_id() >= 0:
-        kw["eos_token"] = sp.id_to_piece(sp.eos_id())
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, split_special_tokens=True, clean_up_tokenization_spaces=False, **kw)
-    for probe in _PROBES:
-        got = fast(probe, add_special_tokens=False)["input_ids"]
-        if got != sp.encode(probe):
-            raise SurgeryError("tokenizer.model uses settings (normalisation or model type) surgery cannot reproduce without "
-                               "protobuf; install protobuf and load it with transformers", where=str(models[0]))
-    return fast
-
-
-def add_hf_tokenizer(source_dir: Path, out_dir: Path) -> bool:
-    """Give an output that has only tokenizer.model a tokenizer.json AutoTokenizer can load (best effort)."""
-    out_dir = Path(out_dir)
-    if not (out_dir / "tokenizer.model").is_file() or (out_dir / "tokenizer.json").exists() or (out_dir / "tokenizer_config.json").exists():
-        return False
-    try:
-        native_tokenizer(out_dir).save_pretrained(str(out_dir))
-    except Exception:  # a convenience only: the model is written and verified either way
-        return False
-    return True

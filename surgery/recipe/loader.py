@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,36 @@ def _positions(node: yaml.Node, path: tuple, file: str, out: dict) -> None:
             _positions(v, path + (i,), file, out)
 
 
+class RecipeYamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that an unquoted `+N` stays the relative size "+N".
+
+    YAML reads the plain scalar `+200` as the integer 200, which would silently turn "grow by 200"
+    into "grow to 200". The scalar's source text still has its sign, so keep it.
+    """
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+    value = loader.construct_yaml_int(node)
+    if node.style is None and node.value.lstrip().startswith("+"):
+        return f"+{value}"
+    return value
+
+
+RecipeYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document through RecipeYamlLoader (a SafeLoader: Python tags are errors)."""
+    loader = RecipeYamlLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -76,13 +104,13 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
 
 
 def apply_set(data: dict, assignment: str, overridden: dict) -> None:
-    """`--set ops.0.num_heads=48`: a dotted path into the recipe, the value parsed as YAML."""
+    """`--set ops.0.num_heads=48`: a dotted path into the recipe, the value parsed as YAML (`+8` stays relative)."""
     key, sep, raw = assignment.partition("=")
     where = f"--set {assignment}"
     if not sep or not key.strip():
         raise SurgeryError("expected KEY=VALUE with a dotted KEY such as ops.0.num_heads", where=where)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -111,12 +139,18 @@ def apply_set(data: dict, assignment: str, overridden: dict) -> None:
     overridden[tuple(path)] = where
 
 
-def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tuple = ()) -> tuple[dict, dict, str]:
-    """A recipe file with its `extends` chain merged in: (data, positions, file)."""
+def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tuple = (),
+                  bases: dict | None = None) -> tuple[dict, dict, str]:
+    """A recipe file with its `extends` chain merged in: (data, positions, file).
+
+    `bases`, when given, receives each file's directory for relative paths (see `path_base`).
+    """
     from .library import find_recipe
 
     path = find_recipe(str(ref), libraries)
     file = str(path)
+    if bases is not None:
+        bases[file] = path_base(path)
     if file in seen:
         raise SurgeryError(f"extends forms a cycle: {' -> '.join(seen + (file,))}", where=file)
     try:
@@ -138,20 +172,115 @@ def read_document(ref: str | Path, libraries: list[str] | None = None, seen: tup
         return data, positions, file
     if not isinstance(base_ref, str):
         raise SurgeryError("extends takes a recipe name or path", where=positions.get(("extends",), file))
-    local = path.parent / base_ref
     here = positions.get(("extends",), file)
     try:
-        base_path = find_recipe(str(local) if local.is_file() else base_ref, libraries)
+        base_path = find_extended(base_ref, path.parent, libraries)
     except SurgeryError as e:
         raise SurgeryError(f"extends {base_ref!r}: {e.message}", where=here) from None
     if str(base_path) in seen + (file,):
         raise SurgeryError(f"extends forms a cycle: {' -> '.join(seen + (file, str(base_path)))}", where=here)
     try:
-        base, base_pos, _ = read_document(base_path, libraries, seen + (file,))
+        base, base_pos, _ = read_document(base_path, libraries, seen + (file,), bases)
     except SurgeryError as e:
         raise e.located(positions.get(("extends",), file)) from None
     merged, merged_pos = merge(base, base_pos, data, positions)
     return merged, merged_pos, file
+
+
+def path_base(recipe_file: Path) -> Path:
+    """The directory relative paths in this recipe file are taken from.
+
+    A recipe's own directory; but the current directory for the built-in library and hub recipes,
+    whose files live inside the installed package or the download cache, not among the user's files.
+    """
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from .library import BUILTIN
+
+    real = Path(recipe_file).resolve()
+    if real.is_relative_to(BUILTIN.resolve()) or real.is_relative_to(Path(HF_HUB_CACHE).resolve()):
+        return Path.cwd()
+    return Path(os.path.abspath(recipe_file)).parent
+
+
+# Where a recipe names files: (location in the recipe, kind). A mapping form keeps the path under `path`.
+PATH_FIELDS = ((("source",), "source"), (("test_source",), "source"), (("output",), "output"), (("verify", "data"), "data"))
+_SCHEME = re.compile(r"^[A-Za-z][\w+.-]+:")  # builtin:NAME, hf://..., a keyword with a colon (not C:\)
+DATA_KEYWORDS = ("random",)
+
+
+def _is_local_source(value: str, base: Path) -> bool:
+    """A source names a local directory when written as a path or when one exists there; else a hub id."""
+    if _SCHEME.match(value):
+        return False
+    if value.startswith((".", "/", "~")) or os.path.isabs(value):
+        return True
+    return (base / value).exists()
+
+
+def resolve_paths(data: dict, positions: dict, overridden: dict, bases: dict, file: str) -> None:
+    """Make every local path in the recipe absolute, in place.
+
+    Paths written in a recipe file are relative to that file's directory (`path_base`); paths from
+    the command line (`--output`, `--source`, `--set`) to the current directory. Absolute paths make
+    the resolved recipe written beside an output rerun to the same place from anywhere.
+    """
+    for loc, kind in PATH_FIELDS:
+        parent = data
+        for k in loc[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict):
+            continue
+        holder, key = parent, loc[-1]
+        if isinstance(holder.get(key), dict) and kind != "data":
+            holder, key, loc = holder[key], "path", loc + ("path",)
+        value = holder.get(key)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        from_cli = any(loc[:n] in overridden for n in range(1, len(loc) + 1))
+        base = Path.cwd() if from_cli else _defining_base(loc, positions, bases, file)
+        if kind == "source" and not _is_local_source(value, base):
+            continue
+        if kind == "data" and (_SCHEME.match(value) or value in DATA_KEYWORDS):
+            continue
+        holder[key] = os.path.normpath(base / Path(value).expanduser())
+
+
+def _defining_base(loc: tuple, positions: dict, bases: dict, file: str) -> Path:
+    for n in range(len(loc), 0, -1):
+        where = positions.get(loc[:n])
+        if where:
+            return bases.get(where.rsplit(":", 2)[0], bases.get(file, Path.cwd()))
+    return bases.get(file, Path.cwd())
+
+
+def check_paths(loaded: "LoadedRecipe", data: bool = True) -> None:
+    """What `validate` can check without reading a model: a local source and the verification data exist."""
+    src = loaded.recipe.source_spec.path
+    if os.path.isabs(src) and not Path(src).exists():  # made absolute by resolve_paths: a local directory
+        raise SurgeryError(f"source directory not found: {src} (paths in a recipe are relative to the recipe file)",
+                           where=loaded.where(("source",)))
+    value = loaded.recipe.verify.data
+    if not data or _SCHEME.match(value) or value in DATA_KEYWORDS or Path(value).exists():
+        return
+    raise SurgeryError(f"verification data not found: {value} (paths in a recipe are relative to the recipe file); use "
+                       f"builtin:python-license, a text file, a directory of .txt files, or a dataset saved with datasets' "
+                       f"save_to_disk", where=loaded.where(("verify", "data")))
+
+
+def find_extended(ref: str, recipe_dir: Path, libraries: list[str] | None) -> Path:
+    """`extends: REF`: a file next to the extending recipe (`base` finds `base.yaml`), then the library."""
+    from .library import find_recipe
+
+    if ref.startswith("hf://"):
+        return find_recipe(ref, libraries)
+    local = recipe_dir / Path(ref).expanduser()
+    for cand in (local, local.with_name(local.name + ".yaml"), local.with_name(local.name + ".yml")):
+        if cand.is_file():
+            return cand
+    if "/" in ref or os.sep in ref:
+        raise SurgeryError(f"no such recipe file next to the extending recipe ({recipe_dir})")
+    return find_recipe(ref, libraries)
 
 
 def merge(base: dict, base_pos: dict, child: dict, child_pos: dict, path: tuple = ()) -> tuple[dict, dict]:
@@ -206,8 +335,9 @@ def load_recipe(
     output: str | None = None,
     libraries: list[str] | None = None,
 ) -> LoadedRecipe:
-    """Read, merge `extends`, apply overrides, substitute `vars`, validate."""
-    data, positions, file = read_document(path, libraries)
+    """Read, merge `extends`, apply overrides, substitute `vars`, make paths absolute, validate."""
+    bases: dict = {}
+    data, positions, file = read_document(path, libraries, bases=bases)
     overridden: dict = {}
     for s in sets or []:
         apply_set(data, s, overridden)
@@ -224,6 +354,7 @@ def load_recipe(
     if not isinstance(variables, dict):
         raise SurgeryError("vars is a mapping of names to values", where=positions.get(("vars",), file))
     data = substitute(data, variables, positions, overridden, file)
+    resolve_paths(data, positions, overridden, bases, file)
     return validate_recipe(data, file, positions, overridden)
 
 
