@@ -1,7 +1,8 @@
 """Peak memory and time of verification: `surgery run` with verification and `surgery verify`.
 
-Builds a synthetic Llama-shaped float32 checkpoint (default: 24 layers, hidden 1024, MLP 3584,
-vocab 32000, 1.72 GB; the tiny builtin's tokenizer), then measures, each in a fresh process with
+Builds a synthetic Llama-shaped checkpoint (default: float32, 24 layers, hidden 1024, MLP 3584,
+vocab 32000, 1.72 GB; the tiny builtin's tokenizer; `--layers 2 --hidden 4096 --intermediate 11008
+--dtype bfloat16` gives two layers of a 7B Llama), then measures, each in a fresh process with
 /usr/bin/time -v:
 
 * `surgery run` of a `grow_mlp` recipe with `--no-verify` (the transform alone),
@@ -37,7 +38,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, int]:
     return peak, wall, out.returncode
 
 
-def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int) -> float:
+def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int, dtype: str) -> float:
     import torch
     import transformers
 
@@ -45,7 +46,7 @@ def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: i
                                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(path)
     del model
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -60,13 +61,14 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the checkpoint's storage dtype")
     ap.add_argument("--code", default=str(ROOT), help="directory holding the surgery package to measure")
     ap.add_argument("--label", default="this tree")
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(Path(args.code).resolve()))
     work = Path(tempfile.mkdtemp(prefix="surgery-verify-mem-"))
     try:
-        size = build(work / "src", args.layers, args.hidden, args.intermediate, args.vocab, args.hidden // 64)
+        size = build(work / "src", args.layers, args.hidden, args.intermediate, args.vocab, args.hidden // 64, args.dtype)
         recipe = work / "r.yaml"
         recipe.write_text(f"name: m\nsource: {work / 'src'}\nops:\n  - op: grow_mlp\n    intermediate_size: x1.25\n"
                           f"verify:\n  max_tokens: {args.tokens}\n")
@@ -80,7 +82,7 @@ def main() -> None:
                                             "--max-tokens", str(args.tokens)], env)
         rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
         print(f"{args.label}: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
-              f"{size:.2f} GB float32, {args.tokens} tokens")
+              f"{size:.2f} GB {args.dtype}, {args.tokens} tokens")
         print("| command | peak RSS | wall time | result |")
         print("|---|---|---|---|")
         for what, peak, wall, res in rows:
