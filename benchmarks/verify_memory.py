@@ -27,10 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(cmd: list[str], env: dict) -> tuple[float, float, int]:
-    """(peak RSS in MB, wall seconds, exit code) of a command."""
+def measure(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, int]:
+    """(peak RSS in MB, wall seconds, exit code) of a command, run outside any checkout (`python -m`
+    would import the package in its working directory before PYTHONPATH)."""
     t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
     if out.returncode not in (0, 1):
@@ -74,12 +75,12 @@ def main() -> None:
                           f"verify:\n  max_tokens: {args.tokens}\n")
         surgery = [sys.executable, "-m", "surgery"]
         rows = []
-        peak, wall, _ = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--no-verify", "--force"], env)
+        peak, wall, _ = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--no-verify", "--force"], env, work)
         rows.append(("`surgery run` grow_mlp, `--no-verify`", peak, wall, "-"))
-        peak, wall, rc = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--force"], env)
+        peak, wall, rc = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--force"], env, work)
         rows.append(("`surgery run` grow_mlp, verified", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
         peak, wall, rc = measure(surgery + ["verify", str(work / "o"), "--against", str(work / "src"),
-                                            "--max-tokens", str(args.tokens)], env)
+                                            "--max-tokens", str(args.tokens)], env, work)
         rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
         print(f"{args.label}: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
               f"{size:.2f} GB {args.dtype}, {args.tokens} tokens")
