@@ -96,21 +96,20 @@ def model_source(model) -> CheckpointSource:
 # the family's model class --------------------------------------------------------------------
 
 def model_class(config):
-    if getattr(config, "surgery_live_width", None):
-        from .modeling.modeling_surgery import SurgeryStableLmForCausalLM
+    """The stock class for a config, or surgery's patched one (`surgery.modeling`)."""
+    from .modeling import model_class as cls
 
-        return SurgeryStableLmForCausalLM
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
+    return cls(config)
 
 
-def hf_config(config: dict, where: str = "config.json"):
-    from transformers import AutoConfig
+def config_object(config: dict, where: str = "config.json"):
+    """The transformers config object for a config dict (surgery's patched class where patched)."""
+    from .modeling import config_from_dict
+    from .spec import config_errors
 
     try:
-        return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "auto_map"})
-    except (ValueError, TypeError, KeyError) as e:
+        return config_from_dict(config)
+    except (ValueError, TypeError, KeyError, *config_errors()) as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise SurgeryError(f"transformers cannot read the config: {msg}", where=where) from None
 
@@ -139,7 +138,7 @@ def _parameters_on_meta():
 def skeleton(config: dict, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None,
              where: str = "config.json"):
     """The family's stock model for `config`, parameters on `meta`, buffers on `device`."""
-    cfg = hf_config(config, where)
+    cfg = config_object(config, where)
     cls = model_class(cfg)
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     try:
@@ -169,7 +168,7 @@ def _set(module: nn.Module, dotted: str, value: torch.Tensor | None) -> None:
 def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                        attn_implementation: str | None = None):
     """A transformers model holding exactly these tensors."""
-    cfg = hf_config(config_dict)
+    cfg = config_object(config_dict)
     cls = model_class(cfg)
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)

@@ -2,19 +2,23 @@
 
 Compares any two checkpoints (made by surgery or not) on the same tokens. Both run layer by layer
 (`runner`), so memory holds one layer plus the reference's final hidden states, whatever the size.
+The candidate is judged: without --tolerance as the same function (exact, against the rounding
+noise measured on the reference, as `surgery run` judges exact steps), with --tolerance T as an
+approximation (|rel change| <= T and KL <= T x reference loss). Beyond it: exit 1.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import SurgeryError
-from .io.resolve import resolve_source
+from .io.resolve import open_checkpoint, resolve_source
 from .io.writer import file_digests
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -33,40 +37,54 @@ class PairReport:
     precision: str
     compared_vocab: int
     seconds: float
+    passed: bool = True
+    rule: str = ""
+    failed: list[str] = field(default_factory=list)  # each metric beyond its bound
+    bound: dict | None = None
 
     def text(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
         return "\n".join([
             f"loss  reference {self.loss_reference:.6f}  candidate {self.loss_candidate:.6f}  rel change {self.rel_change:+.3e}",
             f"logits  max |diff| {self.max_logit_diff:.3e}  mean |diff| {self.mean_logit_diff:.3e}  (first {self.compared_vocab} tokens of the vocab)",
             f"next-token KL {self.kl_divergence:.3e}  top-1 agreement {self.top1_agreement:.4f}",
             f"{self.tokens} tokens, {self.precision}, {self.seconds:.1f} s",
+            f"verdict {verdict}: {self.rule}",
         ])
 
 
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
-                        dtype: str = "float32", device: str = "auto", progress: bool = False) -> PairReport:
+                        dtype: str = "float32", device: str = "auto", tolerance: float | None = None,
+                        progress: bool = False) -> PairReport:
     """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
     from .execute import pick_device
+    from .ops import Exactness, Promise
     from .runner import Progress, StreamedModel, compare, evaluate, open_source
-    from .verify import calibration_ids
+    from .verify import HALF, calibration_ids, judge, measure_reference
 
     t0 = time.perf_counter()
     dt = DTYPES[dtype]
     dev = pick_device(device)
     show = Progress(progress)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
-    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)
+    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)  # a directory that is no checkpoint: one line now
     for src in (ref_src, cand_src):  # both must load cleanly before either is run
         StreamedModel(src, dev, dt)
     ids = calibration_ids(ref_dir, data, max_tokens, int(ref_src.config.get("vocab_size") or 0))
     if data != "random":
         check_tokenizers(ref_dir, cand_dir, data, ids, show)
-    ref = evaluate(ref_src, ids, dev, dt, show, "evaluating reference")
-    cmp = compare(ref, evaluate(cand_src, ids, dev, dt, show, "evaluating candidate"))
+    half = {m.dtype for m in cand_src.reader.tensors.values() if m.dtype in HALF}
+    storage = max(half, key=lambda d: torch.finfo(d).eps) if half else None
+    ref = measure_reference("reference", ref_src, ids, dev, dt, storage, show)
+    cmp = compare(ref.evaluation, evaluate(cand_src, ids, dev, dt, show, "evaluating candidate"))
+    promise = Promise(Exactness.EXACT if tolerance is None else Exactness.APPROXIMATE, "surgery verify")
+    verdict = judge(promise, cmp, ref.floor, tolerance or 0.0, 0, rounded=storage is not None)
     return PairReport(
-        loss_reference=ref.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        loss_reference=ref.evaluation.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
-        tokens=int(ids.shape[1]), precision=dtype, compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0,
+        tokens=int(ids.shape[1]), precision=dtype + (f", candidate stores {str(storage)[6:]}" if storage else ""),
+        compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0, passed=bool(verdict.passed), rule=verdict.rule,
+        failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None,
     )
 
 
@@ -93,11 +111,26 @@ def check_integrity(output: Path) -> list[str]:
     report = output / "surgery_report.json"
     if not report.is_file():
         raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
-    recorded = json.loads(report.read_text()).get("files_sha256")
-    if not recorded:
+    try:
+        doc = json.loads(report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"not valid JSON ({e}); the report itself was changed", where=str(report)) from None
+    recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
     now = file_digests(output, skip=("surgery_report.json",))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
+
+
+def _token_budget(text: str) -> int:
+    """--max-tokens: a loss needs at least two tokens (one prediction)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: at least 2 tokens (a loss needs one prediction)")
+    return n
 
 
 def add_verify_parser(sub) -> None:
@@ -106,10 +139,16 @@ def add_verify_parser(sub) -> None:
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
     p.add_argument("--data", default="builtin:python-license",
-                   help="builtin:python-license, a text file, a directory of .txt files, a saved dataset, or random (seeded ids)")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="auto")
+                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, a saved "
+                        "dataset, or random (seeded token ids) (default: %(default)s)")
+    p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
+                   help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="precision both models run in (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N; layers stream through it (default: %(default)s)")
+    p.add_argument("--tolerance", type=_tolerance, metavar="T",
+                   help="accept an approximation: |relative loss change| <= T and next-token KL <= T x reference loss "
+                        "(default: the same function, up to the rounding noise measured on the reference)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
 
@@ -125,6 +164,19 @@ def run_verify(args) -> int:
             return 0
     if not args.against:
         raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
-    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, progress=True)
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.tolerance,
+                              progress=True)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
-    return 0
+    return 0 if rep.passed else 1
+
+
+def _tolerance(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0, e.g. 1e-3")
+    return value
