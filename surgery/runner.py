@@ -422,6 +422,7 @@ class Evaluation:
     hidden: torch.Tensor  # (tokens, hidden), final normed
     lse: torch.Tensor  # (tokens,) float64 log-sum-exp over the whole vocabulary
     top1: torch.Tensor  # (tokens,) argmax over the whole vocabulary
+    top_logit: torch.Tensor  # (tokens,) float64 logit of that argmax
     vocab: int
     streamed: StreamedModel
 
@@ -440,7 +441,11 @@ class Comparison:
     top1_agreement: float  # share of tokens whose argmax (greedy next token) agrees
     kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
     compared_vocab: int
-    reference_loss: float = math.nan
+    reference_loss: float = math.nan  # the approximate rule bounds KL relative to it: fill it
+    # Where the greedy tokens disagree, how far apart the reference put the two tokens (its logit of
+    # its own top token minus its logit of the candidate's): max over disagreeing tokens, 0 if none.
+    # A flip at a reference gap <= 2B is what logits moved by at most B can do (a near-tie).
+    max_flip_gap: float = math.inf
 
 
 def _chunk(tokens: int) -> int:
@@ -483,7 +488,7 @@ def _evaluate(source, ids, device, dtype, bar, attn_implementation) -> Evaluatio
         del z
     del w, b
     loss = float((lse[:-1] - target).mean())
-    return Evaluation(loss, h, lse, top1, V, sm)
+    return Evaluation(loss, h, lse, top1, best, V, sm)
 
 
 def compare(ref: Evaluation, other: Evaluation) -> Comparison:
@@ -514,6 +519,11 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
         best, top1 = torch.where(better, m, best), torch.where(better, j + start, top1)
         del a, b, d
     kl = (cross - ref.lse + lse_o).mean()
+    flips = (ref.top1 != top1).nonzero().flatten()
+    gap = 0.0
+    if flips.numel():  # the reference's logits at the candidate's top tokens, one row each
+        at = ref.streamed.logits(hr[flips], wr[top1[flips]], None if br is None else br[top1[flips]], 0, len(flips))
+        gap = float((ref.top_logit[flips] - at.diagonal().double()).max())
     return Comparison(
         loss=other.loss,
         rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
@@ -523,4 +533,5 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
         kl_divergence=max(float(kl), 0.0),
         compared_vocab=v,
         reference_loss=ref.loss,
+        max_flip_gap=gap,
     )

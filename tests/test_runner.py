@@ -36,8 +36,11 @@ def oracle_compare(ref_logits, ref_loss, logits, loss):
     a, b = ref_logits.double(), logits[..., :v].double()
     diff = (a - b).abs()
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    top_a, top_b = a.argmax(-1), b.argmax(-1)
+    gaps = a.gather(-1, top_a[:, None]) - a.gather(-1, top_b[:, None])
     return dict(rel_change=(loss - ref_loss) / abs(ref_loss), max_logit_diff=float(diff.max()), mean_logit_diff=float(diff.mean()),
-                top1_agreement=float((a.argmax(-1) == b.argmax(-1)).double().mean()), kl_divergence=max(float(kl), 0.0))
+                top1_agreement=float((top_a == top_b).double().mean()), kl_divergence=max(float(kl), 0.0),
+                max_flip_gap=float(gaps.max()))
 
 
 def config_for(family, data):
