@@ -127,11 +127,11 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
         h = sm.hidden(ids[:, :max_tokens], bar)
         head = [i for i, s in enumerate(slices) if s.tensor.startswith(sm.head_prefix) and i not in placed]
         if head:  # lm_head: its own module, the logits of these few tokens fit in memory
-            sm._fill(sm.head, sm.head_prefix)
+            sm.fill(sm.head, sm.head_prefix)
             try:
                 dead.update(_judge_module(sm.head, lambda: sm.head(h), sm.head_prefix, slices, head, lr))
             finally:
-                sm._empty(sm.head)
+                sm.empty(sm.head)
             placed.update(head)
         for i in range(len(slices)):
             if i not in placed:  # a slice of no module the model has: nothing can reach it

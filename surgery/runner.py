@@ -295,21 +295,21 @@ class StreamedModel:
         self._present = names
 
     # loading one module's tensors --------------------------------------------------------
-    def _fill(self, module: nn.Module, prefix: str) -> list[str]:
-        names = []
-        for n, p in list(module.named_parameters()):
-            full = prefix + n
-            if full not in self._present and self.tied and full.startswith(self.head_prefix):
-                full = self.embed_prefix + n  # tied: the head is the embedding
-            t = self.source.load(full, self.device, self.dtype)
-            if tuple(t.shape) != tuple(p.shape):
-                raise SurgeryError(f"tensor {full!r} has shape {list(t.shape)} but the config implies {list(p.shape)}",
-                                   where=self.source.where)
-            _set(module, n, nn.Parameter(t, requires_grad=False))
-            names.append(n)
-        return names
+    def _load(self, full: str, placeholder: torch.Tensor) -> nn.Parameter:
+        if full not in self._present and self.tied and full.startswith(self.head_prefix):
+            full = self.embed_prefix + full[len(self.head_prefix):]  # tied: the head is the embedding
+        t = self.source.load(full, self.device, self.dtype)
+        if tuple(t.shape) != tuple(placeholder.shape):
+            raise SurgeryError(f"tensor {full!r} has shape {list(t.shape)} but the config implies {list(placeholder.shape)}",
+                               where=self.source.where)
+        return nn.Parameter(t, requires_grad=False)
 
-    def _empty(self, module: nn.Module) -> None:
+    def fill(self, module: nn.Module, prefix: str) -> None:
+        """Every parameter of `module` (and its children) read from the source."""
+        for n, p in list(module.named_parameters()):
+            _set(module, n, self._load(prefix + n, p))
+
+    def empty(self, module: nn.Module) -> None:
         for n, p in list(module.named_parameters()):
             _set(module, n, nn.Parameter(p.detach().to("meta"), requires_grad=False))
 
@@ -326,7 +326,7 @@ class StreamedModel:
         glob = self._globals()
         hooks = []
         for prefix, m in glob:
-            self._fill_direct(m, prefix)
+            self.fill_direct(m, prefix)
             if self.on_module:
                 hooks += self.on_module(m, prefix) or []
         try:
@@ -335,15 +335,14 @@ class StreamedModel:
             for h in hooks:
                 h.remove()
             for _, m in glob:
-                self._empty(m)
+                self.empty(m)
         return out[0]
 
-    def _fill_direct(self, module: nn.Module, prefix: str) -> None:
+    def fill_direct(self, module: nn.Module, prefix: str) -> None:
+        """The parameters `module` owns itself (not its children's) read from the source."""
         for n, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            t = self.source.load(prefix + n, self.device, self.dtype)
-            module._parameters[n] = nn.Parameter(t, requires_grad=False)
+            if p is not None:
+                module._parameters[n] = self._load(prefix + n, p)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """lm_head's weight (the embedding's when tied) and bias, in the compute dtype."""
@@ -393,18 +392,18 @@ class _Slice:
 
     def __iter__(self):
         owner = self.stream.owner
-        owner._empty(owner.embed)  # embedded already: the largest tensor leaves before layer 0 arrives
+        owner.empty(owner.embed)  # embedded already: the largest tensor leaves before layer 0 arrives
         for i in self.indices:
             layer = owner.layers[i]
             prefix = f"{owner.layer_prefix}{i}."
-            owner._fill(layer, prefix)
+            owner.fill(layer, prefix)
             hooks = owner.on_layer(i, layer, prefix) if owner.on_layer else None
             try:
                 yield layer
             finally:
                 for h in hooks or ():
                     h.remove()
-                owner._empty(layer)
+                owner.empty(layer)
                 if owner._bar is not None:
                     owner._bar.update(1)
 

@@ -223,3 +223,16 @@ def test_layers_stream_through_the_gpu_and_agree_with_the_cpu():
     gpu = evaluate(model_source(model), ids, torch.device("cuda"), torch.float32)
     assert gpu.hidden.device.type == "cuda" and math.isclose(gpu.loss, cpu.loss, rel_tol=1e-5)
     assert compare(cpu, gpu).max_logit_diff < 1e-4
+
+
+def test_a_tensor_whose_shape_disagrees_with_the_config_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from surgery.errors import SurgeryError
+
+    path = save_checkpoint(make_model(make_config("qwen2"), dtype=torch.float32), tmp_path / "m")
+    sd = load_file(path / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"][:-1].clone()
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SurgeryError, match="'model.norm.weight' has shape"):
+        evaluate(open_source(path), torch.arange(8)[None], CPU, torch.float32)
