@@ -62,9 +62,6 @@ def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
         out.append((Exactness.APPROXIMATE, f"norms still expect width {spec.norm_width}, residual is {spec.hidden_size} (add rescale_norm)"))
     if spec.meta.get("layernorm_zero_padded"):
         out.append((Exactness.APPROXIMATE, "stock LayerNorm centres over zero-padded dims (add patch_layernorm, or grow with residual_fill: mean)"))
-    owed = spec.meta.get("qk_eps_owed", 1.0)
-    if spec.qk_norm and abs(owed - 1) > 1e-12:
-        out.append((Exactness.APPROXIMATE, f"the per-head q/k norms need eps x{owed:g} of the shared eps they see"))
     if spec.live_width:
         out.append((Exactness.EXACT_SHIPPED_CODE, "patched LayerNorm shipped as modeling_surgery.py"))
     return out
@@ -118,7 +115,11 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     steps: list[Step] = []
     state = initial
     promises: list[Promise] = []
+    arch = spec.arch
     for i, op in enumerate(recipe.ops):
+        if arch.ops is not None and op.op not in arch.ops:
+            raise loaded.error(SurgeryError(f"{op.op} is refused for {arch.name}: {arch.ops_refusal}; supported: "
+                                            f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
             promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))

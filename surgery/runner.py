@@ -67,16 +67,17 @@ class StateSource:
     """A `ModelState`: each tensor computed from its lazy graph when its layer runs."""
 
     def __init__(self, state, reader, where: str = "state"):
-        self.state, self.reader, self.where = state, reader, where
+        self.tensors = state.output()  # as a checkpoint stores them (fused parts joined)
+        self.reader, self.where = reader, where
         self.config = state.spec.config
 
     def names(self):
-        return self.state.tensors.keys()
+        return self.tensors.keys()
 
     def load(self, name, device, dtype):
         from .lazy import evaluate
 
-        return evaluate(self.state.tensors[name], self.reader, device, dtype)
+        return evaluate(self.tensors[name], self.reader, device, dtype)
 
 
 def open_source(path: Path) -> CheckpointSource:
@@ -173,7 +174,9 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # T5's encoder/decoder embed_tokens are shared
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
+               and not (m != "lm_head.weight" and tied.get(m) in tensors)]
     if missing or unexpected:
         raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval()
@@ -183,6 +186,32 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     """A whole stock transformers model for a checkpoint directory (Mistral's native layout converted in memory)."""
     ck = open_source(path).reader
     return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
+
+
+def decoder_only(config: dict) -> bool:
+    """Whether layer streaming applies: an encoder-decoder (T5, re-initialised only) runs whole."""
+    return not getattr(config_object(config), "is_encoder_decoder", False)
+
+
+class WholeModel:
+    """An encoder-decoder run whole (T5: surgery only re-initialises it); its logits are kept and
+    served block by block as a streamed model's are."""
+
+    head_prefix = "lm_head."
+
+    def __init__(self, source: TensorSource, device: torch.device, dtype: torch.dtype,
+                 attn_implementation: str | None = None):
+        tensors = {n: source.load(n, device, dtype) for n in source.names()}
+        self.model = model_from_tensors(source.config, tensors, dtype, device, attn_implementation)
+
+    def head_weights(self):
+        return None, None
+
+    def logits(self, hidden, weight, bias, start, stop, transform=True):
+        return hidden[:, start:stop]
+
+    def logits_at(self, hidden, weight, bias, rows, cols):
+        return hidden[rows, cols]
 
 
 # streamed running ---------------------------------------------------------------------------
@@ -366,6 +395,10 @@ class StreamedModel:
                 z = fn(z, value)
         return z
 
+    def logits_at(self, hidden, weight, bias, rows, cols) -> torch.Tensor:
+        """The logit of vocabulary entry cols[i] for token rows[i]."""
+        return self.logits(hidden[rows], weight[cols], None if bias is None else bias[cols], 0, len(cols)).diagonal()
+
 
 class _LayerStream(nn.Module):
     """Stands in for the decoder's `layers` list: each layer is loaded when the forward reaches it."""
@@ -418,12 +451,12 @@ class Evaluation:
     """
 
     loss: float
-    hidden: torch.Tensor  # (tokens, hidden), final normed
+    hidden: torch.Tensor  # (tokens, hidden), final normed (a whole encoder-decoder: its logits)
     lse: torch.Tensor  # (tokens,) float64 log-sum-exp over the whole vocabulary
     top1: torch.Tensor  # (tokens,) argmax over the whole vocabulary
     top_logit: torch.Tensor  # (tokens,) float64 logit of that argmax
     vocab: int
-    streamed: StreamedModel
+    streamed: "StreamedModel | WholeModel"
 
 
 @dataclass
@@ -456,11 +489,20 @@ def evaluate(source: TensorSource, ids: torch.Tensor, device: torch.device, dtyp
     """Loss (mean next-token cross-entropy, as transformers' loss) of `source` on `ids`, streamed."""
     with progress.phase(desc, total=None) as (bar, summary):
         ev = _evaluate(source, ids, device, dtype, bar, attn_implementation)
-        summary.append(f"loss {ev.loss:.6f}, {len(ev.streamed.layers)} layers, {ids.shape[1]} tokens")
+        layers = getattr(ev.streamed, "layers", None)
+        summary.append(f"loss {ev.loss:.6f}, " + (f"{len(layers)} layers, " if layers is not None else "whole model, ")
+                       + f"{ids.shape[1]} tokens")
     return ev
 
 
 def _evaluate(source, ids, device, dtype, bar, attn_implementation) -> Evaluation:
+    if not decoder_only(source.config):
+        wm = WholeModel(source, device, dtype, attn_implementation)
+        with torch.no_grad():
+            out = wm.model(input_ids=ids.to(device), labels=ids.to(device))
+        z = out.logits[0]
+        best, top1 = z.double().max(-1)
+        return Evaluation(float(out.loss), z, torch.logsumexp(z.double(), -1), top1, best, z.shape[-1], wm)
     sm = StreamedModel(source, device, dtype, attn_implementation)
     if bar is not None:
         bar.reset(total=len(sm.layers))
@@ -495,6 +537,7 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
     v = ref.vocab
     wr, br = ref.streamed.head_weights()
     wo, bo = other.streamed.head_weights()
+    wo, bo = (None if wo is None else wo.to(ref.hidden.device)), (None if bo is None else bo.to(ref.hidden.device))
     T = ref.hidden.shape[0]
     dev = ref.hidden.device
     hr, ho = ref.hidden, other.hidden.to(dev)
@@ -507,7 +550,7 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
     for start in range(0, v, step):
         stop = min(v, start + step)
         a = ref.streamed.logits(hr, wr, br, start, stop).double()
-        b = other.streamed.logits(ho, wo.to(dev), None if bo is None else bo.to(dev), start, stop).double()
+        b = other.streamed.logits(ho, wo, bo, start, stop).double()
         d = a - b
         max_diff = max(max_diff, float(d.abs().max()))
         sum_diff += float(d.abs().sum())
@@ -520,9 +563,9 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
     kl = (cross - ref.lse + lse_o).mean()
     flips = (ref.top1 != top1).nonzero().flatten()
     gap = 0.0
-    if flips.numel():  # the reference's logits at the candidate's top tokens, one row each
-        at = ref.streamed.logits(hr[flips], wr[top1[flips]], None if br is None else br[top1[flips]], 0, len(flips))
-        gap = float((ref.top_logit[flips] - at.diagonal().double()).max())
+    if flips.numel():  # the reference's logits at the candidate's top tokens
+        at = ref.streamed.logits_at(hr, wr, br, flips, top1[flips])
+        gap = float((ref.top_logit[flips] - at.double()).max())
     return Comparison(
         loss=other.loss,
         rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,

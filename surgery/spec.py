@@ -68,6 +68,7 @@ class ModelSpec:
                 f"model_type {config.get('model_type')!r} is not supported; supported: {known}", where=where
             )
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+            key = arch.config_aliases.get(key, key)
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
         spec = cls(arch=arch, config=copy.deepcopy(config))
@@ -76,6 +77,8 @@ class ModelSpec:
             spec.config.pop("auto_map", None)
             spec.config.pop("architectures", None)
         spec.meta["standardised"] = spec._standardise(where)
+        if "tie_word_embeddings" not in spec.config:  # 4.x configs leave the class default out (Gemma, T5: tied)
+            spec.config["tie_word_embeddings"] = bool(hf_config(spec.config).tie_word_embeddings)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)
         return spec
 
@@ -113,11 +116,11 @@ class ModelSpec:
     # sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return self.config["hidden_size"]
+        return self.config[self.arch.config_aliases.get("hidden_size", "hidden_size")]
 
     @property
     def num_heads(self) -> int:
-        return self.config["num_attention_heads"]
+        return self.config[self.arch.config_aliases.get("num_attention_heads", "num_attention_heads")]
 
     @property
     def num_kv_heads(self) -> int:
@@ -131,11 +134,11 @@ class ModelSpec:
 
     @property
     def intermediate_size(self) -> int:
-        return self.config["intermediate_size"]
+        return self.config[self.arch.config_aliases.get("intermediate_size", "intermediate_size")]
 
     @property
     def num_layers(self) -> int:
-        return self.config["num_hidden_layers"]
+        return self.config[self.arch.config_aliases.get("num_hidden_layers", "num_hidden_layers")]
 
     @property
     def vocab_size(self) -> int:
@@ -151,7 +154,9 @@ class ModelSpec:
 
     @property
     def qk_norm(self) -> bool:
-        return bool(self.arch.qk_norm_field and self.config.get(self.arch.qk_norm_field))
+        if not self.arch.qk_norm:
+            return False
+        return not self.arch.qk_norm_field or bool(self.config.get(self.arch.qk_norm_field))
 
     @property
     def live_width(self) -> int | None:

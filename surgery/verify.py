@@ -23,7 +23,7 @@ from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
 from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
-                     compare, evaluate, open_source)
+                     WholeModel, compare, decoder_only, evaluate, open_source)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -242,7 +242,6 @@ def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.devi
     re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004).
     Streamed: each layer's linears are watched while that layer is in memory; lm_head's output is
     the logits, whose std is accumulated block by block."""
-    sm = StreamedModel(source, device, dtype)
     gains: dict[str, float] = {}
 
     def watch(module: torch.nn.Module, prefix: str):
@@ -255,6 +254,19 @@ def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.devi
                 hooks.append(mod.register_forward_hook(hook))
         return hooks
 
+    if not decoder_only(source.config):  # an encoder-decoder (T5) runs whole, every linear watched
+        model = WholeModel(source, device, dtype).model
+        hooks = watch(model, "")
+        try:
+            x = ids[:, :max_tokens].to(device)
+            with torch.no_grad():
+                model(input_ids=x, labels=x)  # labels: the decoder needs its inputs
+        finally:
+            for h in hooks:
+                h.remove()
+        name = max(gains, key=gains.get)
+        return name, gains[name]
+    sm = StreamedModel(source, device, dtype)
     sm.on_layer = lambda i, layer, prefix: watch(layer, prefix)
     h = sm.hidden(ids[:, :max_tokens])
     w, b = sm.head_weights()
@@ -356,7 +368,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         if last:
             evaluated = open_source(out_dir)
             cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
-            dead = dead_slices(evaluated, ids, p.final.new_slices, device, dtype, progress=progress)
+            dead = dead_slices(evaluated, ids, p.final.output_slices(), device, dtype, progress=progress)
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")

@@ -30,7 +30,7 @@ from .base import Exactness, Op, OpContext, Promise
 
 # Role names a target may use, besides globs: every TensorRole value plus three groups.
 GROUPS: dict[str, tuple[R, ...]] = {
-    "norm": (R.NORM_ATTN, R.NORM_MLP, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM),
+    "norm": (R.NORM_ATTN, R.NORM_MLP, R.NORM_ATTN_OUT, R.NORM_MLP_OUT, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM),
     "attn": (R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O),
     "mlp": (R.MLP_GATE, R.MLP_UP, R.MLP_DOWN),
 }
