@@ -236,3 +236,21 @@ def test_a_tensor_whose_shape_disagrees_with_the_config_is_refused_by_name(tmp_p
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SurgeryError, match="'model.norm.weight' has shape"):
         evaluate(open_source(path), torch.arange(8)[None], CPU, torch.float32)
+
+
+@pytest.mark.parametrize("family", sorted(__import__("factories").RELEASES))
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_evaluation_equals_the_whole_model_for_the_families_added_as_data(family, tied, tmp_path, monkeypatch):
+    """Qwen3, OLMo 2, Phi-3 (fused qkv), Gemma 2 (final logit soft-capping) and Gemma 3 (sliding and
+    global layers, scaled embedding) stream with no code of their own, from a bf16 checkpoint."""
+    from factories import release_config
+
+    monkeypatch.setattr(runner, "CHUNK_BYTES", 8 * 32 * 7)
+    model = make_model(release_config(family, tied=tied), seed=3, dtype=torch.float32)
+    ids = torch.randint(3, 64, (1, 32), generator=torch.Generator().manual_seed(8))
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    loss, logits = whole(reloaded, ids)
+    ev = evaluate(open_source(tmp_path), ids, CPU, torch.float32)
+    assert abs(ev.loss - loss) <= 1e-6 * abs(loss)
+    assert float((streamed_logits(ev) - logits).abs().max()) <= 1e-5 * float(logits.abs().max())
