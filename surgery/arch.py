@@ -28,6 +28,11 @@ class TensorRole(str, enum.Enum):
     NORM_MLP_OUT = "norm.mlp_out"  # over the MLP output before the residual add
     NORM_FINAL = "norm.final"
     ATTN_REL_BIAS = "attn.rel_bias"  # T5's relative position bias (buckets x heads)
+    MOE_ROUTER = "moe.router"  # router (Mixtral block_sparse_moe.gate): expert logits from the residual
+    SHARED_GATE = "shared.gate"  # Qwen2-MoE shared expert, always on
+    SHARED_UP = "shared.up"
+    SHARED_DOWN = "shared.down"
+    SHARED_ROUTER = "shared.router"  # Qwen2-MoE shared_expert_gate: sigmoid gate of the shared expert
 
     @property
     def is_norm(self) -> bool:
@@ -47,6 +52,9 @@ class Axis(str, enum.Enum):
     HEAD_DIM = "head_dim"  # one head's dims (per-head q/k norms)
     HEADS = "heads"  # one entry per attention head
     REL_BUCKETS = "rel_buckets"  # T5's relative position buckets
+    EXPERT = "expert"  # routed experts (router rows)
+    SHARED_INTER = "shared_inter"  # the shared expert's intermediate
+    ONE = "one"  # a single output (the shared expert's gate): nothing grows it
 
 
 R = TensorRole
@@ -82,9 +90,15 @@ AXES: dict[tuple[TensorRole, str], tuple[Axis, ...]] = {
     (R.NORM_MLP_OUT, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "weight"): (Axis.RESID,),
     (R.NORM_FINAL, "bias"): (Axis.RESID,),
+    (R.MOE_ROUTER, "weight"): (Axis.EXPERT, Axis.RESID),
+    (R.SHARED_GATE, "weight"): (Axis.SHARED_INTER, Axis.RESID),
+    (R.SHARED_UP, "weight"): (Axis.SHARED_INTER, Axis.RESID),
+    (R.SHARED_DOWN, "weight"): (Axis.RESID, Axis.SHARED_INTER),
+    (R.SHARED_ROUTER, "weight"): (Axis.ONE, Axis.RESID),
 }
 
-WRITERS = (R.EMBED, R.ATTN_O, R.MLP_DOWN)
+WRITERS = (R.EMBED, R.ATTN_O, R.MLP_DOWN, R.SHARED_DOWN)
+MLP_ROLES = (R.MLP_GATE, R.MLP_UP, R.MLP_DOWN)
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class TensorInfo:
     layer: int | None = None
     head: int | None = None
     family_axes: tuple[Axis, ...] | None = None  # where a family's tensor differs from AXES (OLMo 2's q/k norms)
+    expert: int | None = None
 
     @property
     def axes(self) -> tuple[Axis, ...]:
@@ -107,7 +122,9 @@ class Architecture:
     """One model family in transformers layout.
 
     `names` maps a role to its parameter prefix (or prefixes: T5's encoder and decoder stacks); `{L}` is
-    the layer index, `{H}` a head index.
+    the layer index, `{H}` a head index, `{E}` an expert index. In a mixture-of-experts family the MLP
+    roles are the routed experts' tensors (one per expert, as real releases ship them on disk), their
+    intermediate axis counts `inter_field`; `axis_fields` names the config field that sizes each further axis.
     `fused` maps a tensor stored on disk to the roles it concatenates along its first axis
     (Phi-3's qkv_proj is q | k | v): ops see the parts under their own names in `names`, and the
     output joins them again (`ModelState.output`).
@@ -147,8 +164,17 @@ class Architecture:
     def weight_for_gain(self, g):
         return g - self.norm_offset if self.norm_offset else g
 
-    def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None) -> str:
-        prefix = self.prefixes(role)[0].replace("{L}", str(layer)).replace("{H}", str(head))
+    inter_field: str = "intermediate_size"
+    axis_fields: dict[Axis, str] = field(default_factory=dict)
+    experts_per_token_field: str | None = None  # set for mixture-of-experts families
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts_per_token_field is not None
+
+    def parameter_name(self, role: TensorRole, kind: str, layer: int | None = None, head: int | None = None,
+                       expert: int | None = None) -> str:
+        prefix = self.prefixes(role)[0].replace("{L}", str(layer)).replace("{H}", str(head)).replace("{E}", str(expert))
         return f"{prefix}.{kind}"
 
     def prefixes(self, role: TensorRole) -> tuple[str, ...]:
@@ -162,7 +188,8 @@ class Architecture:
                 layer = int(m.group("L")) if "L" in rx.groupindex else None
                 head = int(m.group("H")) if "H" in rx.groupindex else None
                 kind = m.group("kind")
-                return TensorInfo(role, kind, layer, head, self.axes.get((role, kind)))
+                expert = int(m.group("E")) if "E" in rx.groupindex else None
+                return TensorInfo(role, kind, layer, head, self.axes.get((role, kind)), expert)
         return None
 
     def fused_parts(self, name: str) -> tuple[int | None, str, tuple[TensorRole, ...]] | None:
@@ -185,7 +212,8 @@ class Architecture:
         if cached is None:
             cached = []
             for role, prefix in ((r, p) for r in self.names for p in self.prefixes(r)):
-                rx = re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{H\}", r"(?P<H>\d+)")
+                rx = (re.escape(prefix).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{H\}", r"(?P<H>\d+)")
+                      .replace(r"\{E\}", r"(?P<E>\d+)"))
                 cached.append((role, re.compile(rx + r"\.(?P<kind>weight|bias)")))
             _PATTERN_CACHE[self.name] = cached
         return cached
@@ -288,6 +316,60 @@ ARCHITECTURES: dict[str, Architecture] = {
             "model.layers.{L}.self_attn.qkv_proj": (R.ATTN_Q, R.ATTN_K, R.ATTN_V),
             "model.layers.{L}.mlp.gate_up_proj": (R.MLP_GATE, R.MLP_UP),
         },
+    ),
+    # Mixture-of-experts families, in the on-disk layout real releases ship (transformers 5 fuses the
+    # experts into 3D tensors in memory and converts on load and save).
+    "mixtral": Architecture(
+        name="mixtral",
+        model_types=("mixtral",),
+        names={
+            **_DECODER,
+            R.MLP_GATE: "model.layers.{L}.block_sparse_moe.experts.{E}.w1",
+            R.MLP_DOWN: "model.layers.{L}.block_sparse_moe.experts.{E}.w2",
+            R.MLP_UP: "model.layers.{L}.block_sparse_moe.experts.{E}.w3",
+            R.MOE_ROUTER: "model.layers.{L}.block_sparse_moe.gate",
+        },
+        axis_fields={Axis.EXPERT: "num_local_experts"},
+        experts_per_token_field="num_experts_per_tok",
+        **LLAMA_LIKE,
+    ),
+    "qwen2_moe": Architecture(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        names={
+            **_DECODER,
+            R.MLP_GATE: "model.layers.{L}.mlp.experts.{E}.gate_proj",
+            R.MLP_UP: "model.layers.{L}.mlp.experts.{E}.up_proj",
+            R.MLP_DOWN: "model.layers.{L}.mlp.experts.{E}.down_proj",
+            R.MOE_ROUTER: "model.layers.{L}.mlp.gate",
+            R.SHARED_GATE: "model.layers.{L}.mlp.shared_expert.gate_proj",
+            R.SHARED_UP: "model.layers.{L}.mlp.shared_expert.up_proj",
+            R.SHARED_DOWN: "model.layers.{L}.mlp.shared_expert.down_proj",
+            R.SHARED_ROUTER: "model.layers.{L}.mlp.shared_expert_gate",
+        },
+        layer_type_fields=("layer_types",),
+        inter_field="moe_intermediate_size",
+        axis_fields={Axis.EXPERT: "num_experts", Axis.SHARED_INTER: "shared_expert_intermediate_size"},
+        experts_per_token_field="num_experts_per_tok",
+        **LLAMA_LIKE,
+    ),
+    "qwen3_moe": Architecture(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        names={
+            **_DECODER,
+            R.ATTN_Q_NORM: "model.layers.{L}.self_attn.q_norm",
+            R.ATTN_K_NORM: "model.layers.{L}.self_attn.k_norm",
+            R.MLP_GATE: "model.layers.{L}.mlp.experts.{E}.gate_proj",
+            R.MLP_UP: "model.layers.{L}.mlp.experts.{E}.up_proj",
+            R.MLP_DOWN: "model.layers.{L}.mlp.experts.{E}.down_proj",
+            R.MOE_ROUTER: "model.layers.{L}.mlp.gate",
+        },
+        qk_norm="head",
+        inter_field="moe_intermediate_size",
+        axis_fields={Axis.EXPERT: "num_experts"},
+        experts_per_token_field="num_experts_per_tok",
+        **LLAMA_LIKE,
     ),
 }
 

@@ -89,6 +89,11 @@ DESCRIPTIONS = {
 }
 
 _MATRICES = (R.EMBED, R.LM_HEAD, R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_GATE, R.MLP_UP, R.MLP_DOWN, R.ATTN_REL_BIAS)
+# Mixture-of-experts tensors are drawn by the rule of the dense tensor they play (as OLMo-core and
+# transformers do): routers and the shared expert's sigmoid gate read the residual like mlp.gate,
+# the shared expert is an MLP. Routed experts already carry the MLP roles.
+AS_ROLE = {R.MOE_ROUTER: R.MLP_GATE, R.SHARED_ROUTER: R.MLP_GATE, R.SHARED_GATE: R.MLP_GATE, R.SHARED_UP: R.MLP_UP,
+           R.SHARED_DOWN: R.MLP_DOWN}
 _NORMS = (R.NORM_ATTN, R.NORM_MLP, R.NORM_ATTN_OUT, R.NORM_MLP_OUT, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM)
 
 
@@ -210,7 +215,7 @@ def draw_for(method: InitMethod | str, spec: ModelSpec, info: TensorInfo, shape:
         return Draw("constant", value=0.0, rule="zeros")
     if method == M.ONES:
         return Draw("constant", value=1.0, rule="ones")
-    role = info.role
+    role = AS_ROLE.get(info.role, info.role)
     if info.kind == "bias":
         return Draw("constant", value=0.0, rule="bias: zeros")
     if role in _NORMS:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from .calibration import Calibration
 from .errors import SurgeryError
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
@@ -107,8 +108,11 @@ def op_graph(ops: list[Op]) -> nx.DiGraph:
     return g
 
 
-def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None) -> Plan:
+def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None,
+                 calibration_ids=None) -> Plan:
     ckpt = checkpoint or open_checkpoint(source_dir)
+    v = loaded.recipe.verify
+    calibration = Calibration(ckpt, calibration_ids, source_dir, v.data, v.max_tokens)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe
@@ -122,7 +126,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
                                             f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
-            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration))
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
@@ -184,6 +188,9 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines.append(f"result  {plan.final.spec.describe()}")
     lines.append(f"  parameters: {plan.initial.num_parameters:,} -> {plan.final.num_parameters:,} "
                  f"({plan.final.num_parameters - plan.initial.num_parameters:+,})")
+    if plan.final.spec.arch.is_moe:
+        lines.append(f"  active parameters per token: {plan.final.active_parameters:,} "
+                     f"(top-{plan.final.spec.experts_per_token} of {plan.final.spec.num_experts} experts)")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
     from .verify import planned_rule
 

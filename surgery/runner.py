@@ -169,8 +169,23 @@ def _set(module: nn.Module, dotted: str, value: torch.Tensor | None) -> None:
 def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                        attn_implementation: str | None = None):
     """A transformers model holding exactly these tensors."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
     cfg = config_object(config_dict)
     cls = model_class(cfg)
+    if get_checkpoint_conversion_mapping(cfg.model_type):
+        # on-disk names (per-expert tensors) that transformers converts while loading, as from a file
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)].from_pretrained(
+            None, config=cfg, state_dict={k: v.to(dtype) for k, v in tensors.items()}, dtype=dtype,
+            attn_implementation=attn_implementation, output_loading_info=True, **experts_kwargs(cfg, dtype))
+        bad = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise AssertionError(f"state does not fit {type(model).__name__}: {bad}")
+        return model.to(device).eval()
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
@@ -188,9 +203,27 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
 
 
+def experts_kwargs(config, dtype: torch.dtype) -> dict:
+    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel:
+    float64 mixture-of-experts models run the eager per-expert loop."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if dtype == torch.float64 and get_checkpoint_conversion_mapping(config.model_type):
+        return {"experts_implementation": "eager"}
+    return {}
+
+
 def decoder_only(config: dict) -> bool:
-    """Whether layer streaming applies: an encoder-decoder (T5, re-initialised only) runs whole."""
     return not getattr(config_object(config), "is_encoder_decoder", False)
+
+
+def streamable(config: dict) -> bool:
+    """Whether a model runs layer by layer here. Not yet: an encoder-decoder (T5, re-initialised only),
+    and mixture-of-experts families, whose per-expert checkpoint tensors transformers fuses while
+    loading (that conversion is not applied per layer yet): both run whole (`WholeModel`)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return decoder_only(config) and not get_checkpoint_conversion_mapping(config_object(config).model_type)
 
 
 class WholeModel:
@@ -496,7 +529,7 @@ def evaluate(source: TensorSource, ids: torch.Tensor, device: torch.device, dtyp
 
 
 def _evaluate(source, ids, device, dtype, bar, attn_implementation) -> Evaluation:
-    if not decoder_only(source.config):
+    if not streamable(source.config):
         wm = WholeModel(source, device, dtype, attn_implementation)
         with torch.no_grad():
             out = wm.model(input_ids=ids.to(device), labels=ids.to(device))

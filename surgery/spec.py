@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .arch import Architecture, architecture_for, ARCHITECTURES
+from .arch import Architecture, Axis, architecture_for, ARCHITECTURES
 from .errors import SurgeryError
 from .modeling import PATCHED_MODEL_TYPES
 
@@ -71,6 +71,14 @@ class ModelSpec:
             key = arch.config_aliases.get(key, key)
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
+        if arch.is_moe:
+            for key in (arch.inter_field, arch.experts_per_token_field, *arch.axis_fields.values()):
+                if not isinstance(config.get(key), int) or config[key] <= 0:
+                    raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}",
+                                       where=where)
+            if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+                raise SurgeryError("dense MLP layers between the sparse ones (mlp_only_layers, decoder_sparse_step) "
+                                   "are not supported; every layer must be a mixture of experts", where=where)
         spec = cls(arch=arch, config=copy.deepcopy(config))
         if spec.config.get("model_type") in PATCHED_MODEL_TYPES:  # an output of patch_layernorm, read back
             spec.config["model_type"] = PATCHED_MODEL_TYPES[spec.config["model_type"]]
@@ -134,7 +142,19 @@ class ModelSpec:
 
     @property
     def intermediate_size(self) -> int:
-        return self.config[self.arch.config_aliases.get("intermediate_size", "intermediate_size")]
+        """The MLP's width; in a mixture-of-experts family, each routed expert's."""
+        return self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)]
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per layer (1 for a dense MLP)."""
+        field = self.arch.axis_fields.get(Axis.EXPERT)
+        return self.config[field] if field else 1
+
+    @property
+    def experts_per_token(self) -> int:
+        f = self.arch.experts_per_token_field
+        return self.config[f] if f else 1
 
     @property
     def num_layers(self) -> int:
@@ -177,7 +197,11 @@ class ModelSpec:
     def describe(self) -> str:
         s = (
             f"{self.arch.name}: hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads} kv, "
-            f"head_dim {self.head_dim}, mlp {self.intermediate_size}, layers {self.num_layers}, vocab {self.vocab_size}"
+            f"head_dim {self.head_dim}, mlp {self.intermediate_size}"
+            + (f" x {self.num_experts} experts (top-{self.experts_per_token})" if self.arch.is_moe else "")
+            + (f" + shared {self.config[self.arch.axis_fields[Axis.SHARED_INTER]]}"
+               if Axis.SHARED_INTER in self.arch.axis_fields else "")
+            + f", layers {self.num_layers}, vocab {self.vocab_size}"
         )
         if self.live_width:
             s += f", patched LayerNorm over {self.live_width}"
@@ -203,7 +227,7 @@ class ModelSpec:
         self.config["hidden_size"] = hidden
 
     def set_intermediate_size(self, size: int) -> None:
-        self.config["intermediate_size"] = size
+        self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)] = size
 
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps

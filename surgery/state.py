@@ -129,9 +129,12 @@ class ModelState:
             Axis.KV: s.num_kv_heads * s.head_dim,
             Axis.INTER: s.intermediate_size,
             Axis.HEAD_DIM: s.head_dim,
+            Axis.ONE: 1,
             Axis.HEADS: s.num_heads,
             Axis.REL_BUCKETS: s.config.get("relative_attention_num_buckets", 32),
         }
+        for axis, field in s.arch.axis_fields.items():
+            sizes[axis] = s.config[field]
         return tuple(sizes[a] for a in info.axes)
 
     def check_shapes(self, where: str = "source") -> None:
@@ -141,6 +144,8 @@ class ModelState:
             info = self.info(name)
             if info.layer is not None and info.layer >= s.num_layers:
                 raise SurgeryError(f"tensor {name!r} is beyond num_hidden_layers={s.num_layers}", where=where)
+            if info.expert is not None and info.expert >= s.num_experts:
+                raise SurgeryError(f"tensor {name!r} is beyond the config's {s.num_experts} experts", where=where)
             want = self.expected_shape(info)
             if tuple(t.shape) != want:
                 raise SurgeryError(f"tensor {name!r} has shape {list(t.shape)} but config.json implies {list(want)}", where=where)
@@ -162,22 +167,23 @@ class ModelState:
             raise SurgeryError(f"missing tensor {final!r}", where=where)
         for layer in range(s.num_layers):
             for role in per_layer:
-                # a role with several prefixes (T5's stacks, its wi or wi_1) needs one of them
-                options = [f"{p.replace('{L}', str(layer))}.weight" for p in s.arch.prefixes(role)]
-                if not any(n in self.tensors for n in options):
-                    raise SurgeryError(f"missing tensor {options[0]!r}", where=where)
+                # a role with several prefixes (T5's stacks, its wi or wi_1) needs one of them; experts all
+                for e in (range(s.num_experts) if "{E}" in s.arch.prefixes(role)[0] else [None]):
+                    options = [f"{p.replace('{L}', str(layer)).replace('{E}', str(e))}.weight" for p in s.arch.prefixes(role)]
+                    if not any(n in self.tensors for n in options):
+                        raise SurgeryError(f"missing tensor {options[0]!r}", where=where)
         # What one layer has (a bias, a per-head norm), every layer has.
         layers_with: dict[tuple, set[int]] = {}
         for name in self.tensors:
             info = self.info(name)
             if info.layer is not None:
-                layers_with.setdefault((info.role, info.kind, info.head), set()).add(info.layer)
-        for (role, kind, head), have in layers_with.items():
+                layers_with.setdefault((info.role, info.kind, info.head, info.expert), set()).add(info.layer)
+        for (role, kind, head, expert), have in layers_with.items():
             if role == TensorRole.ATTN_REL_BIAS:
                 continue  # T5: the first block holds it for the whole stack
             lacking = sorted(set(range(s.num_layers)) - have)
             if lacking:
-                n = s.arch.parameter_name(role, kind, lacking[0], head)
+                n = s.arch.parameter_name(role, kind, lacking[0], head, expert)
                 raise SurgeryError(f"missing tensor {n!r} (layer {min(have)} has one)", where=where)
 
     def rename(self, mapping: dict[str, str]) -> None:
@@ -189,6 +195,13 @@ class ModelState:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses: of the routed experts, only top-k of E per layer."""
+        s = self.spec
+        routed = sum(t.numel for name, info, t in self.items() if info.expert is not None)
+        return self.num_parameters - routed + routed * s.experts_per_token // s.num_experts
 
 
 def _prefix(arch, fused_name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
 from .gradient_flow import dead_slices
@@ -23,7 +24,7 @@ from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
 from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
-                     WholeModel, compare, decoder_only, evaluate, open_source)
+                     WholeModel, compare, evaluate, open_source, streamable)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -236,6 +237,127 @@ def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float
     return Verdict(not failed, rule, failed, b)
 
 
+def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters (or their gradients) under the names and shapes a checkpoint holds on disk:
+    transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, slices name them per expert."""
+    if not get_checkpoint_conversion_mapping(model.config.model_type):
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+    """Every new unit made trainable must receive gradient: one it never gets is dead.
+
+    A unit (one index of a new slice) is judged on the first backward pass, and, where it got
+    exactly zero, again after one small SGD step: some units are only one step from the signal
+    (with tied embeddings the last writer of the new residual dims waits for the embedding's new
+    columns to move). Zero gradient on both passes means zero on both sides: a saddle it never leaves.
+    """
+    if not slices:
+        return []
+    params = dict(model.named_parameters())
+    x = ids[:, :max_tokens].to(next(model.parameters()).device)
+
+    def dead_units() -> dict[int, int]:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(input_ids=x, labels=x).loss.backward()
+        grads = disk_layout(model, {n: p.grad for n, p in params.items() if p.grad is not None})
+        out = {}
+        for i, s in enumerate(slices):
+            grad = grads.get(s.tensor)
+            if grad is None:
+                out[i] = len(s.index)
+                continue
+            g = grad.index_select(s.axis, torch.tensor(s.index, device=grad.device)).abs()
+            other = [d for d in range(g.dim()) if d != s.axis]
+            n = int(((g.amax(dim=other) if other else g) == 0).sum())
+            if n:
+                out[i] = n
+        return out
+
+    dead = dead_units()
+    if dead:
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        dead = {i: n for i, n in dead_units().items() if i in dead}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    model.zero_grad(set_to_none=True)
+    return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
+
+
+def expert_symmetry(model, ids: torch.Tensor, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+    """Per MoE layer: how many experts differ, and the router's gradient, before and after one SGD step.
+
+    Experts that start as copies of one MLP only separate if routing gives them different gradients;
+    with identical experts a renormalised router's own gradient is zero until they do. One step on
+    the calibration tokens shows whether training can leave that fixed point (the model is restored).
+    """
+    from .arch import TensorRole as R, architecture_for
+
+    arch = architecture_for(model.config.model_type)
+    if arch is None or not arch.is_moe:
+        return []
+    params = dict(model.named_parameters())
+    x = ids[:, :max_tokens].to(next(model.parameters()).device)
+
+    def by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for name, t in disk_layout(model, tensors).items():
+            info = arch.classify(name)
+            if info is None or info.layer is None:
+                continue
+            layer = out.setdefault(info.layer, {"experts": {}, "router": None})
+            if info.expert is not None:
+                layer["experts"].setdefault(info.expert, []).append((name, t))
+            elif info.role == R.MOE_ROUTER:
+                layer["router"] = t
+        return out
+
+    def distinct(experts: dict[int, list]) -> int:
+        groups: list[list[torch.Tensor]] = []
+        for e in sorted(experts):
+            ts = [t for _, t in sorted(experts[e], key=lambda nt: nt[0])]
+            if not any(all(torch.equal(a, b) for a, b in zip(ts, g)) for g in groups):
+                groups.append(ts)
+        return len(groups)
+
+    def router_grads() -> dict[int, float]:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(input_ids=x, labels=x).loss.backward()
+        grads = by_layer({n: p.grad for n, p in params.items() if p.grad is not None})
+        return {i: float(v["router"].norm()) if v["router"] is not None else 0.0 for i, v in grads.items()}
+
+    before = by_layer({n: p.detach() for n, p in params.items()})
+    counts_before = {i: distinct(v["experts"]) for i, v in before.items()}
+    grad_before = router_grads()
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        after = by_layer({n: p.detach() for n, p in params.items()})
+        counts_after = {i: distinct(v["experts"]) for i, v in after.items()}
+        grad_after = router_grads()
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        model.zero_grad(set_to_none=True)
+    return [{"layer": i, "experts": len(before[i]["experts"]), "distinct": counts_before[i],
+             "distinct_after_step": counts_after.get(i, 0), "router_grad": grad_before.get(i, 0.0),
+             "router_grad_after_step": grad_after.get(i, 0.0)} for i in sorted(before)]
+
+
 def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
                      max_tokens: int = 256) -> tuple[str, float]:
     """The linear layer whose output std is largest relative to its input's: the usual reason a
@@ -254,7 +376,7 @@ def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.devi
                 hooks.append(mod.register_forward_hook(hook))
         return hooks
 
-    if not decoder_only(source.config):  # an encoder-decoder (T5) runs whole, every linear watched
+    if not streamable(source.config):  # T5, mixture of experts: run whole, every linear watched
         model = WholeModel(source, device, dtype).model
         hooks = watch(model, "")
         try:
@@ -345,6 +467,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     reinits = [s.index for s in p.steps if s.promise.exactness == Exactness.REINIT]
     steps: list[StepResult] = []
     dead: list[dict] = []
+    symmetry: list[dict] = []
     final = None
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
@@ -368,7 +491,13 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         if last:
             evaluated = open_source(out_dir)
             cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
-            dead = dead_slices(evaluated, ids, p.final.output_slices(), device, dtype, progress=progress)
+            if streamable(evaluated.config):
+                dead = dead_slices(evaluated, ids, p.final.output_slices(), device, dtype, progress=progress)
+            else:  # mixture of experts: run whole (transformers fuses the experts while loading)
+                model = WholeModel(evaluated, device, dtype).model
+                dead = whole_model_dead_slices(model, ids, p.final.output_slices())
+                symmetry = expert_symmetry(model, ids)
+                del model
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
@@ -408,7 +537,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
         precision=_name(dtype) + (f" compute, rounded weights stored as {_name(storage)} (judged against measured "
                                   f"{_name(storage)} rounding noise)" if storage else ""),
-        steps=steps, broken_by=broken, dead_slices=dead, reference=ref.label,
+        steps=steps, broken_by=broken, dead_slices=dead, expert_symmetry=symmetry, reference=ref.label,
         bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
         noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
     )

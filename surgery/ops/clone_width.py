@@ -32,7 +32,7 @@ from .base import Exactness, Op, OpContext, Promise
 from .residual import rescale_embedding
 from .slices import scale_gain
 
-TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER)
+TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 
 
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
@@ -125,6 +125,8 @@ class CloneWidth(Op):
         rescale_embedding(state, d, k * d, "clone_width")
         spec.set_heads(k * h, k * g)
         spec.set_intermediate_size(k * m)
+        if Axis.SHARED_INTER in spec.arch.axis_fields:  # the shared expert's neurons are replicated like the experts'
+            spec.config[spec.arch.axis_fields[Axis.SHARED_INTER]] *= k
         spec.norm_width *= k  # [x, x] keeps each norm's statistics: no rescale needed, or the same one as before
         if "surgery_norm_width" in spec.config:
             spec.config["surgery_norm_width"] *= k

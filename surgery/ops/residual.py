@@ -16,6 +16,8 @@ from ..state import ModelState
 from .base import Init, OpContext
 from .slices import Fill, append_dest, grow_axis, scale, scale_gain
 
+ROUTERS = (R.MOE_ROUTER, R.SHARED_ROUTER)
+
 
 def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx: OpContext, op: str) -> None:
     spec = state.spec
@@ -47,6 +49,8 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
             elif writer:
                 f = Fill("mean") if fill == "mean" else Fill("zeros")
                 grow_axis(state, name, axis, new_width, dest, f, label, track=op if trainable and fill != "mean" else None)
+            elif info.role in ROUTERS:  # zero columns: routing (a discrete top-k choice) sees exactly the old logits
+                grow_axis(state, name, axis, new_width, dest, Fill("zeros"), label)
             else:
                 f = Fill("random", ctx.seed_parts(name, "resid")) if trainable else Fill("zeros")
                 grow_axis(state, name, axis, new_width, dest, f, label)
