@@ -20,29 +20,34 @@ from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import InMemoryCheckpoint
 from surgery.ops import Exactness
-from surgery.verify import Evaluation, compare, dead_slices, judge, measure_reference, with_new_tokens
+from surgery.runner import Evaluation, compare, evaluate, model_source
+from surgery.verify import judge, measure_reference, with_new_tokens
+from surgery.verify import whole_model_dead_slices as dead_slices
 
 IDS = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
 TOKENS3 = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]
 
 
 def _eval(model, ids) -> Evaluation:
+    return evaluate(model_source(model), ids, torch.device("cpu"), next(model.parameters()).dtype)
+
+
+def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-    return Evaluation(float(out.loss), out.logits[0])
+        return model(input_ids=ids).logits[0]
 
 
 def _judge(promise, model, grown, ref: Evaluation | None = None, out: Evaluation | None = None):
     """The verdict verification gives, with the noise floor measured on the source model (float64)."""
     import copy
 
-    floor = measure_reference("source", lambda dt: copy.deepcopy(model).to(dt), IDS, torch.float64, None).floor
+    floor = measure_reference("source", model_source(copy.deepcopy(model)), IDS, torch.device("cpu"), torch.float64, None).floor
     cmp = compare(ref or _eval(model, IDS), out or _eval(grown, IDS))
     return judge(promise, cmp, floor, 1e-4, model.config.vocab_size)
 
 
-def _scale(ev: Evaluation) -> float:
-    return float(ev.logits.abs().max())
+def _scale(model) -> float:
+    return float(_logits(model, IDS).abs().max())
 
 
 def _recipe(write_recipe, source: str, ops: list[dict], out: Path, **verify) -> Path:
@@ -65,7 +70,7 @@ def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, p
     assert grown.get_input_embeddings().weight.shape[0] == grown.get_output_embeddings().weight.shape[0] == new
     ref, out = _eval(model, IDS), _eval(grown, IDS)
     cmp = compare(ref, out)
-    assert cmp.max_logit_diff <= 1e-12 * _scale(ref)  # float64: the same sums, to the last bits
+    assert cmp.max_logit_diff <= 1e-12 * _scale(model)  # float64: the same sums, to the last bits
     if new > old:
         assert out.loss >= ref.loss  # new rows only add to the normaliser (float32 loss: may round equal)
         # transformers computes the loss in float32 even for a float64 model: agreement to float32 rounding
@@ -110,7 +115,7 @@ def test_grow_vocab_composes_with_growth_before_and_after(family, tied, ops):
     verdict = _judge(plan.promise, model, grown, ref)
     assert verdict.passed, verdict.rule
     # transformers computes RMSNorm statistics in float32 even in a float64 model
-    assert cmp.max_logit_diff <= 1e-6 * _scale(ref)
+    assert cmp.max_logit_diff <= 1e-6 * _scale(model)
     assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
 
 
@@ -128,7 +133,7 @@ def test_the_loss_must_move_by_the_new_rows_mass_and_nothing_else():
     model = make_model(make_config("llama"))
     grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"]}])
     ref, out = _eval(model, IDS), _eval(grown, IDS)
-    wrong = Evaluation(out.loss * (1 + 1e-3), out.logits)  # a loss the new rows' logits do not explain
+    wrong = replace(out, loss=out.loss * (1 + 1e-3))  # a loss the new rows' logits do not explain
     verdict = _judge(plan.promise, model, grown, ref, wrong)
     assert not verdict.passed and verdict.failed and all("new rows'" in f for f in verdict.failed)
     assert _judge(plan.promise, model, grown, ref, out).passed
@@ -186,9 +191,10 @@ def test_three_tokens_on_builtin_models_encode_as_new_ids_with_old_logits_and_lo
     src = AutoModelForCausalLM.from_pretrained(str(ASSETS / source), dtype=torch.float32)
     dst = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert dst.config.vocab_size == old_vocab + 3 == dst.get_output_embeddings().weight.shape[0]
-    a, b = _eval(src, text), _eval(dst, text)
-    assert (a.logits - b.logits[:, :old_vocab]).abs().max() <= 1e-4
-    assert abs(b.loss - a.loss) / a.loss < 0.02
+    a, b = _logits(src, text), _logits(dst, text)
+    assert (a - b[:, :old_vocab]).abs().max() <= 1e-4
+    la, lb = (float(m(input_ids=text, labels=text).loss) for m in (src, dst))
+    assert abs(lb - la) / la < 0.02
 
 
 @pytest.mark.parametrize("family", FAMILIES)

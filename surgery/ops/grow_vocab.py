@@ -177,8 +177,8 @@ class GrowVocab(Op):
                     lambda t, axis=axis, seed=seed: _grow(t, axis, self.init, count, pieces, seed), shape, label)
                 # Gradient check: output rows get gradient from the softmax whatever the text; input rows
                 # of added tokens get it where the token occurs (verification feeds them in). Padding
-                # rows of an untied embedding are reached by no token.
-                rows = list(range(old, new)) if (info.role == R.LM_HEAD or spec.tied or info.kind == "bias") \
+                # rows of an embedding are reached by no token (tied, the check runs the embedding alone).
+                rows = list(range(old, new)) if (info.role == R.LM_HEAD or info.kind == "bias") \
                     else list(range(old, old + len(tokens)))
                 if rows:
                     state.new_slices.append(NewSlice(name, axis, rows, "grow_vocab"))
