@@ -26,6 +26,7 @@ from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
+from .io.grown_tokenizer import NewToken, write_tokenizer
 from .runner import Progress, model_from_tensors
 from .verify import disk_layout, verify_plan
 
@@ -79,6 +80,10 @@ def run(
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
     check_paths(loaded, data=verify)  # before any weight is written
     p = plan(loaded)
+    added = [NewToken(**a) for a in p.final.spec.meta.get("added_tokens", [])]
+    if added and out_spec.format == "mistral":
+        raise loaded.error(SurgeryError("Mistral's native tokenizer.model (sentencepiece) cannot take the new tokens; "
+                                        "write format: hf (tokenizer.json)", loc=("output", "format")))
     if verify:
         text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing
     try:
@@ -102,6 +107,8 @@ def run(
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)
+        if added:
+            write_tokenizer(p.source_dir, tmp, added)
         write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
         surgery_seconds = time.perf_counter() - t0
         if progress:

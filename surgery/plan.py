@@ -20,7 +20,8 @@ from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
 from .state import ModelState
 
-_RANK = {Exactness.EXACT: 0, Exactness.EXACT_SHIPPED_CODE: 1, Exactness.APPROXIMATE: 2, Exactness.REINIT: 3}
+_RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
+         Exactness.REINIT: 4}
 
 
 @dataclass
@@ -74,6 +75,8 @@ def cumulative_promise(promises: list[Promise], spec: ModelSpec) -> Promise:
     if worst == Exactness.EXACT:
         return Promise(Exactness.EXACT, "every op so far is exact in stock transformers code")
     reasons = [r for e, r in items if e == worst]
+    if worst == Exactness.EXACT_SHIPPED_CODE:  # a grown vocabulary's promise still holds under shipped code
+        reasons += [r for e, r in items if e == Exactness.EXACT_OLD_TOKENS]
     return Promise(worst, "; ".join(dict.fromkeys(reasons)))
 
 
@@ -126,7 +129,8 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
                                             f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
-            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration))
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration,
+                                                source_dir=source_dir if source_dir.is_dir() else None))
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None

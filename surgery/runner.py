@@ -511,6 +511,12 @@ class Comparison:
     # its own top token minus its logit of the candidate's): max over disagreeing tokens, 0 if none.
     # A flip at a reference gap <= 2B is what logits moved by at most B can do (a near-tie).
     max_flip_gap: float = math.inf
+    # A grown vocabulary (the candidate has rows the reference lacks): the relative loss change the new
+    # rows' share of the candidate's own normaliser accounts for, that share (mean over predicted
+    # positions), and the float32 rounding a loss computed by transformers may carry (sqrt(T) x eps).
+    expected_rel_change: float | None = None
+    new_rows_mass: float = 0.0
+    loss_rounding: float = 0.0
 
 
 def _chunk(tokens: int) -> int:
@@ -599,7 +605,14 @@ def compare(ref: Evaluation, other: Evaluation) -> Comparison:
     if flips.numel():  # the reference's logits at the candidate's top tokens
         at = ref.streamed.logits_at(hr, wr, br, flips, top1[flips])
         gap = float((ref.top_logit[flips] - at.double()).max())
+    grown = {}
+    if other.vocab > v:  # each predicted position's loss = its loss over the old vocabulary + log(lse_all - lse_old)
+        shift = (other.lse.to(dev)[:-1] - lse_o[:-1])
+        grown = dict(expected_rel_change=float(shift.mean()) / abs(ref.loss) if ref.loss else math.inf,
+                     new_rows_mass=float((1 - (-shift).exp()).mean()),
+                     loss_rounding=torch.finfo(torch.float32).eps * (T - 1) ** 0.5)
     return Comparison(
+        **grown,
         loss=other.loss,
         rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
         max_logit_diff=max_diff,

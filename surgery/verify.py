@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +112,16 @@ def calibration_ids(source_dir: Path, data: str, max_tokens: int, vocab_size: in
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (1, max_tokens), generator=g)
     return tokenize(source_dir, data, max_tokens)
+
+
+def grown_vocab_check(cmp: Comparison, floor: NoiseFloor, rounded: bool) -> tuple[str, list[str]]:
+    """Exact on the old tokens, second half: the loss moved by the new rows' mass and nothing else
+    (the first half, old logits kept, is the exact bound on the first V logits)."""
+    bound = MARGIN * sum(abs(c.rel_change) for c in _noise_parts(floor, rounded)) + cmp.loss_rounding
+    off = abs(cmp.rel_change - cmp.expected_rel_change)
+    phrase = (f"rel change = {cmp.expected_rel_change:+.3e} from the new rows' mass {cmp.new_rows_mass:.2e} "
+              f"(+- {bound:.2g}: noise + float32 loss rounding)")
+    return phrase, [] if off <= bound else [f"rel change {cmp.rel_change:+.3e} is {off:.2g} from the new rows' {cmp.expected_rel_change:+.3e}"]
 
 
 @dataclass
@@ -224,17 +234,33 @@ def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float
         ok = cmp.loss <= bound
         return Verdict(ok, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}",
                        [] if ok else [f"initial loss {cmp.loss:.3f} > {bound:.3f}"])
-    if promise.exactness in (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE):
+    exact = promise.exactness in (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE, Exactness.EXACT_OLD_TOKENS)
+    if exact:
         b, head = exact_bound(floor, rounded), promise.exactness.value
         if rounded and floor.storage_dtype is not None:
             head += f" up to {HALF[floor.storage_dtype]} storage"
     else:
         b, head = approximate_bound(tolerance, floor, rounded, cmp.reference_loss), "approximate"
+        if cmp.expected_rel_change is not None:  # judged on the old vocabulary: the new rows' mass is grow_vocab's own
+            cmp = replace(cmp, rel_change=cmp.rel_change - cmp.expected_rel_change)
+            head += f" (rel change net of the new rows' {cmp.expected_rel_change:+.3e})"
     failed = b.exceeded(cmp)
     rule = f"{head}: {b.describe()} ({b.basis})"
+    if exact and cmp.expected_rel_change is not None:
+        phrase, missed = grown_vocab_check(cmp, floor, rounded)
+        rule += f"; {phrase}"
+        failed += missed
     if failed:
         rule += "; beyond: " + ", ".join(failed)
     return Verdict(not failed, rule, failed, b)
+
+
+def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor:
+    """Ids for the gradient check: added tokens first, so their input rows can get gradient too."""
+    if not added:
+        return ids
+    new = torch.tensor([[a["id"] for a in added]], dtype=ids.dtype)
+    return torch.cat([new, ids], dim=1)
 
 
 def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -490,12 +516,13 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                                     cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
             evaluated = open_source(out_dir)
+            grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
             cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
             if streamable(evaluated.config):
-                dead = dead_slices(evaluated, ids, p.final.output_slices(), device, dtype, progress=progress)
+                dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, progress=progress)
             else:  # mixture of experts: run whole (transformers fuses the experts while loading)
                 model = WholeModel(evaluated, device, dtype).model
-                dead = whole_model_dead_slices(model, ids, p.final.output_slices())
+                dead = whole_model_dead_slices(model, grad_ids, p.final.output_slices())
                 symmetry = expert_symmetry(model, ids)
                 del model
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
@@ -529,6 +556,10 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     if dead:
         ok = False
         rule += f"; {len(dead)} new slice(s) get no gradient"
+    wrong = tokenizer_problems(out_dir, p.final.spec.meta.get("added_tokens"))
+    if wrong:
+        ok = False
+        rule += f"; tokenizer: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else "")
     broken = broken_by(steps, p) if not ok else None
     return Report(
         loss_source=source.evaluation.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
@@ -564,6 +595,14 @@ def planned_rule(p: Plan) -> str:
                      f"measured on it ({noise}), top-1 agreement >= {MIN_TOP1_AGREEMENT} (lower only where the measured rounding flips more)"
                      + (f"; with per_op, the state before {HALF[storage]} rounding within the float32 noise alone"
                         if storage and v.per_op else ""))
+    old_vocab, new_vocab = p.initial.spec.vocab_size, p.final.spec.vocab_size
+    if new_vocab > old_vocab:
+        parts.append(f"logits on the first {old_vocab} tokens; " + (
+            "the loss judged net of the new rows' share of the normaliser" if promise.exactness == Exactness.APPROXIMATE else
+            f"the loss change must equal the {new_vocab - old_vocab} new rows' share of the normaliser, mean log(1 + "
+            "sum_new e^z / sum_old e^z), within that noise plus the float32 rounding of the loss"))
+    if p.final.spec.meta.get("added_tokens"):
+        parts.append("each added token encodes, with the output's AutoTokenizer, as its one planned id")
     return "; ".join(parts)
 
 
@@ -588,6 +627,21 @@ def _promise_after(p: Plan, start: int, step) -> Promise:
 
     pr = cumulative_promise([s.promise for s in p.steps if start < s.index <= step.index], step.state.spec)
     return Promise(pr.exactness, f"relative to the state after ops[{start}] reinit: {pr.reason}")
+
+
+def tokenizer_problems(out_dir: Path, added: list[dict] | None) -> list[str]:
+    """Each added token, encoded by the output's tokenizer as users load it, must be exactly its one planned id."""
+    if not added:
+        return []
+    from .io.grown_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out_dir)
+    out = []
+    for a in added:
+        got = tok(a["content"], add_special_tokens=False)["input_ids"]
+        if got != [a["id"]]:
+            out.append(f"{a['content']!r} encodes as {got}, not [{a['id']}]")
+    return out
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -106,6 +106,8 @@ SETUP = {
     "poke": lambda src, d, arg: _edit_weights(src, lambda sd: _poke(sd, **arg)),
     "truncate": lambda src, d, amount: _truncate(src, amount),
     "header": lambda src, d, kind: _header(src, kind),
+    "shrink_vocab": lambda src, d, rows: _edit_weights(
+        src, lambda sd: [sd.__setitem__(n, sd[n][:rows].clone()) for n in ("model.embed_tokens.weight", "lm_head.weight")]),
     "read_only_dir": lambda src, d, name: ((d / name).mkdir(), (d / name).chmod(0o555)),
 }
 

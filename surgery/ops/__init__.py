@@ -11,12 +11,13 @@ from .grow_head_dim import GrowHeadDim
 from .grow_heads import GrowHeads
 from .grow_layers import GrowLayers
 from .grow_mlp import GrowMlp
+from .grow_vocab import GrowVocab
 from .patch_layernorm import PatchLayerNorm
 from .rescale_norm import RescaleNorm
 from .reinit import Reinit
 from .upcycle_moe import UpcycleMoe
 
-OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, Reinit, UpcycleMoe]
+OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, GrowVocab, Reinit, UpcycleMoe]
 
 AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Union
 
@@ -19,6 +20,8 @@ from ..state import ModelState
 class Exactness(str, enum.Enum):
     EXACT = "exact"  # stock transformers code computes the same function
     EXACT_SHIPPED_CODE = "exact with shipped code"  # exact with the model code written into the output
+    # old tokens' logits exact; the loss moves by the probability mass of new vocabulary rows (grow_vocab)
+    EXACT_OLD_TOKENS = "exact on the old tokens"
     APPROXIMATE = "approximate"  # the function moves; verified against the recipe tolerance
     REINIT = "re-initialisation"  # the function is replaced on purpose; checked by initial loss
 
@@ -34,6 +37,7 @@ class Promise:
 class OpContext:
     seed: int
     index: int  # position of the op in the recipe, part of every random draw's seed
+    source_dir: Path | None = None  # the source checkpoint's folder (its tokenizer); None for a model in memory
     calibration: object | None = None  # surgery.calibration.Calibration, for ops that learn from data
 
     def seed_parts(self, *parts) -> tuple:
