@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .lazy import LazyTensor, evaluate
-from .io.writer import PlannedTensor, ShardWriter, assign_shards, layout_order, parse_size, shard_file_names, write_index
+from .io.writer import PlannedTensor, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names, write_index
 from .ops.patch_layernorm import MODELING_FILE
 from .state import ModelState
 
@@ -87,6 +87,17 @@ class FiniteReader:
         return t
 
 
+def source_bytes(reader, name: str) -> SourceBytes | None:
+    """Where a source tensor's bytes lie in a safetensors file, if they do (then the kernel copies them)."""
+    meta = getattr(reader, "tensors", {}).get(name)
+    if meta is None or getattr(meta, "offset", None) is None:
+        return None
+    n = meta.dtype.itemsize
+    for s in meta.shape:
+        n *= s
+    return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
+
+
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
     cd = dtype or compute_dtype_for(state)
@@ -104,10 +115,10 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     reader = FiniteReader(reader)
     nodes = {n: (node, d) for n, node, d in tensors}
 
-    def compute(name: str) -> torch.Tensor:
+    def compute(name: str) -> torch.Tensor | SourceBytes:
         node, d = nodes[name]
         if node.fn is None and node.dtype == d:
-            return reader.load(node.source)  # untouched tensor: its bytes go straight through
+            return source_bytes(reader.reader, node.source) or reader.load(node.source)  # untouched tensor
         t = evaluate(node, reader, device, cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
@@ -120,14 +131,21 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
             shard = layout_order(shard)
             pending = [(p, pool.submit(compute, p.name)) for p in shard[:1]]  # one tensor computed ahead
             queue = list(shard[1:])
-            while pending:
-                p, fut = pending.pop(0)
-                if queue:
-                    nxt = queue.pop(0)
-                    pending.append((nxt, pool.submit(compute, nxt.name)))
-                digests[p.name] = writer.write(p.name, fut.result())
-                bar.update(p.nbytes)
-            file_digest = writer.close()
+            try:
+                while pending:
+                    p, fut = pending.pop(0)
+                    if queue:
+                        nxt = queue.pop(0)
+                        pending.append((nxt, pool.submit(compute, nxt.name)))
+                    writer.write(p.name, fut.result())
+                    bar.update(p.nbytes)
+                file_digest = writer.close()
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                writer.abort()
+                raise
+            digests.update(writer.digests)
             if file_digest:
                 files[fname] = file_digest
     bar.close()

@@ -10,13 +10,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import SurgeryError
 from .io.resolve import resolve_source
-from .io.writer import file_digests
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = ("float32", "float64")  # torch loads when a comparison runs, so `surgery --help` stays fast
 
 
 @dataclass
@@ -49,7 +46,9 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     from .verify import compare, evaluate_model, tokenize
 
     t0 = time.perf_counter()
-    dt = DTYPES[dtype]
+    import torch
+
+    dt = getattr(torch, dtype)
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
     ids = tokenize(ref_dir, data, max_tokens)
@@ -70,6 +69,8 @@ def check_integrity(output: Path) -> list[str]:
     recorded = json.loads(report.read_text()).get("files_sha256")
     if not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
+    from .io.writer import file_digests
+
     now = file_digests(output, skip=("surgery_report.json",))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
 
