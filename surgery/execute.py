@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .lazy import LazyTensor, evaluate
+from .lazy import LazyTensor, evaluate, storage_exact
 from .io.writer import PlannedTensor, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names, write_index
 from .ops.patch_layernorm import MODELING_FILE
 from .state import ModelState
@@ -119,7 +119,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         node, d = nodes[name]
         if node.fn is None and node.dtype == d:
             return source_bytes(reader.reader, node.source) or reader.load(node.source)  # untouched tensor
-        t = evaluate(node, reader, device, cd)
+        # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
+        t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
     digests: dict[str, str] = {}

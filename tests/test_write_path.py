@@ -14,7 +14,7 @@ from surgery import api
 from surgery.execute import compute_dtype_for, output_tensors
 from surgery.io import writer
 from surgery.io.checkpoint import read_safetensors_header
-from surgery.lazy import evaluate
+from surgery.lazy import evaluate, storage_exact
 
 GROWTHS = """\
 name: grow
@@ -66,9 +66,13 @@ def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp
     cd = compute_dtype_for(p.final)
     written = tensor_bytes(out)
     assert set(written) == set(p.final.tensors)
+    in_storage = 0
     for name, node, d in output_tensors(p.final, "auto"):
         t = evaluate(node, p.checkpoint, torch.device("cpu"), cd)
         assert written[name] == as_bytes(t.to(d) if t.is_floating_point() else t), name
+        in_storage += node.fn is not None and storage_exact(node, d)
+    if d == torch.bfloat16:
+        assert in_storage >= 10, "grown tensors of a bf16 source are computed in bf16"
     report = json.loads((out / "surgery_report.json").read_text())
     assert report["tensor_sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in written.items()}
     for f in out.glob("*.safetensors"):
