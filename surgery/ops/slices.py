@@ -39,12 +39,14 @@ class Fill:
         if self.kind == "const_mean":
             return old.new_full(shape, float(old.float().mean()) if old.numel() else 1.0)
         if self.kind == "random":
-            std = float(old.float().std()) if old.numel() > 1 else 0.02
-            mean = float(old.float().mean()) if old.numel() else 0.0
+            f = old.float()  # one float32 copy for both statistics (none when old is float32)
+            std = float(f.std()) if old.numel() > 1 else 0.02
+            mean = float(f.mean()) if old.numel() else 0.0
+            del f
             if not std > 0:
                 std = 0.02
             draw = torch.randn(shape, generator=generator(*self.seed), dtype=torch.float32)
-            return (draw * std + mean).to(device=old.device, dtype=old.dtype)
+            return draw.mul_(std).add_(mean).to(device=old.device, dtype=old.dtype)  # in place: same values
         raise ValueError(self.kind)
 
 
