@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import Written, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .card import config_file
+from .io.checkpoint import SourceDigest
 from .io.native import write_native
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
@@ -84,13 +86,17 @@ def run(
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
-            written = Written(write_native(p.final, p.checkpoint, tmp, dev, out_spec.dtype, progress))
+            reader = SourceDigest(p.checkpoint)  # hashes the source as the writer reads it
+            written = Written(write_native(p.final, reader, tmp, dev, out_spec.dtype, progress))
         else:
-            written = write_weights(p.final, p.checkpoint, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            copies = {src: out for out, src in byte_copies(p.final, out_spec.dtype).items()}
+            reader = SourceDigest(p.checkpoint, copies)
+            written = write_weights(p.final, reader, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
+            reader.adopt(written.tensors)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)
-        write_resolved_recipe(loaded, p, tmp)
+        write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
         surgery_seconds = time.perf_counter() - t0
         report = None
         if verify:

@@ -7,13 +7,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
 
+from . import DISTRIBUTION, __version__
 from .errors import SurgeryError, VerificationFailed
-from .text_table import text_table
+from .text_table import fit_lines, terminal_width, text_table
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input (subcommands inherit it)."""
+
+    def error(self, message: str):
+        flag, sep, what = message.partition(": ")
+        where = flag.split()[-1].split("/")[0] if sep and flag.startswith("argument -") else self.prog
+        print(f"error: {where}: {what if where != self.prog else message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _library(p: argparse.ArgumentParser) -> None:
@@ -31,8 +41,9 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="surgery", description="Declarative, verified model surgery.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap = Parser(prog="surgery", description="Declarative, verified model surgery.")
+    ap.add_argument("--version", action="version", version=f"surgery {__version__} (distribution {DISTRIBUTION})")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks (also SURGERY_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="execute a recipe and verify the result")
@@ -61,12 +72,24 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
 
     p = sub.add_parser("check", help="run every recipe of a library on a tiny model and check its promise")
-    p.add_argument("library_dir", nargs="?", help="library directory (default: the built-in recipes)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME", help="check only these recipes")
+    p.add_argument("library_dir", nargs="?", help="check this directory's recipes only (default: the built-in "
+                   "recipes and SURGERY_RECIPES_PATH)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="check only these recipes (repeatable, or comma-separated)")
 
     for register in _extensions():
         register(sub)
+    _debug_everywhere(sub)
     return ap
+
+
+def _debug_everywhere(sub) -> None:
+    """`--debug` after the subcommand too (`surgery run r.yaml --debug`); SUPPRESS keeps a leading one."""
+    for p in set(sub.choices.values()):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _debug_everywhere(action)
 
 
 def _extensions():
@@ -85,34 +108,41 @@ def _extensions():
 def _recipes(args) -> int:
     from .plan import compile_plan
     from .io.resolve import resolve_source
-    from .recipe.library import entries, find_recipe, guess_test_source
+    from .recipe.library import copy_recipe, entries, find_recipe, guess_test_source
     from .recipe.loader import load_recipe
 
     if args.recipes_command == "list":
         rows = [("name", "architecture", "ops", "exactness", "description")]
-        for e in entries(args.library):
+        unplanned, broken = [], []
+        for e in entries(args.library, broken):
             src = e.test_source or guess_test_source(e.source)
             arch, exact = "?", "?"
-            if src:
+            if src is None:
+                unplanned.append(f"{e.name}: no test_source and no builtin of its source's family")
+            else:
                 try:
-                    loaded = load_recipe(e.path, libraries=args.library, source=src)
+                    loaded = load_recipe(e.path, libraries=args.library, source=src, sets=e.test_overrides)
                     p = compile_plan(loaded, resolve_source(src))
                     arch, exact = p.initial.spec.arch.name, p.promise.exactness.value
-                except SurgeryError:
-                    pass
+                except SurgeryError as err:
+                    unplanned.append(f"{e.name}: planning on {src} failed: {err}")
             rows.append((e.name, arch, ", ".join(e.ops) or "(copy)", exact, e.description))
-        print("\n".join(text_table(rows)))
+        width = terminal_width()
+        lines = text_table(rows, width=width, wrap=(4, 2, 3))
+        if unplanned:
+            notes = ["? = not planned on a test model, so architecture and exactness depend on the source it is "
+                     "run on (`surgery plan NAME --source S` tells):"] + [f"  {u}" for u in unplanned]
+            lines += fit_lines(notes, width, indent="    ")
+        if broken:
+            lines += fit_lines(["not listed, they do not load:"] + [f"  {path}: {err}" for path, err in broken],
+                               width, indent="    ")
+        print("\n".join(lines))
         return 0
     path = find_recipe(args.name, args.library)
     if args.recipes_command == "show":
         print(path.read_text(), end="")
         return 0
-    dest = Path(args.dest)
-    if dest.is_dir():
-        dest = dest / path.name
-    if dest.exists():
-        raise SurgeryError("destination exists; not overwriting", where=str(dest))
-    shutil.copyfile(path, dest)
+    dest = copy_recipe(path, Path(args.dest))
     print(f"copied {path.name} to {dest}")
     return 0
 
@@ -131,8 +161,12 @@ def _run(args) -> int:
     if args.command == "check":
         from .recipe.check import check_library, format_results
 
-        results = check_library([args.library_dir] if args.library_dir else None, args.only or None)
-        print(format_results(results))
+        names = [n.strip() for arg in args.only for n in arg.split(",") if n.strip()]
+        if args.only and not names:
+            raise SurgeryError("give recipe names, e.g. --only stablelm_grow,llama_grow_mlp", where="--only")
+        results = check_library([args.library_dir] if args.library_dir else None, names or None,
+                                own_only=bool(args.library_dir))
+        print(format_results(results, terminal_width()))
         return 0 if all(r.passed for r in results) else 1
     handler = getattr(args, "func", None) or getattr(args, "handler", None)
     if handler is not None:
@@ -151,18 +185,22 @@ def _run(args) -> int:
 
 
 def finish(result, what: str = "") -> int:
-    """Print a run's verification table; a broken promise is exit 1."""
+    """Print a run's verification table; a broken promise is exit 1, and the output stays for inspection."""
     if result.report is not None:
-        print(result.report.table())
-    print(f"wrote {result.output}{what}")
+        print(result.report.table(width=terminal_width()))
     if result.report is not None and not result.report.passed:
-        raise VerificationFailed(f"verification failed: {result.report.rule}")
+        raise VerificationFailed(f"verification failed: {result.report.rule}; the output is kept at {result.output} "
+                                 f"for inspection, not verified (its README.md and surgery_report.md say FAILED)")
+    print(f"wrote {result.output}{what}" + ("" if result.report is not None else " (not verified: --no-verify)"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    debug = args.debug or os.environ.get("SURGERY_DEBUG") == "1"
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
+    debug = getattr(args, "debug", False) or os.environ.get("SURGERY_DEBUG") == "1"
     try:
         return _run(args)
     except SurgeryError as e:
@@ -179,3 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `surgery inspect ... | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # a path the checks above missed: still one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())}); --debug shows the traceback; "
+              f"please report it", file=sys.stderr)
+        return 3

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .lazy import LazyTensor, evaluate, storage_exact
 from .io.writer import PlannedTensor, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names, write_index
-from .ops.patch_layernorm import MODELING_FILE
+from .modeling import MODELING_FILE, patched_output_config
 from .state import ModelState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -68,6 +68,11 @@ def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor,
     return out
 
 
+def byte_copies(state: ModelState, dtype: str) -> dict[str, str]:
+    """Output tensors written as the source's bytes, untouched (output name -> source name)."""
+    return {name: node.source for name, node, d in output_tensors(state, dtype) if node.fn is None and node.dtype == d}
+
+
 class FiniteReader:
     """Refuses source tensors holding NaN or Inf: no growth can promise anything about them."""
 
@@ -114,11 +119,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     cd = compute_dtype_for(state)
     reader = FiniteReader(reader)
     nodes = {n: (node, d) for n, node, d in tensors}
+    copies = byte_copies(state, dtype)
 
     def compute(name: str) -> torch.Tensor | SourceBytes:
         node, d = nodes[name]
-        if node.fn is None and node.dtype == d:
-            return source_bytes(reader.reader, node.source) or reader.load(node.source)  # untouched tensor
+        if name in copies:  # untouched tensor: the kernel copies its bytes where the source has them in a file
+            return source_bytes(reader.reader, node.source) or reader.load(node.source)
         # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
         t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
@@ -156,9 +162,10 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:
     config = dict(state.spec.config)
-    if not config.get("surgery_live_width"):
-        # A source's own remote code was written for the model before surgery: never pass it on.
-        config.pop("auto_map", None)
+    # A source's own remote code was written for the model before surgery: never pass it on.
+    config.pop("auto_map", None)
+    if config.get("surgery_live_width"):
+        config = patched_output_config(config)
     if dtype != "auto":
         config["dtype"] = dtype
         config.pop("torch_dtype", None)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .errors import SurgeryError
 from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
 from .io.resolve import open_checkpoint, resolve_source
-from .text_table import text_table
+from .text_table import terminal_width, text_table
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # torch loads only when a command reads weights: `surgery --help` stays fast
@@ -145,7 +145,7 @@ def inspect_checkpoint(source: str | Path, tensors: str = "*", method: str | Ini
     return Inspection(path, spec, m, out, ckpt)
 
 
-def format_table(result: Inspection) -> str:
+def format_table(result: Inspection, width: int | None = None) -> str:
     with_pred = result.method is not None
     head = ["tensor", "shape", "dtype", "mean", "std", "min", "max", ">3std"]
     if with_pred:
@@ -162,7 +162,7 @@ def format_table(result: Inspection) -> str:
                 ratio = s.ratio
                 r += [f"{p.expected_std:.3e}", f"{ratio:.3f}" if ratio is not None else "", p.describe()]
         rows.append(r)
-    lines = text_table(rows, right=set(range(3, 8)) | ({8, 9} if with_pred else set()))
+    lines = text_table(rows, right=set(range(3, 8)) | ({8, 9} if with_pred else set()), width=width, wrap=(0,))
     total = sum(s.numel for s in result.stats)
     lines.append(f"{len(result.stats)} tensor(s), {total:,} values, from {result.path}")
     if with_pred:
@@ -174,8 +174,21 @@ def _matplotlib():
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
     except ImportError:
-        raise SurgeryError("--plot needs matplotlib: pip install 'surgery[plot]' (or pip install matplotlib)") from None
+        raise SurgeryError("--plot needs matplotlib: pip install 'model-surgery[plot]' (or pip install matplotlib)") from None
     return Figure
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """A PNG file name in an existing directory (no directory is created behind the user's back)."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise SurgeryError("--plot writes a PNG: give a file name ending in .png", where=str(out))
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise SurgeryError(f"--plot: the directory {out.parent} {what}; create it first", where=str(out))
+    if out.is_dir():
+        raise SurgeryError("--plot: is a directory; give a file name ending in .png", where=str(out))
+    return out
 
 
 def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = MAX_PLOTS, log: bool = False) -> Path:
@@ -189,9 +202,7 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
     import numpy as np
 
     Figure = _matplotlib()
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise SurgeryError("--plot writes a PNG: give a file name ending in .png", where=str(out))
+    out = check_plot_path(out)
     stats = result.stats[:max_plots]
     cols = min(4, len(stats))
     rows = math.ceil(len(stats) / cols)
@@ -248,9 +259,20 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
             ax.set_ylim(0, 1.45 * top)
         ax.legend(fontsize=6, loc="upper left", frameon=False)
         del t
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _positive(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text}: a std is a positive finite number")
+    return value
 
 
 def add_inspect_parser(sub) -> None:
@@ -261,7 +283,7 @@ def add_inspect_parser(sub) -> None:
                    help="fnmatch glob over parameter names, or a role (embed, lm_head, attn.q, mlp.down, norm, ...)")
     p.add_argument("--method", choices=[m.value for m in InitMethod],
                    help="show the std this init scheme predicts for each tensor, and draw its density")
-    p.add_argument("--std", type=float, help="the base std override the scheme was run with (reinit's std:)")
+    p.add_argument("--std", type=_positive, help="the base std override the scheme was run with (reinit's std:)")
     p.add_argument("--plot", metavar="FILE.png", help="write histograms with the predicted density over them")
     p.add_argument("--log", action="store_true", help="logarithmic density axis in --plot (shows the tails)")
     p.set_defaults(handler=run_inspect)
@@ -270,8 +292,9 @@ def add_inspect_parser(sub) -> None:
 def run_inspect(args) -> int:
     if args.plot:
         _matplotlib()  # fail before reading any tensor
+        check_plot_path(args.plot)
     result = inspect_checkpoint(args.checkpoint, args.tensors, args.method, args.std)
-    print(format_table(result))
+    print(format_table(result, terminal_width()))
     if args.plot:
         out = plot(result, args.plot, log=args.log)
         print(f"wrote {out}")

@@ -81,14 +81,12 @@ def cumulative_promise(promises: list[Promise], spec: ModelSpec) -> Promise:
 
 def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
     """transformers must accept the config an op produces, or the output would not load."""
-    from transformers import AutoConfig
+    from .spec import _first_line, config_errors, hf_config
 
     try:
-        AutoConfig.for_model(**{k: v for k, v in spec.config.items() if k != "auto_map"})
-    except (ValueError, TypeError) as e:
-        cause = getattr(e, "__cause__", None) or e
-        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        raise loaded.error(SurgeryError(f"transformers rejects the resulting config: {msg}", loc=("ops", i))) from None
+        hf_config(spec.config)
+    except config_errors() as e:
+        raise loaded.error(SurgeryError(f"transformers rejects the resulting config: {_first_line(e)}", loc=("ops", i))) from None
 
 
 def _diff_config(before: dict, after: dict) -> dict[str, tuple]:
@@ -157,6 +155,10 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
 def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines = [f"recipe {plan.loaded.recipe.name} ({plan.loaded.file})", f"source {plan.source_dir}", f"  {plan.initial.spec.describe()}",
              f"  parameters: {plan.initial.num_parameters:,}"]
+    lines += [f"  config: {n}" for n in plan.initial.spec.meta.get("standardised", [])]
+    if plan.initial.dropped:
+        lines.append(f"  dropped {len(plan.initial.dropped)} persisted buffer(s) transformers recomputes from the config and "
+                     f"ignores on load, e.g. {plan.initial.dropped[0]}: not written to the output")
     if not plan.steps:
         lines.append("no ops: a plain copy (exact)")
     for step in plan.steps:
@@ -182,4 +184,7 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines.append(f"  parameters: {plan.initial.num_parameters:,} -> {plan.final.num_parameters:,} "
                  f"({plan.final.num_parameters - plan.initial.num_parameters:+,})")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
+    from .verify import planned_rule
+
+    lines.append(f"  verify: {planned_rule(plan)}")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
-    def table(self) -> str:
+    def table(self, width: int | None = None) -> str:
         rows = [("step", "loss", "rel change", "max |dlogit|", "rule", "ok")]
         rows.append(("source", f"{self.loss_source:.6f}", "", "", "", ""))
         mark = {True: "yes", False: "NO", None: "-"}
@@ -65,7 +65,7 @@ class Report:
         if not self.steps:
             rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
                          f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
-        lines = text_table(rows)
+        lines = text_table(rows, width=width, wrap=(4, 0))
         verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
         lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
         if self.dead_slices:
@@ -88,15 +88,19 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
     """`surgery_report.md` (the story as a table) and, with matplotlib, `surgery_report.png`."""
     written = []
     plotted = plot_steps(report, out_dir / "surgery_report.png", title)
-    lines = [f"# Verification of {title}", "", f"Promise: {report.promise}", "",
-             "| step | loss | rel. change | max abs logit diff | rule | ok |", "|---|---|---|---|---|---|",
-             f"| source | {report.loss_source:.6f} | | | | |"]
+    verdict = "passed" if report.passed else "FAILED"
+    lines = [f"# Verification of {title}: {verdict}", "", f"Promise: {report.promise}", ""]
+    if not report.passed:
+        lines += [f"**Verification FAILED**: {report.rule}. The output is kept for inspection; it is not verified.", ""]
+    lines += [md_row(["step", "loss", "rel. change", "max abs logit diff", "rule", "ok"]), md_row(["---"] * 6),
+              md_row(["source", f"{report.loss_source:.6f}", "", "", "", ""])]
     mark = {True: "yes", False: "**NO**", None: "-"}
     for s in report.steps:
-        lines.append(f"| `{s.op}` | {s.loss:.6f} | {s.rel_change:+.3e} | {s.max_logit_diff:.3e} | {s.rule} | {mark[s.passed]} |")
+        lines.append(md_row([f"`{s.op}`", f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule,
+                             mark[s.passed]]))
     lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e}, max |logit diff| "
               f"{report.max_logit_diff:.3e}, next-token KL {report.kl_divergence:.3e}, top-1 agreement {report.top1_agreement:.4f}.",
-              f"{report.tokens} tokens in {report.precision}. Verdict: **{'passed' if report.passed else 'FAILED'}**"
+              f"{report.tokens} tokens in {report.precision}. Verdict: **{verdict}**"
               + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
     if report.dead_slices:
         lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
@@ -105,6 +109,11 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
         written.append("surgery_report.png")
     (out_dir / "surgery_report.md").write_text("\n".join(lines))
     return ["surgery_report.md"] + written
+
+
+def md_row(cells: list[str]) -> str:
+    """A markdown table row; `|` inside a cell (rules say |rel change|) is escaped, code spans included."""
+    return "| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |"
 
 
 def plot_steps(report: Report, path: Path, title: str) -> bool:

@@ -2,6 +2,12 @@
 
 Ops change a spec (sizes, eps, rotary) and the tensors that go with it; the plan is the spec after
 every op, computed before any weight is read.
+
+Configs arrive in every form transformers ever wrote (4.x: top-level `rope_theta` + `rope_scaling`,
+Qwen2 sliding layers derived from `max_window_layers`; 5.x: `rope_parameters`, `layer_types`). A
+spec holds the form transformers 5 reads, derived by transformers itself from the source config:
+one `rope_parameters` section and explicit per-layer lists. Ops then change one place, and a
+stale legacy key can never override what they wrote (transformers prefers `rope_scaling`).
 """
 from __future__ import annotations
 
@@ -10,6 +16,36 @@ from dataclasses import dataclass, field
 
 from .arch import Architecture, architecture_for, ARCHITECTURES
 from .errors import SurgeryError
+from .modeling import PATCHED_MODEL_TYPES
+
+# Top-level keys transformers 5 folds into `rope_parameters` (and no longer writes).
+LEGACY_ROPE_KEYS = ("rope_scaling", "rope_theta", "partial_rotary_factor")
+
+
+def hf_config(config: dict):
+    """The transformers config object for a config dict, built from a deep copy.
+
+    transformers standardises rope dicts in place (adds rope_theta, rope_type, ...): handing it the
+    spec's own nested dicts would change them behind the spec's back.
+    """
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if k != "auto_map"}))
+
+
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config it rejects (its strict dataclass validators raise their own type)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, StrictDataclassError)
+
+
+def _first_line(e: Exception) -> str:
+    cause = getattr(e, "__cause__", None) or e
+    text = str(cause).strip()
+    return text.splitlines()[-1] if text else type(cause).__name__
 
 
 @dataclass
@@ -25,7 +61,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict, where: str = "source") -> "ModelSpec":
-        arch = architecture_for(config.get("model_type"))
+        arch = architecture_for(PATCHED_MODEL_TYPES.get(config.get("model_type"), config.get("model_type")))
         if arch is None:
             known = ", ".join(sorted(ARCHITECTURES))
             raise SurgeryError(
@@ -35,8 +71,41 @@ class ModelSpec:
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
         spec = cls(arch=arch, config=copy.deepcopy(config))
+        if spec.config.get("model_type") in PATCHED_MODEL_TYPES:  # an output of patch_layernorm, read back
+            spec.config["model_type"] = PATCHED_MODEL_TYPES[spec.config["model_type"]]
+            spec.config.pop("auto_map", None)
+            spec.config.pop("architectures", None)
+        spec.meta["standardised"] = spec._standardise(where)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)
         return spec
+
+    def _standardise(self, where: str) -> list[str]:
+        """Rope settings and per-layer lists as transformers 5 resolves them, written explicitly."""
+        try:
+            hf = hf_config(self.config)
+        except config_errors() as e:
+            raise SurgeryError(f"transformers rejects this config: {_first_line(e)}", where=where) from None
+        notes = []
+        rope = getattr(hf, "rope_parameters", None)
+        if rope:
+            legacy = [k for k in LEGACY_ROPE_KEYS if k in self.config]
+            if legacy or self.config.get("rope_parameters") != rope:
+                for k in legacy:
+                    del self.config[k]
+                self.config["rope_parameters"] = copy.deepcopy(dict(rope))
+                notes.append("rope settings written as one rope_parameters section, as transformers 5 reads them"
+                             + (f" (was: {', '.join(legacy)})" if legacy else ""))
+        for f in self.arch.layer_type_fields:
+            types = getattr(hf, f, None)
+            if isinstance(types, list) and self.config.get(f) != types:
+                self.config[f] = list(types)
+                notes.append(f"{f} written explicitly as transformers derives them, so they follow inserted layers")
+        if notes:  # the rewritten config must mean what the source's did
+            again = hf_config(self.config)
+            same = getattr(again, "rope_parameters", None) == rope and all(
+                getattr(again, f, None) == getattr(hf, f, None) for f in self.arch.layer_type_fields)
+            assert same, f"standardising the config changed its meaning: {notes}"
+        return notes
 
     def copy(self) -> "ModelSpec":
         return ModelSpec(self.arch, copy.deepcopy(self.config), self.norm_width, self.residual_fill, copy.deepcopy(self.meta))
@@ -91,23 +160,14 @@ class ModelSpec:
 
     @property
     def rope(self) -> dict:
-        rp = self.config.get("rope_parameters")
-        if rp is None:
-            rp = {"rope_theta": self.config.get("rope_theta", 10000.0), "rope_type": "default"}
-            self.config["rope_parameters"] = rp
-        return rp
+        """The (single, standardised) rope_parameters section."""
+        return self.config.setdefault("rope_parameters", {})
 
-    def rope_value(self, key: str):
-        """A rope setting as transformers resolves it: rope_parameters first, then the legacy top-level key."""
-        rp = self.config.get("rope_parameters")
-        if isinstance(rp, dict) and key in rp:
-            return rp[key]
-        return self.config.get(key)
-
-    def set_rope_value(self, key: str, value) -> None:
-        self.rope[key] = value
-        if key in self.config:  # a legacy top-level copy: keep it consistent
-            self.config[key] = value
+    def rope_sections(self) -> list[dict]:
+        """Every rope_parameters dict: one, or one per layer type where transformers nests them (Gemma 3)."""
+        rp = self.rope
+        nested = [v for v in rp.values() if isinstance(v, dict)]
+        return nested or [rp]
 
     def describe(self) -> str:
         s = (
@@ -119,7 +179,13 @@ class ModelSpec:
         return s
 
     # setters that keep the config consistent ---------------------------------------------
+    def pin_head_dim(self) -> None:
+        """Write a derived head_dim down before heads or hidden_size change (Llama-2 and Qwen2 configs omit it)."""
+        if self.arch.head_dim_field and not self.config.get(self.arch.head_dim_field):
+            self.config[self.arch.head_dim_field] = self.hidden_size // self.num_heads
+
     def set_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        self.pin_head_dim()
         self.config["num_attention_heads"] = num_heads
         self.config["num_key_value_heads"] = num_kv_heads
 
@@ -128,6 +194,7 @@ class ModelSpec:
             self.config[self.arch.head_dim_field] = head_dim
 
     def set_hidden_size(self, hidden: int) -> None:
+        self.pin_head_dim()
         self.config["hidden_size"] = hidden
 
     def set_intermediate_size(self, size: int) -> None:

@@ -1,12 +1,17 @@
 """ModelState: a spec plus a lazy tensor for every parameter the output checkpoint will hold."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .arch import TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
 from .spec import ModelSpec
+
+# Buffers older checkpoints persisted and transformers recomputes from the config, ignoring the
+# stored copy (its `_keys_to_ignore_on_load_unexpected` for rotary_emb.inv_freq): read, not written.
+DROPPED_BUFFERS = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 
 @dataclass
@@ -24,12 +29,16 @@ class ModelState:
     spec: ModelSpec
     tensors: dict[str, LazyTensor]
     new_slices: list[NewSlice] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # source tensors not carried over (DROPPED_BUFFERS)
 
     @classmethod
     def from_checkpoint(cls, spec: ModelSpec, metas: dict, where: str = "source") -> "ModelState":
         tensors: dict[str, LazyTensor] = {}
-        unknown = []
+        unknown, dropped = [], []
         for name, m in metas.items():
+            if DROPPED_BUFFERS.fullmatch(name):
+                dropped.append(name)
+                continue
             if spec.arch.classify(name) is None:
                 unknown.append(name)
             tensors[name] = read(name, m.shape, m.dtype)
@@ -40,13 +49,13 @@ class ModelState:
         head = spec.arch.parameter_name(TensorRole.LM_HEAD, "weight")
         if spec.tied:
             tensors.pop(head, None)  # transformers ties it to the embedding on load
-        state = cls(spec, tensors)
+        state = cls(spec, tensors, dropped=sorted(dropped))
         state.check_shapes(where)
         return state
 
     def copy(self) -> "ModelState":
         slices = [NewSlice(s.tensor, s.axis, list(s.index), s.op) for s in self.new_slices]
-        return ModelState(self.spec.copy(), dict(self.tensors), slices)
+        return ModelState(self.spec.copy(), dict(self.tensors), slices, list(self.dropped))
 
     def info(self, name: str) -> TensorInfo:
         info = self.spec.arch.classify(name)

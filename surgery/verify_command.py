@@ -2,16 +2,20 @@
 
 Compares any two checkpoints (made by surgery or not) on the same tokens: one model is evaluated
 and freed before the other is loaded, so memory holds one model plus the reference logits.
+The candidate is judged: without --tolerance as the same function (exact, against the rounding
+noise measured on the reference, as `surgery run` judges exact steps), with --tolerance T as an
+approximation (|rel change| <= T and KL <= T x reference loss). Beyond it: exit 1.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import SurgeryError
-from .io.resolve import resolve_source
+from .io.resolve import open_checkpoint, resolve_source
 
 DTYPES = ("float32", "float64")  # torch loads when a comparison runs, so `surgery --help` stays fast
 
@@ -29,21 +33,30 @@ class PairReport:
     precision: str
     compared_vocab: int
     seconds: float
+    passed: bool = True
+    rule: str = ""
+    failed: list[str] = field(default_factory=list)  # each metric beyond its bound
+    bound: dict | None = None
 
     def text(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
         return "\n".join([
             f"loss  reference {self.loss_reference:.6f}  candidate {self.loss_candidate:.6f}  rel change {self.rel_change:+.3e}",
             f"logits  max |diff| {self.max_logit_diff:.3e}  mean |diff| {self.mean_logit_diff:.3e}  (first {self.compared_vocab} tokens of the vocab)",
             f"next-token KL {self.kl_divergence:.3e}  top-1 agreement {self.top1_agreement:.4f}",
             f"{self.tokens} tokens, {self.precision}, {self.seconds:.1f} s",
+            f"verdict {verdict}: {self.rule}",
         ])
 
 
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
-                        dtype: str = "float32", device: str = "auto", device_map: str | None = None) -> PairReport:
+                        dtype: str = "float32", device: str = "auto", device_map: str | None = None,
+                        tolerance: float | None = None) -> PairReport:
     from .execute import pick_device
     from .io.native import load_model as load_output  # native folders are converted in memory
-    from .verify import compare, evaluate_model, tokenize
+    from .io.resolve import open_checkpoint
+    from .ops import Exactness, Promise
+    from .verify import HALF, compare, evaluate_model, judge, measure_reference, tokenize
 
     t0 = time.perf_counter()
     import torch
@@ -51,13 +64,21 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     dt = getattr(torch, dtype)
     dev = pick_device(device)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
+    for d in (ref_dir, cand_dir):
+        open_checkpoint(d)  # a directory that is no checkpoint: one line now, not transformers' error later
     ids = tokenize(ref_dir, data, max_tokens)
-    ref = evaluate_model(load_output(ref_dir, dt, dev, device_map), ids)  # freed before the candidate loads
-    cmp = compare(ref, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
+    half = {m.dtype for m in open_checkpoint(cand_dir).tensors.values() if m.dtype in HALF}
+    storage = max(half, key=lambda d: torch.finfo(d).eps) if half else None
+    ref = measure_reference("reference", lambda d: load_output(ref_dir, d, dev, device_map), ids, dt, storage)
+    cmp = compare(ref.evaluation, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
+    promise = Promise(Exactness.EXACT if tolerance is None else Exactness.APPROXIMATE, "surgery verify")
+    verdict = judge(promise, cmp, ref.floor, tolerance or 0.0, 0, rounded=storage is not None)
     return PairReport(
-        loss_reference=ref.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        loss_reference=ref.evaluation.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
-        tokens=int(ids.shape[1]), precision=dtype, compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0,
+        tokens=int(ids.shape[1]), precision=dtype + (f", candidate stores {str(storage)[6:]}" if storage else ""),
+        compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0, passed=bool(verdict.passed), rule=verdict.rule,
+        failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None,
     )
 
 
@@ -66,8 +87,12 @@ def check_integrity(output: Path) -> list[str]:
     report = output / "surgery_report.json"
     if not report.is_file():
         raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
-    recorded = json.loads(report.read_text()).get("files_sha256")
-    if not recorded:
+    try:
+        doc = json.loads(report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"not valid JSON ({e}); the report itself was changed", where=str(report)) from None
+    recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
     from .io.writer import file_digests
 
@@ -75,16 +100,34 @@ def check_integrity(output: Path) -> list[str]:
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
 
 
+def _token_budget(text: str) -> int:
+    """--max-tokens: a loss needs at least two tokens (one prediction)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n}: at least 2 tokens (a loss needs one prediction)")
+    return n
+
+
 def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
-    p.add_argument("--data", default="builtin:python-license")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default="builtin:python-license",
+                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, or a saved "
+                        "dataset (default: %(default)s)")
+    p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
+                   help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="precision both models run in (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
+    p.add_argument("--tolerance", type=_tolerance, metavar="T",
+                   help="accept an approximation: |relative loss change| <= T and next-token KL <= T x reference loss "
+                        "(default: the same function, up to the rounding noise measured on the reference)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
 
@@ -100,6 +143,19 @@ def run_verify(args) -> int:
             return 0
     if not args.against:
         raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
-    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.device_map)
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.device_map,
+                              args.tolerance)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
-    return 0
+    return 0 if rep.passed else 1
+
+
+def _tolerance(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0, e.g. 1e-3")
+    return value

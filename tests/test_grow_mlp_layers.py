@@ -342,7 +342,8 @@ def test_recipes_plan_on_a_tiny_llama_and_surgery_plan_counts_the_materialized_p
     assert plan.final.num_parameters == new.num_parameters()
     argv = ["plan", RECIPES + recipe, "--source", str(path)] + [a for s in sets for a in ("--set", s)]
     assert cli_main(argv) == 0
-    assert f"{new.num_parameters():,}" in capsys.readouterr().out.splitlines()[-2]
+    result = capsys.readouterr().out.split("\nresult ")[-1]  # the plan's last section: the model it writes
+    assert f"-> {new.num_parameters():,} (" in result
 
 
 def test_recipe_headers_point_at_the_schema_and_solar_has_a_loose_tolerance():

@@ -146,11 +146,14 @@ def test_reinit_with_an_lm_head_of_std_1_fails_and_names_the_lm_head(write_recip
     assert "lm_head amplifies" in capsys.readouterr().err
 
 
-def test_bfloat16_output_is_judged_against_the_source_rounded_alike(tmp_path):
+def test_bfloat16_output_is_judged_against_the_measured_bfloat16_rounding_noise(tmp_path):
     r = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "o"),
                 sets=["output.dtype=bfloat16", "verify.max_tokens=512"])
     assert r.report.passed, r.report.rule
     assert "stored as bfloat16" in r.report.precision and "bfloat16 rounding" in r.report.rule
+    floor = r.report.noise_floor["storage"]
+    assert r.report.max_logit_diff <= r.report.bound["max_logit_diff"] == pytest.approx(
+        2 * (floor["max_logit_diff"] + r.report.noise_floor["compute"]["max_logit_diff"]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine; runs where one is lent")

@@ -5,6 +5,7 @@ checkpoint is described without reading its weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -191,3 +192,50 @@ class InMemoryCheckpoint:
 
     def load(self, name: str) -> torch.Tensor:
         return self._sd[name]
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes as stored (hashlib releases the GIL: writing goes on meanwhile)."""
+    data = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
+
+
+class SourceDigest:
+    """A reader that hashes each source tensor the first time a run reads it.
+
+    The executor reads every tensor it needs exactly once, in its background thread, so the source
+    is hashed without a second read and overlapped with writing; `content_hash` reads only what the
+    run never needed (a tied lm_head, dropped buffers, tensors an op replaced outright). Tensors
+    written byte for byte (`copies`: source name -> output name) are not hashed twice: the writer's
+    SHA-256 of the output tensor is theirs (`adopt`).
+    """
+
+    def __init__(self, reader, copies: dict[str, str] | None = None):
+        self.reader = reader
+        self.digests: dict[str, str] = {}
+        self.copies = dict(copies or {})
+
+    def __getattr__(self, name):  # path, passthrough, tensors, ...: the wrapped reader's
+        return getattr(self.reader, name)
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self.reader.load(name)
+        if name not in self.digests and name not in self.copies:
+            self.digests[name] = tensor_sha256(t)
+        return t
+
+    def adopt(self, written: dict[str, str]) -> None:
+        """Take the digests of byte-for-byte copies from the writer's per-tensor SHA-256 (output name -> digest)."""
+        for src, out in self.copies.items():
+            if src not in self.digests and out in written:
+                self.digests[src] = written[out]
+        self.copies = {}
+
+    def content_hash(self, config_file: Path) -> str:
+        """SHA-256 over the config file's bytes and every tensor's name, dtype, shape and SHA-256 of its bytes."""
+        h = hashlib.sha256(Path(config_file).read_bytes())
+        for name, meta in sorted(self.reader.tensors.items()):
+            if name not in self.digests:
+                self.load(name)
+            h.update(f"\n{name}\0{str(meta.dtype)[6:]}\0{list(meta.shape)}\0{self.digests[name]}".encode())
+        return h.hexdigest()

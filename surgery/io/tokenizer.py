@@ -117,9 +117,9 @@ def text_encoder(folder: Path) -> Callable[[str], list[int]]:
 
 
 def _auto_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    from ..modeling import load_tokenizer  # AutoTokenizer, without a remote-code prompt for patched outputs
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return load_tokenizer(folder)
 
 
 def special_token_ids(folder: Path) -> dict[str, int | None]:

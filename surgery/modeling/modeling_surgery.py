@@ -7,10 +7,14 @@ Self-contained on purpose: it is copied next to the weights and loaded by transf
 width) and only from those dims; the variance is over all dims, like stock LayerNorm. A grown
 model whose extra residual dims start at zero then computes what the original did, once the norm
 weights and eps are rescaled by `rescale_norm`.
+
+The config's model_type is `surgery_stablelm`, which stock transformers does not know: loading
+without `trust_remote_code=True` fails instead of silently building a stock StableLM (whose
+LayerNorm centres over the zero-padded dims: a different function).
 """
 import torch
 from torch import nn
-from transformers import StableLmForCausalLM
+from transformers import StableLmConfig, StableLmForCausalLM
 
 
 class LiveWidthLayerNorm(nn.LayerNorm):
@@ -41,8 +45,16 @@ def _patched(norm, live_width):
     return new
 
 
+class SurgeryStableLmConfig(StableLmConfig):
+    """StableLM's config under a model_type of its own, so only this code loads it."""
+
+    model_type = "surgery_stablelm"
+
+
 class SurgeryStableLmForCausalLM(StableLmForCausalLM):
     """StableLM whose residual LayerNorms are `LiveWidthLayerNorm` (per-head q/k norms untouched)."""
+
+    config_class = SurgeryStableLmConfig
 
     def __init__(self, config):
         super().__init__(config)

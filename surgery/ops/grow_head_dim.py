@@ -145,8 +145,8 @@ class GrowHeadDim(Op):
         if half and not qk_norm:
             notes.append(f"q x sqrt({new}/{d_h}) is rounded when stored in {', '.join(half)}")
         spec.set_head_dim(new)
-        for key, value in rope_changes.items():
-            spec.set_rope_value(key, value)
+        for section, changes in zip(spec.rope_sections(), rope_changes):
+            section.update(changes)
         if derived:
             grow_residual(state, h * new, self.init, self.residual_fill, ctx, "grow_head_dim")
         elif self.residual_fill != "zero":
@@ -161,11 +161,15 @@ class GrowHeadDim(Op):
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
                        notes)
 
-    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> dict:
+    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> list[dict]:
+        """For each rope section (one, or one per layer type), the settings that keep the old rotary dims."""
+        return [self._section_changes(spec, section, d_h, new, notes) for section in spec.rope_sections()]
+
+    def _section_changes(self, spec, section: dict, d_h: int, new: int, notes: list[str]) -> dict:
         rotary = spec.arch.rotary
-        rope_type = spec.rope_value("rope_type") or "default"
+        rope_type = section.get("rope_type") or "default"
         if rotary == "partial":
-            factor = spec.rope_value("partial_rotary_factor")
+            factor = section.get("partial_rotary_factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
             rot = int(d_h * factor)
@@ -182,7 +186,7 @@ class GrowHeadDim(Op):
             if d_h % 2 or new % 2:
                 raise SurgeryError(f"head_dim must be even for rotary embeddings (rotate_half pairs i and i + head_dim/2), got {new}",
                                    loc=("head_dim",))
-            factor = spec.rope_value("partial_rotary_factor")
+            factor = section.get("partial_rotary_factor")
             if factor not in (None, 1, 1.0):
                 raise SurgeryError(f"partial_rotary_factor {factor} with full rotary is not supported", loc=("head_dim",))
             if rope_type not in FULL_ROTARY_TYPES:
@@ -191,9 +195,9 @@ class GrowHeadDim(Op):
                     f"supported: {', '.join(FULL_ROTARY_TYPES)}",
                     loc=("head_dim",),
                 )
-            theta = spec.rope_value("rope_theta")
-            if theta is None:
-                theta = spec.rope["rope_theta"]
+            theta = section.get("rope_theta")
+            if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+                raise SurgeryError(f"config.json states no usable rope_theta (got {theta!r})", loc=("head_dim",))
             new_theta = float(theta) ** (new / d_h)
             notes.append(
                 f"rope_theta {theta:g} -> {new_theta:g} keeps the first {d_h // 2} frequencies; transformers computes them in "

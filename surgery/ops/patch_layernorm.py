@@ -3,17 +3,19 @@
 Stock LayerNorm subtracts the mean over all D dims, and zero-padded dims pull that mean down: no
 choice of weights undoes it (the article's +0.5%). The patched norm centres over the original
 `live_width` dims only; with `rescale_norm` handling the variance it is exact. The output ships
-`modeling_surgery.py` and an `auto_map`, so `trust_remote_code=True` loads it.
+`modeling_surgery.py` under a model_type of its own with an `auto_map` (`surgery.modeling`), so
+`trust_remote_code=True` loads it and stock loading fails instead of computing something else.
 """
 from __future__ import annotations
 
 from typing import Literal
 
 from ..errors import SurgeryError
+from ..modeling import MODELING_FILE, PATCHED_MODEL_TYPES
 from ..state import ModelState
 from .base import Exactness, Op, OpContext, Promise
 
-MODELING_FILE = "modeling_surgery.py"
+__all__ = ["MODELING_FILE", "PatchLayerNorm"]
 
 
 class PatchLayerNorm(Op):
@@ -36,9 +38,11 @@ class PatchLayerNorm(Op):
         if signal is None or signal == spec.hidden_size:
             raise SurgeryError("nothing to patch: no zero-padded residual dims; put patch_layernorm after a growth", loc=("op",))
         spec.config["surgery_live_width"] = signal
-        spec.config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{spec.arch.patched_class}"}
         spec.meta.pop("layernorm_zero_padded", None)
+        shipped = next(k for k, v in PATCHED_MODEL_TYPES.items() if v == spec.arch.name)
         return Promise(
             Exactness.EXACT_SHIPPED_CODE,
             f"LayerNorm centres over the first {signal} dims; loads with trust_remote_code=True",
+            [f"the output's model_type is {shipped}: stock transformers refuses it without trust_remote_code=True "
+             f"(its stock class would centre over all {spec.hidden_size} dims and compute something else)"],
         )

@@ -2,7 +2,9 @@
 
 Writers (embedding columns, o_proj and down_proj rows and biases) decide what the new dims carry:
 zeros (`residual_fill: zero`) or the mean of the old dims (`residual_fill: mean`, which keeps
-stock LayerNorm exact once `rescale_norm` follows). Readers may hold anything on the new input
+stock LayerNorm exact once `rescale_norm` follows). RMSNorm has no mean to keep: dims holding the
+mean add (D-d) m^2 to its sum of squares, which no rescaling undoes, so mean fill is refused there
+(zero fill with `rescale_norm` is exact). Readers may hold anything on the new input
 columns while the norm output there is zero; under `init: trainable` they are drawn from the
 tensor's own statistics so the new dims train.
 """
@@ -20,6 +22,12 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
     d = spec.hidden_size
     if new_width == d:
         return
+    if fill == "mean" and spec.arch.norm == "rmsnorm":
+        raise SurgeryError(
+            f"mean fill keeps a LayerNorm's mean; {spec.arch.name} uses RMSNorm, where dims filled with the mean "
+            "change every norm's scale (not exact); use residual_fill: zero, which rescale_norm keeps exact",
+            loc=("residual_fill",),
+        )
     if fill == "mean" and spec.live_width:
         raise SurgeryError(
             "residual_fill: mean cannot follow patch_layernorm (the patched norm centres over the original dims only)",

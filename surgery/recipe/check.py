@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SurgeryError
-from ..text_table import text_table
+from ..text_table import fit_lines, text_table
 from .library import entries, guess_test_source
 
 
@@ -23,15 +23,35 @@ class CheckResult:
     problem: str = ""
 
 
-def check_library(libraries: list[str] | None = None, names: list[str] | None = None) -> list[CheckResult]:
+def check_library(libraries: list[str] | None = None, names: list[str] | None = None,
+                  own_only: bool = False) -> list[CheckResult]:
+    """Run the recipes of `libraries` (with the built-in ones unless `own_only`), or only `names`.
+
+    A recipe that does not load is a failed check, not a skipped one; an unknown name is bad input.
+    """
     from .. import api
 
-    results = []
-    for e in entries(libraries):
-        if names and e.name not in names:
+    broken: list = []
+    found = entries(libraries, broken)
+    if own_only:
+        mine = {Path(d).expanduser().resolve() for d in libraries or []}
+        found = [e for e in found if e.library.resolve() in mine]
+        broken = [(path, err) for path, err in broken if path.parent.resolve() in mine]
+    known = sorted([e.name for e in found] + [path.stem for path, _ in broken])
+    unknown = [n for n in names or [] if n not in known and n not in {e.declared for e in found}]
+    if unknown:
+        raise SurgeryError(f"no recipe named {', '.join(map(repr, unknown))} in the checked libraries; known: "
+                           f"{', '.join(known) or '(none)'}", where="--only")
+    if not known:
+        where = ", ".join(libraries or []) or "the built-in library"
+        raise SurgeryError("no recipe files (*.yaml) to check", where=where)
+    results = [CheckResult(path.stem, "-", "-", None, 0, False, 0.0, f"does not load: {err}")
+               for path, err in broken if not names or path.stem in names]
+    for e in found:
+        if names and e.name not in names and e.declared not in names:
             continue
-        src = e.test_source or guess_test_source(e.source)
         t0 = time.perf_counter()
+        src = e.test_source or guess_test_source(e.source)
         if src is None:
             results.append(CheckResult(e.name, "-", "-", None, 0, False, 0.0, "no test_source and no builtin of its family"))
             continue
@@ -47,15 +67,13 @@ def check_library(libraries: list[str] | None = None, names: list[str] | None = 
     return results
 
 
-def format_results(results: list[CheckResult]) -> str:
+def format_results(results: list[CheckResult], width: int | None = None) -> str:
     rows = [("recipe", "test source", "promise", "rel change", "dead", "ok", "s")]
     for r in results:
         rows.append((r.name, r.source, r.promise, "-" if r.rel_change is None else f"{r.rel_change:+.2e}", str(r.dead),
                      "yes" if r.passed else "NO", f"{r.seconds:.1f}"))
-    lines = text_table(rows)
-    for r in results:
-        if r.problem:
-            lines.append(f"{r.name}: {r.problem}")
+    lines = text_table(rows, width=width)
+    lines += fit_lines([f"{r.name}: {r.problem}" for r in results if r.problem], width)
     ok = sum(r.passed for r in results)
     lines.append(f"{ok} passed, {len(results) - ok} failed")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ def library_dirs(extra: list[str] | None = None) -> list[Path]:
     dirs = [Path(d).expanduser() for d in (list(extra or []) + env)] + [BUILTIN]
     for d in dirs[:-1]:
         if not d.is_dir():
-            raise SurgeryError("recipe library directory does not exist", where=str(d))
+            what = "is not a directory" if d.exists() else "does not exist"
+            raise SurgeryError(f"recipe library directory {what}", where=str(d))
     return dirs
 
 
@@ -31,6 +32,8 @@ def find_recipe(ref: str, libraries: list[str] | None = None) -> Path:
     p = Path(ref).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        raise SurgeryError("is a directory; give a recipe file (.yaml) or a library name", where=ref)
     if p.suffix in (".yaml", ".yml") and (os.sep in ref or p.parent != Path(".")):
         raise SurgeryError("recipe file not found", where=ref)
     for d in library_dirs(libraries):
@@ -53,21 +56,15 @@ def _declared_name(path: Path) -> str | None:
 
 def fetch_hub_recipe(ref: str) -> Path:
     """hf://ORG/REPO/path/to/recipe.yaml[@revision]"""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
+    from ..io.resolve import fetch_hub_file
 
     body = ref[len("hf://"):]
     body, _, revision = body.partition("@")
     parts = body.split("/")
-    if len(parts) < 3:
+    if len(parts) < 3 or not all(parts):
         raise SurgeryError("hub recipes are hf://ORG/REPO/path/to/recipe.yaml[@revision]", where=ref)
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision or None, etag_timeout=10))
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgeryError(f"cannot fetch the recipe from the Hugging Face Hub ({type(e).__name__}: {reason[:160]}); "
-                           f"download it and pass its path", where=ref) from None
+    return fetch_hub_file("/".join(parts[:2]), "/".join(parts[2:]), revision or None, where=ref,
+                          what="the recipe")
 
 
 @dataclass
@@ -80,25 +77,29 @@ class LibraryEntry:
     test_source: str | None
     source: str
     test_overrides: list[str]
+    declared: str = ""  # the recipe's `name:`, which finds it too
 
 
-def entries(libraries: list[str] | None = None) -> list[LibraryEntry]:
+def entries(libraries: list[str] | None = None, broken: list[tuple[Path, SurgeryError]] | None = None) -> list[LibraryEntry]:
+    """Every loadable recipe of the libraries; those that do not load go to `broken` when given."""
+    from .loader import load_recipe
+
     out: list[LibraryEntry] = []
     seen: set[str] = set()
     for d in library_dirs(libraries):
         for path in sorted(d.glob("*.y*ml")):
-            from .loader import load_recipe
-
-            try:
-                r = load_recipe(path, libraries=libraries).recipe
-            except SurgeryError:
-                continue
-            if path.stem in seen:
+            if path.stem in seen or not path.is_file():
                 continue  # an earlier library shadows a later one
             seen.add(path.stem)
+            try:
+                r = load_recipe(path, libraries=libraries).recipe
+            except SurgeryError as e:
+                if broken is not None:
+                    broken.append((path, e))
+                continue
             desc = (r.description or "").strip().splitlines()[0] if r.description else ""
             out.append(LibraryEntry(path.stem, path, d, desc, [o.op for o in r.ops], r.test_source, r.source_spec.path,
-                                   r.test_overrides))
+                                   r.test_overrides, r.name))
     return out
 
 
@@ -112,3 +113,34 @@ def guess_test_source(source: str) -> str | None:
         if key in s:
             return builtin
     return None
+
+
+SCHEMA_LINE = "# yaml-language-server: $schema="
+INSTALLED_SCHEMA = Path(__file__).resolve().parent / "recipe.schema.json"  # packaged copy of schema/recipe.schema.json
+
+
+def copy_recipe(path: Path, dest: Path) -> Path:
+    """Copy a library recipe to edit it; its `$schema` line then points at the installed schema.
+
+    Shipped recipes point at the schema relative to the repository (`../../schema/...`), which is
+    wrong anywhere else; the copy gets the schema file's absolute file:// URI instead.
+    """
+    dest = dest.expanduser()
+    if dest.is_dir():
+        dest = dest / path.name
+    if dest.exists() or dest.is_symlink():
+        raise SurgeryError("destination exists; not overwriting", where=str(dest))
+    if not dest.parent.is_dir():
+        what = "is not a directory" if dest.parent.exists() else "does not exist"
+        raise SurgeryError(f"cannot copy there: {dest.parent} {what}", where=str(dest))
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and lines[0].startswith(SCHEMA_LINE):
+        schema = INSTALLED_SCHEMA.resolve()
+        lines[0] = (f"{SCHEMA_LINE}{schema.as_uri()}\n" if schema.is_file()
+                    else "# `surgery schema > recipe.schema.json` writes the recipe schema for editors\n")
+    try:
+        with open(dest, "x") as f:
+            f.write("".join(lines))
+    except OSError as e:
+        raise SurgeryError(f"cannot write the copy: {e.strerror}", where=str(dest)) from None
+    return dest

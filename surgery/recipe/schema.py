@@ -40,7 +40,7 @@ class OutputSpec(Strict):
 class VerifySpec(Strict):
     data: str = Field("builtin:python-license", description="builtin:python-license, a text file or a directory of .txt files")
     max_tokens: int = Field(2048, gt=1)
-    tolerance: float = Field(1e-4, ge=0, description="largest relative loss increase accepted for the whole recipe")
+    tolerance: float = Field(1e-4, ge=0, description="approximate recipes: largest |relative loss change| (either way) and next-token KL / source loss accepted; exact ones are judged against measured rounding noise")
     per_op: bool = True
 
 
