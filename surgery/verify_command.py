@@ -37,6 +37,7 @@ class PairReport:
     rule: str = ""
     failed: list[str] = field(default_factory=list)  # each metric beyond its bound
     bound: dict | None = None
+    max_flip_gap: float = 0.0  # see Comparison.max_flip_gap
 
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
@@ -78,7 +79,7 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
         tokens=int(ids.shape[1]), precision=dtype + (f", candidate stores {str(storage)[6:]}" if storage else ""),
         compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0, passed=bool(verdict.passed), rule=verdict.rule,
-        failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None,
+        failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None, max_flip_gap=cmp.max_flip_gap,
     )
 
 
