@@ -23,7 +23,7 @@ from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
-from .verify import model_from_tensors, verify_plan
+from .verify import disk_layout, model_from_tensors, verify_plan
 
 
 @dataclass
@@ -109,15 +109,17 @@ def run(
     return RunResult(Path(out_spec.path), p, report)
 
 
-def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu"):
-    """Apply ops to a transformers model in memory; returns (new model, plan). For notebooks and tests."""
+def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibration_ids=None):
+    """Apply ops to a transformers model in memory; returns (new model, plan). For notebooks and tests.
+
+    `calibration_ids` (token ids, 1 x n) feed ops that learn from data (upcycle_moe's router: hidden)."""
     from .io.checkpoint import InMemoryCheckpoint
     from .recipe.loader import validate_recipe
 
     loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
-    ckpt = InMemoryCheckpoint(config, dict(model.state_dict()))
-    p = compile_plan(loaded, Path("<memory>"), ckpt)
+    ckpt = InMemoryCheckpoint(config, disk_layout(model, dict(model.state_dict())))
+    p = compile_plan(loaded, Path("<memory>"), ckpt, calibration_ids)
     dev = pick_device(device)
     dtype = compute_dtype_for(p.final)
     new = model_from_tensors(p.final.spec.config, materialize(p.final, ckpt, dev, dtype), dtype, dev,

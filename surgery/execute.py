@@ -61,8 +61,9 @@ def _natural(name: str):
 
 def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor, torch.dtype]]:
     out = []
-    for name in sorted(state.tensors, key=_natural):
-        node = state.tensors[name]
+    tensors = state.output()
+    for name in sorted(tensors, key=_natural):
+        node = tensors[name]
         target = node.dtype if dtype == "auto" or not node.dtype.is_floating_point else DTYPES[dtype]
         out.append((name, node, target))
     return out
@@ -106,7 +107,7 @@ def source_bytes(reader, name: str) -> SourceBytes | None:
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
     cd = dtype or compute_dtype_for(state)
-    return {name: evaluate(node, reader, device, cd) for name, node in state.tensors.items()}
+    return {name: evaluate(node, reader, device, cd) for name, node in state.output().items()}
 
 
 def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device, dtype: str = "auto",

@@ -86,8 +86,13 @@ DESCRIPTIONS = {
     M.ONES: "every selected tensor 1",
 }
 
-_MATRICES = (R.EMBED, R.LM_HEAD, R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_GATE, R.MLP_UP, R.MLP_DOWN)
-_NORMS = (R.NORM_ATTN, R.NORM_MLP, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM)
+_MATRICES = (R.EMBED, R.LM_HEAD, R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_GATE, R.MLP_UP, R.MLP_DOWN, R.ATTN_REL_BIAS)
+# Mixture-of-experts tensors are drawn by the rule of the dense tensor they play (as OLMo-core and
+# transformers do): routers and the shared expert's sigmoid gate read the residual like mlp.gate,
+# the shared expert is an MLP. Routed experts already carry the MLP roles.
+AS_ROLE = {R.MOE_ROUTER: R.MLP_GATE, R.SHARED_ROUTER: R.MLP_GATE, R.SHARED_GATE: R.MLP_GATE, R.SHARED_UP: R.MLP_UP,
+           R.SHARED_DOWN: R.MLP_DOWN}
+_NORMS = (R.NORM_ATTN, R.NORM_MLP, R.NORM_ATTN_OUT, R.NORM_MLP_OUT, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM)
 
 
 def _phi(x: float) -> float:
@@ -210,12 +215,16 @@ def draw_for(method: InitMethod | str, spec: ModelSpec, info: TensorInfo, shape:
         return Draw("constant", value=0.0, rule="zeros")
     if method == M.ONES:
         return Draw("constant", value=1.0, rule="ones")
-    role = info.role
+    role = AS_ROLE.get(info.role, info.role)
     if info.kind == "bias":
         return Draw("constant", value=0.0, rule="bias: zeros")
     if role in _NORMS:
+        if spec.arch.norm_offset:  # Gemma: x_hat * (1 + w), a unit gain is w = 0
+            return Draw("constant", value=spec.arch.weight_for_gain(1.0), rule="norm weight: unit gain (1 + w, w = 0)")
         return Draw("constant", value=1.0, rule="norm weight: ones")
     assert role in _MATRICES, role
+    if method == M.HF and spec.arch.init_rules == "t5":
+        return _t5(spec, role, std)
     base = std if std is not None else default_base_std(method, spec)
     b = f"{base:g}" if base is not None else ""
     d, n = spec.hidden_size, spec.num_layers
@@ -235,6 +244,22 @@ def draw_for(method: InitMethod | str, spec: ModelSpec, info: TensorInfo, shape:
     if method == M.LM_HEAD_INV_SQRT_D:
         return _normal(d ** -0.5, f"{d} ** -0.5")
     return _olmo(method, role, info.layer, d, n, base, fan_in)
+
+
+def _t5(spec: ModelSpec, role: R, std: float | None) -> Draw:
+    """T5PreTrainedModel._init_weights: stds from the shapes times initializer_factor (embedding and an untied
+    lm_head: std 1, the seed 004 problem that `lm_head_inv_sqrt_d` fixes)."""
+    f = std if std is not None else float(spec.config.get("initializer_factor", 1.0))
+    d, dkv, h, dff = spec.hidden_size, spec.head_dim, spec.num_heads, spec.intermediate_size
+    rules = {
+        R.EMBED: (1.0, "initializer_factor"), R.LM_HEAD: (1.0, "initializer_factor"),
+        R.ATTN_Q: ((d * dkv) ** -0.5, f"({d} * {dkv}) ** -0.5"), R.ATTN_K: (d ** -0.5, f"{d} ** -0.5"),
+        R.ATTN_V: (d ** -0.5, f"{d} ** -0.5"), R.ATTN_O: ((h * dkv) ** -0.5, f"({h} * {dkv}) ** -0.5"),
+        R.ATTN_REL_BIAS: (d ** -0.5, f"{d} ** -0.5"), R.MLP_GATE: (d ** -0.5, f"{d} ** -0.5"),
+        R.MLP_UP: (d ** -0.5, f"{d} ** -0.5"), R.MLP_DOWN: (dff ** -0.5, f"{dff} ** -0.5"),
+    }
+    value, rule = rules[role]
+    return _normal(f * value, rule if f == 1.0 else f"{f:g} * {rule}")
 
 
 def _olmo(method: InitMethod, role: R, layer: int | None, d: int, n: int, base: float | None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .arch import TensorInfo
 from .errors import SurgeryError
 from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
 from .io.resolve import open_checkpoint, resolve_source
@@ -139,6 +140,10 @@ def inspect_checkpoint(source: str | Path, tensors: str = "*", method: str | Ini
                 if spec.tied and info.role.value == "embed":  # the shared tensor: see ops/reinit.py
                     info = type(info)(tied_rule_role(m, True), info.kind, info.layer, info.head)
                 predicted = draw_for(m, spec, info, tuple(meta.shape), std)
+            elif spec.arch.fused_parts(name) is not None:  # Phi-3's qkv_proj: predicted when every part draws alike
+                layer, kind, roles = spec.arch.fused_parts(name)
+                draws = {draw_for(m, spec, TensorInfo(r, kind, layer), tuple(meta.shape), std) for r in roles}
+                predicted = draws.pop() if len(draws) == 1 else None
         out.append(TensorStats(name, tuple(meta.shape), str(meta.dtype).replace("torch.", ""), t.numel(),
                                mean, sd, lo, hi, beyond, predicted))
         del t

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from .calibration import Calibration
 from .errors import SurgeryError
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
@@ -62,9 +63,6 @@ def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
         out.append((Exactness.APPROXIMATE, f"norms still expect width {spec.norm_width}, residual is {spec.hidden_size} (add rescale_norm)"))
     if spec.meta.get("layernorm_zero_padded"):
         out.append((Exactness.APPROXIMATE, "stock LayerNorm centres over zero-padded dims (add patch_layernorm, or grow with residual_fill: mean)"))
-    owed = spec.meta.get("qk_eps_owed", 1.0)
-    if spec.qk_norm and abs(owed - 1) > 1e-12:
-        out.append((Exactness.APPROXIMATE, f"the per-head q/k norms need eps x{owed:g} of the shared eps they see"))
     if spec.live_width:
         out.append((Exactness.EXACT_SHIPPED_CODE, "patched LayerNorm shipped as modeling_surgery.py"))
     return out
@@ -110,18 +108,25 @@ def op_graph(ops: list[Op]) -> nx.DiGraph:
     return g
 
 
-def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None) -> Plan:
+def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None,
+                 calibration_ids=None) -> Plan:
     ckpt = checkpoint or open_checkpoint(source_dir)
+    v = loaded.recipe.verify
+    calibration = Calibration(ckpt, calibration_ids, source_dir, v.data, v.max_tokens)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe
     steps: list[Step] = []
     state = initial
     promises: list[Promise] = []
+    arch = spec.arch
     for i, op in enumerate(recipe.ops):
+        if arch.ops is not None and op.op not in arch.ops:
+            raise loaded.error(SurgeryError(f"{op.op} is refused for {arch.name}: {arch.ops_refusal}; supported: "
+                                            f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
-            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i))
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration))
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
@@ -183,6 +188,9 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines.append(f"result  {plan.final.spec.describe()}")
     lines.append(f"  parameters: {plan.initial.num_parameters:,} -> {plan.final.num_parameters:,} "
                  f"({plan.final.num_parameters - plan.initial.num_parameters:+,})")
+    if plan.final.spec.arch.is_moe:
+        lines.append(f"  active parameters per token: {plan.final.active_parameters:,} "
+                     f"(top-{plan.final.spec.experts_per_token} of {plan.final.spec.num_experts} experts)")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
     from .verify import planned_rule
 

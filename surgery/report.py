@@ -46,11 +46,24 @@ class Report:
     steps: list[StepResult] = field(default_factory=list)
     broken_by: str | None = None
     dead_slices: list[dict] = field(default_factory=list)
+    # mixture of experts: per layer, distinct experts and router gradient before and after one SGD step
+    expert_symmetry: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     reference: str = "source"  # what the output was compared with: the source, or the state after the last reinit
     bound: dict | None = None  # the final verdict's bound per metric (verify.Bound), and its basis
     failed: list[str] = field(default_factory=list)  # each metric beyond its bound, e.g. "max |dlogit| 8.1 > 0.35"
     noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.NoiseFloor)
+
+    def symmetry_line(self) -> str | None:
+        if not self.expert_symmetry:
+            return None
+        s = self.expert_symmetry
+        n = s[0]["experts"]
+        lo = min(x["distinct_after_step"] for x in s)
+        grad = min(x["router_grad_after_step"] for x in s)
+        return (f"experts: {min(x['distinct'] for x in s)}..{max(x['distinct'] for x in s)} distinct of {n} per layer, "
+                f"after one SGD step at least {lo} (router gradient >= {grad:.2e})"
+                + ("" if lo > 1 and grad > 0 else ": the experts do not separate (router zeros?)"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -70,6 +83,8 @@ class Report:
         lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
         if self.dead_slices:
             lines.append(f"dead slices (no gradient): {len(self.dead_slices)}")
+        if self.symmetry_line():
+            lines.append(self.symmetry_line())
         return "\n".join(lines)
 
 
@@ -104,6 +119,8 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
               + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
     if report.dead_slices:
         lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
+    if report.symmetry_line():
+        lines += [report.symmetry_line()[0].upper() + report.symmetry_line()[1:] + ".", ""]
     if plotted:
         lines += ["![loss per step](surgery_report.png)", ""]
         written.append("surgery_report.png")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .arch import Architecture, architecture_for, ARCHITECTURES
+from .arch import Architecture, Axis, architecture_for, ARCHITECTURES
 from .errors import SurgeryError
 from .modeling import PATCHED_MODEL_TYPES
 
@@ -68,14 +68,25 @@ class ModelSpec:
                 f"model_type {config.get('model_type')!r} is not supported; supported: {known}", where=where
             )
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+            key = arch.config_aliases.get(key, key)
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
+        if arch.is_moe:
+            for key in (arch.inter_field, arch.experts_per_token_field, *arch.axis_fields.values()):
+                if not isinstance(config.get(key), int) or config[key] <= 0:
+                    raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}",
+                                       where=where)
+            if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+                raise SurgeryError("dense MLP layers between the sparse ones (mlp_only_layers, decoder_sparse_step) "
+                                   "are not supported; every layer must be a mixture of experts", where=where)
         spec = cls(arch=arch, config=copy.deepcopy(config))
         if spec.config.get("model_type") in PATCHED_MODEL_TYPES:  # an output of patch_layernorm, read back
             spec.config["model_type"] = PATCHED_MODEL_TYPES[spec.config["model_type"]]
             spec.config.pop("auto_map", None)
             spec.config.pop("architectures", None)
         spec.meta["standardised"] = spec._standardise(where)
+        if "tie_word_embeddings" not in spec.config:  # 4.x configs leave the class default out (Gemma, T5: tied)
+            spec.config["tie_word_embeddings"] = bool(hf_config(spec.config).tie_word_embeddings)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)
         return spec
 
@@ -113,11 +124,11 @@ class ModelSpec:
     # sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return self.config["hidden_size"]
+        return self.config[self.arch.config_aliases.get("hidden_size", "hidden_size")]
 
     @property
     def num_heads(self) -> int:
-        return self.config["num_attention_heads"]
+        return self.config[self.arch.config_aliases.get("num_attention_heads", "num_attention_heads")]
 
     @property
     def num_kv_heads(self) -> int:
@@ -131,11 +142,23 @@ class ModelSpec:
 
     @property
     def intermediate_size(self) -> int:
-        return self.config["intermediate_size"]
+        """The MLP's width; in a mixture-of-experts family, each routed expert's."""
+        return self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)]
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per layer (1 for a dense MLP)."""
+        field = self.arch.axis_fields.get(Axis.EXPERT)
+        return self.config[field] if field else 1
+
+    @property
+    def experts_per_token(self) -> int:
+        f = self.arch.experts_per_token_field
+        return self.config[f] if f else 1
 
     @property
     def num_layers(self) -> int:
-        return self.config["num_hidden_layers"]
+        return self.config[self.arch.config_aliases.get("num_hidden_layers", "num_hidden_layers")]
 
     @property
     def vocab_size(self) -> int:
@@ -151,7 +174,9 @@ class ModelSpec:
 
     @property
     def qk_norm(self) -> bool:
-        return bool(self.arch.qk_norm_field and self.config.get(self.arch.qk_norm_field))
+        if not self.arch.qk_norm:
+            return False
+        return not self.arch.qk_norm_field or bool(self.config.get(self.arch.qk_norm_field))
 
     @property
     def live_width(self) -> int | None:
@@ -172,7 +197,11 @@ class ModelSpec:
     def describe(self) -> str:
         s = (
             f"{self.arch.name}: hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads} kv, "
-            f"head_dim {self.head_dim}, mlp {self.intermediate_size}, layers {self.num_layers}, vocab {self.vocab_size}"
+            f"head_dim {self.head_dim}, mlp {self.intermediate_size}"
+            + (f" x {self.num_experts} experts (top-{self.experts_per_token})" if self.arch.is_moe else "")
+            + (f" + shared {self.config[self.arch.axis_fields[Axis.SHARED_INTER]]}"
+               if Axis.SHARED_INTER in self.arch.axis_fields else "")
+            + f", layers {self.num_layers}, vocab {self.vocab_size}"
         )
         if self.live_width:
             s += f", patched LayerNorm over {self.live_width}"
@@ -198,7 +227,7 @@ class ModelSpec:
         self.config["hidden_size"] = hidden
 
     def set_intermediate_size(self, size: int) -> None:
-        self.config["intermediate_size"] = size
+        self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)] = size
 
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from .arch import TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
@@ -36,6 +38,12 @@ class ModelState:
         tensors: dict[str, LazyTensor] = {}
         unknown, dropped = [], []
         for name, m in metas.items():
+            if name in spec.arch.tied_aliases:
+                continue  # transformers ties it to the embedding on load
+            fused = spec.arch.fused_parts(name)
+            if fused is not None:
+                tensors.update(_split(spec, name, m, *fused, where))
+                continue
             if DROPPED_BUFFERS.fullmatch(name):
                 dropped.append(name)
                 continue
@@ -52,6 +60,48 @@ class ModelState:
         state = cls(spec, tensors, dropped=sorted(dropped))
         state.check_shapes(where)
         return state
+
+    def output(self) -> dict[str, LazyTensor]:
+        """The tensors as the checkpoint stores them: parts of a fused tensor (Phi-3's qkv_proj) joined again."""
+        arch = self.spec.arch
+        if not arch.fused:
+            return dict(self.tensors)
+        out: dict[str, LazyTensor] = {}
+        groups: dict[str, list[LazyTensor]] = {}
+        for name, node in self.tensors.items():
+            info = self.info(name)
+            fused = arch.fused_name(info.role, info.kind, info.layer)
+            if fused is None:
+                out[name] = node
+                continue
+            if fused not in groups:
+                groups[fused] = []
+                out[fused] = None  # keeps the first part's place in the order
+            groups[fused].append((arch.fused[_prefix(arch, fused)].index(info.role), node))
+        for fused, parts in groups.items():
+            nodes = [n for _, n in sorted(parts, key=lambda p: p[0])]
+            shape = (sum(n.shape[0] for n in nodes), *nodes[0].shape[1:])
+            out[fused] = LazyTensor(shape, nodes[0].dtype, lambda *ts: torch.cat(ts, 0), tuple(nodes), f"join {fused}")
+        return out
+
+    def output_slices(self) -> list[NewSlice]:
+        """New slices named and indexed as in `output` (a part's rows sit at its offset in the fused tensor)."""
+        arch = self.spec.arch
+        if not arch.fused:
+            return self.new_slices
+        out = []
+        for s in self.new_slices:
+            info = self.info(s.tensor)
+            fused = arch.fused_name(info.role, info.kind, info.layer)
+            if fused is None:
+                out.append(s)
+                continue
+            offset = 0
+            for role in arch.fused[_prefix(arch, fused)][: arch.fused[_prefix(arch, fused)].index(info.role)]:
+                offset += self.tensors[arch.parameter_name(role, info.kind, info.layer)].shape[0]
+            index = [i + offset for i in s.index] if s.axis == 0 else list(s.index)
+            out.append(NewSlice(fused, s.axis, index, s.op))
+        return out
 
     def copy(self) -> "ModelState":
         slices = [NewSlice(s.tensor, s.axis, list(s.index), s.op) for s in self.new_slices]
@@ -79,7 +129,12 @@ class ModelState:
             Axis.KV: s.num_kv_heads * s.head_dim,
             Axis.INTER: s.intermediate_size,
             Axis.HEAD_DIM: s.head_dim,
+            Axis.ONE: 1,
+            Axis.HEADS: s.num_heads,
+            Axis.REL_BUCKETS: s.config.get("relative_attention_num_buckets", 32),
         }
+        for axis, field in s.arch.axis_fields.items():
+            sizes[axis] = s.config[field]
         return tuple(sizes[a] for a in info.axes)
 
     def check_shapes(self, where: str = "source") -> None:
@@ -89,6 +144,8 @@ class ModelState:
             info = self.info(name)
             if info.layer is not None and info.layer >= s.num_layers:
                 raise SurgeryError(f"tensor {name!r} is beyond num_hidden_layers={s.num_layers}", where=where)
+            if info.expert is not None and info.expert >= s.num_experts:
+                raise SurgeryError(f"tensor {name!r} is beyond the config's {s.num_experts} experts", where=where)
             want = self.expected_shape(info)
             if tuple(t.shape) != want:
                 raise SurgeryError(f"tensor {name!r} has shape {list(t.shape)} but config.json implies {list(want)}", where=where)
@@ -98,30 +155,35 @@ class ModelState:
         head = s.arch.parameter_name(TensorRole.LM_HEAD, "weight")
         if not s.tied and head not in self.tensors:
             raise SurgeryError(f"missing tensor {head!r} (and tie_word_embeddings is false)", where=where)
-        # Every family here has a gated MLP and pre-norms; a parallel-residual StableLM has no
-        # post_attention_layernorm. Biases depend on config flags: only their consistency is checked.
-        per_layer = [TensorRole.ATTN_Q, TensorRole.ATTN_K, TensorRole.ATTN_V, TensorRole.ATTN_O,
-                     TensorRole.MLP_GATE, TensorRole.MLP_UP, TensorRole.MLP_DOWN, TensorRole.NORM_ATTN]
-        if not s.config.get("use_parallel_residual"):
-            per_layer.append(TensorRole.NORM_MLP)
+        # Every family here has a gated MLP and the norms its table names; a parallel-residual StableLM has no
+        # post_attention_layernorm, per-head q/k norms follow a config flag. Biases depend on config flags: only
+        # their consistency is checked.
+        per_layer = list(s.arch.required_per_layer) if s.arch.required_per_layer is not None else [
+                     role for role in s.arch.names if "{L}" in s.arch.prefixes(role)[0] and "{H}" not in s.arch.prefixes(role)[0]
+                     and not (role == TensorRole.NORM_MLP and s.config.get("use_parallel_residual"))
+                     and not (role in (TensorRole.ATTN_Q_NORM, TensorRole.ATTN_K_NORM) and not s.qk_norm)]
         final = s.arch.parameter_name(TensorRole.NORM_FINAL, "weight")
         if final not in self.tensors:
             raise SurgeryError(f"missing tensor {final!r}", where=where)
         for layer in range(s.num_layers):
             for role in per_layer:
-                n = s.arch.parameter_name(role, "weight", layer)
-                if n not in self.tensors:
-                    raise SurgeryError(f"missing tensor {n!r}", where=where)
+                # a role with several prefixes (T5's stacks, its wi or wi_1) needs one of them; experts all
+                for e in (range(s.num_experts) if "{E}" in s.arch.prefixes(role)[0] else [None]):
+                    options = [f"{p.replace('{L}', str(layer)).replace('{E}', str(e))}.weight" for p in s.arch.prefixes(role)]
+                    if not any(n in self.tensors for n in options):
+                        raise SurgeryError(f"missing tensor {options[0]!r}", where=where)
         # What one layer has (a bias, a per-head norm), every layer has.
         layers_with: dict[tuple, set[int]] = {}
         for name in self.tensors:
             info = self.info(name)
             if info.layer is not None:
-                layers_with.setdefault((info.role, info.kind, info.head), set()).add(info.layer)
-        for (role, kind, head), have in layers_with.items():
+                layers_with.setdefault((info.role, info.kind, info.head, info.expert), set()).add(info.layer)
+        for (role, kind, head, expert), have in layers_with.items():
+            if role == TensorRole.ATTN_REL_BIAS:
+                continue  # T5: the first block holds it for the whole stack
             lacking = sorted(set(range(s.num_layers)) - have)
             if lacking:
-                n = s.arch.parameter_name(role, kind, lacking[0], head)
+                n = s.arch.parameter_name(role, kind, lacking[0], head, expert)
                 raise SurgeryError(f"missing tensor {n!r} (layer {min(have)} has one)", where=where)
 
     def rename(self, mapping: dict[str, str]) -> None:
@@ -133,3 +195,32 @@ class ModelState:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses: of the routed experts, only top-k of E per layer."""
+        s = self.spec
+        routed = sum(t.numel for name, info, t in self.items() if info.expert is not None)
+        return self.num_parameters - routed + routed * s.experts_per_token // s.num_experts
+
+
+def _prefix(arch, fused_name: str) -> str:
+    layer, kind, roles = arch.fused_parts(fused_name)
+    return next(p for p, r in arch.fused.items() if r == roles)
+
+
+def _split(spec: ModelSpec, name: str, meta, layer: int | None, kind: str, roles: tuple, where: str) -> dict[str, LazyTensor]:
+    """A fused tensor as one lazy part per role, each a row range of one shared read."""
+    whole = read(name, meta.shape, meta.dtype)
+    probe = ModelState(spec, {})
+    sizes = [probe.expected_shape(TensorInfo(r, kind, layer, None, spec.arch.axes.get((r, kind))))[0] for r in roles]
+    if sum(sizes) != meta.shape[0]:
+        raise SurgeryError(f"tensor {name!r} has {meta.shape[0]} rows but config.json implies {' + '.join(map(str, sizes))}",
+                           where=where)
+    parts, offset = {}, 0
+    for role, size in zip(roles, sizes):
+        shape = (size, *meta.shape[1:])
+        parts[spec.arch.parameter_name(role, kind, layer)] = whole.map(
+            lambda t, o=offset, n=size: t.narrow(0, o, n).clone(), shape, f"{role.value} rows of {name}")
+        offset += size
+    return parts

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
 from .ops import Exactness, Promise
@@ -106,6 +107,14 @@ def model_class(config):
     return cls(config)
 
 
+def experts_kwargs(config, dtype: torch.dtype) -> dict:
+    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel:
+    float64 mixture-of-experts models run the eager per-expert loop."""
+    if dtype == torch.float64 and get_checkpoint_conversion_mapping(config.model_type):
+        return {"experts_implementation": "eager"}
+    return {}
+
+
 def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                        attn_implementation: str | None = None):
     """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
@@ -113,10 +122,25 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
 
     cfg = config_from_dict(config_dict)
     cls = model_class(cfg)
+    if get_checkpoint_conversion_mapping(cfg.model_type):
+        # on-disk names (per-expert tensors) that transformers converts while loading, as from a file
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)].from_pretrained(
+            None, config=cfg, state_dict={k: v.to(dtype) for k, v in tensors.items()}, dtype=dtype,
+            attn_implementation=attn_implementation, output_loading_info=True, **experts_kwargs(cfg, dtype))
+        bad = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise AssertionError(f"state does not fit {type(model).__name__}: {bad}")
+        return model.to(device).eval()
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # T5's encoder/decoder embed_tokens are shared
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
+               and not (m != "lm_head.weight" and tied.get(m) in tensors)]
     if missing or unexpected:
         raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval()
@@ -148,7 +172,8 @@ def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_
             offload = tempfile.mkdtemp(prefix="surgery-offload-")
             atexit.register(shutil.rmtree, offload, True)
             extra = {"device_map": device_map, "offload_folder": offload}
-        model, info = cls.from_pretrained(str(out_dir), config=cfg, dtype=dtype, output_loading_info=True, **extra)
+        model, info = cls.from_pretrained(str(out_dir), config=cfg, dtype=dtype, output_loading_info=True, **extra,
+                                          **experts_kwargs(cfg, dtype))
     finally:
         hf_logging.set_verbosity(level)
     bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -337,6 +362,16 @@ def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float
     return Verdict(not failed, rule, failed, b)
 
 
+def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters (or their gradients) under the names and shapes a checkpoint holds on disk:
+    transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, slices name them per expert."""
+    if not get_checkpoint_conversion_mapping(model.config.model_type):
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
 def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
@@ -354,13 +389,14 @@ def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: flo
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             model(input_ids=x, labels=x).loss.backward()
+        grads = disk_layout(model, {n: p.grad for n, p in params.items() if p.grad is not None})
         out = {}
         for i, s in enumerate(slices):
-            p = params.get(s.tensor)
-            if p is None or p.grad is None:
+            grad = grads.get(s.tensor)
+            if grad is None:
                 out[i] = len(s.index)
                 continue
-            g = p.grad.index_select(s.axis, torch.tensor(s.index, device=p.grad.device)).abs()
+            g = grad.index_select(s.axis, torch.tensor(s.index, device=grad.device)).abs()
             other = [d for d in range(g.dim()) if d != s.axis]
             n = int(((g.amax(dim=other) if other else g) == 0).sum())
             if n:
@@ -382,6 +418,71 @@ def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: flo
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
 
 
+def expert_symmetry(model, ids: torch.Tensor, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+    """Per MoE layer: how many experts differ, and the router's gradient, before and after one SGD step.
+
+    Experts that start as copies of one MLP only separate if routing gives them different gradients;
+    with identical experts a renormalised router's own gradient is zero until they do. One step on
+    the calibration tokens shows whether training can leave that fixed point (the model is restored).
+    """
+    from .arch import TensorRole as R, architecture_for
+
+    arch = architecture_for(model.config.model_type)
+    if arch is None or not arch.is_moe:
+        return []
+    params = dict(model.named_parameters())
+    x = ids[:, :max_tokens].to(next(model.parameters()).device)
+
+    def by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for name, t in disk_layout(model, tensors).items():
+            info = arch.classify(name)
+            if info is None or info.layer is None:
+                continue
+            layer = out.setdefault(info.layer, {"experts": {}, "router": None})
+            if info.expert is not None:
+                layer["experts"].setdefault(info.expert, []).append((name, t))
+            elif info.role == R.MOE_ROUTER:
+                layer["router"] = t
+        return out
+
+    def distinct(experts: dict[int, list]) -> int:
+        groups: list[list[torch.Tensor]] = []
+        for e in sorted(experts):
+            ts = [t for _, t in sorted(experts[e], key=lambda nt: nt[0])]
+            if not any(all(torch.equal(a, b) for a, b in zip(ts, g)) for g in groups):
+                groups.append(ts)
+        return len(groups)
+
+    def router_grads() -> dict[int, float]:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            model(input_ids=x, labels=x).loss.backward()
+        grads = by_layer({n: p.grad for n, p in params.items() if p.grad is not None})
+        return {i: float(v["router"].norm()) if v["router"] is not None else 0.0 for i, v in grads.items()}
+
+    before = by_layer({n: p.detach() for n, p in params.items()})
+    counts_before = {i: distinct(v["experts"]) for i, v in before.items()}
+    grad_before = router_grads()
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        after = by_layer({n: p.detach() for n, p in params.items()})
+        counts_after = {i: distinct(v["experts"]) for i, v in after.items()}
+        grad_after = router_grads()
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        model.zero_grad(set_to_none=True)
+    return [{"layer": i, "experts": len(before[i]["experts"]), "distinct": counts_before[i],
+             "distinct_after_step": counts_after.get(i, 0), "router_grad": grad_before.get(i, 0.0),
+             "router_grad_after_step": grad_after.get(i, 0.0)} for i in sorted(before)]
+
+
 @torch.no_grad()
 def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[str, float]:
     """The linear layer whose output std is largest relative to its input's: the usual reason a
@@ -396,7 +497,7 @@ def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[s
             hooks.append(mod.register_forward_hook(hook))
     try:
         x = ids[:, :max_tokens].to(next(model.parameters()).device)
-        model(input_ids=x)
+        model(input_ids=x, labels=x)  # labels: an encoder-decoder (T5) needs decoder inputs
     finally:
         for h in hooks:
             h.remove()
@@ -457,6 +558,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
     reinits = [s.index for s in p.steps if s.promise.exactness == Exactness.REINIT]
     steps: list[StepResult] = []
     dead: list[dict] = []
+    symmetry: list[dict] = []
     final = None
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
@@ -483,7 +585,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
                                     cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
             model = _load(out_dir, dtype, device)
-            dead = dead_slices(model, ids, p.final.new_slices)
+            dead = dead_slices(model, ids, p.final.output_slices())
+            symmetry = expert_symmetry(model, ids)
             cmp = compare(ref.evaluation, evaluate_model(model, ids))
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
         elif new_reference:
@@ -525,7 +628,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
         precision=_name(dtype) + (f" compute, rounded weights stored as {_name(storage)} (judged against measured "
                                   f"{_name(storage)} rounding noise)" if storage else ""),
-        steps=steps, broken_by=broken, dead_slices=dead, reference=ref.label,
+        steps=steps, broken_by=broken, dead_slices=dead, expert_symmetry=symmetry, reference=ref.label,
         bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
         noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
     )

@@ -109,14 +109,14 @@ def test_grow_heads_alone_on_layernorm_is_approximate_and_says_why():
     assert _relative(logits(model, ids), logits(grown, ids)) > 1e-6  # measurably not exact
 
 
-def test_qk_layernorm_models_grow_with_per_head_norms_moved_and_the_eps_caveat_stated():
+def test_qk_layernorm_models_grow_exactly_with_per_head_norms_moved_and_q_k_scaled_for_the_shared_eps():
     model = make_model(make_config("stablelm", hidden_heads=4, kv_heads=4, head_dim=8, qk_layernorm=True))
     grown, plan = _grow(model, [{"op": "grow_heads", "num_heads": 6}, {"op": "rescale_norm"}, {"op": "patch_layernorm"}])
-    assert plan.promise.exactness.value == "approximate" and "q/k norms" in plan.promise.reason
+    assert plan.promise.exactness.value == "exact with shipped code"
+    assert any("shared with the q/k norms" in n for s in plan.steps for n in s.promise.notes)
     ids = torch.randint(0, 48, (1, 9))
-    # The shared eps shrinks by d/D inside per-head norms of variance ~1: the error is of order eps.
-    assert _relative(logits(model, ids), logits(grown, ids)) < 1e-4
-    assert abs(loss(model, ids) - loss(grown, ids)) / loss(model, ids) < 1e-5
+    # eps shrinks by d/D; q and k scaled by sqrt(d/D) make the per-head norms see the eps they had
+    assert _relative(logits(model, ids), logits(grown, ids)) < F64_EXACT
 
 
 def test_trainable_init_gives_new_heads_nonzero_readers_and_zero_writers():

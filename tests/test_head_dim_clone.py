@@ -111,14 +111,12 @@ def test_grow_head_dim_keeps_logits_in_every_family_with_rotary_dims_and_frequen
 
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)])
 @pytest.mark.parametrize("fill", ["zero", "mean"])
-def test_grow_head_dim_with_per_head_qk_layernorm_is_approximate_until_rescale_norm_scales_eps_then_exact(heads, fill):
+def test_grow_head_dim_with_per_head_qk_layernorm_keeps_the_norms_eps_by_scaling_q_and_k_and_is_exact(heads, fill):
     model = build("stablelm", heads=heads, head_dim=8, qk_layernorm=True, parallel=True)
     ops = [{"op": "grow_head_dim", "head_dim": "x1.25", "residual_fill": fill}, {"op": "rescale_norm"}]
     ops += [{"op": "patch_layernorm"}] if fill == "zero" else []
     new, plan = api.transform(model, ops)
-    assert plan.steps[0].cumulative.exactness == Exactness.APPROXIMATE
-    assert "q/k norms need eps x0.8" in plan.steps[0].cumulative.reason
-    assert "q/k" not in plan.promise.reason  # rescale_norm scaled the shared eps by exactly what they need
+    assert "q/k" not in plan.promise.reason  # q, k scaled by sqrt(10/8), then by sqrt(32/40) when eps shrinks
     assert plan.promise.exactness == (Exactness.EXACT if fill == "mean" else Exactness.EXACT_SHIPPED_CODE)
     assert len(new.model.layers[0].self_attn.k_layernorm.norms) == heads[1]
     assert new.model.layers[0].self_attn.q_layernorm.norms[0].weight.shape == (10,)

@@ -83,6 +83,6 @@ def model_class(config):
     if getattr(config, "surgery_live_width", None):
         family = PATCHED_MODEL_TYPES.get(config.model_type, config.model_type)
         return getattr(_module(), _CLASSES[family][1])
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    return AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

@@ -14,8 +14,9 @@ from .grow_mlp import GrowMlp
 from .patch_layernorm import PatchLayerNorm
 from .rescale_norm import RescaleNorm
 from .reinit import Reinit
+from .upcycle_moe import UpcycleMoe
 
-OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, Reinit]
+OPS: list[type[Op]] = [GrowHeads, GrowHeadDim, CloneWidth, RescaleNorm, PatchLayerNorm, GrowMlp, GrowLayers, Reinit, UpcycleMoe]
 
 AnyOp = Annotated[Union[tuple(OPS)], Field(discriminator="op")]
 

@@ -34,6 +34,7 @@ class Promise:
 class OpContext:
     seed: int
     index: int  # position of the op in the recipe, part of every random draw's seed
+    calibration: object | None = None  # surgery.calibration.Calibration, for ops that learn from data
 
     def seed_parts(self, *parts) -> tuple:
         return (self.seed, self.index, *parts)

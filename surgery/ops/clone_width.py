@@ -6,7 +6,9 @@ Attention heads are replicated as whole blocks: query head c*h + j is a copy of 
 the same n_rep, falls in kv group c*g + j // n_rep, the copy of its old group, so GQA stays right.
 The MLP's neurons are replicated the same way. [x, x] has the mean and the variance of x, so stock
 LayerNorm and RMSNorm stay exact with their weights (and biases) repeated and eps unchanged; head_dim
-and rotary are untouched, and per-head q/k norms are copied with their heads.
+and rotary are untouched, and per-head q/k norms are copied with their heads (a norm shared by all
+heads is kept, one over the whole projection, OLMo 2's, is repeated like the projection). Where the
+embedding is multiplied by sqrt(hidden_size) (Gemma) it is divided by sqrt(k).
 
 lm_head divides its input by k. With tied embeddings lm_head is the (repeated) embedding, so the
 final norm's weight and bias are divided by k instead.
@@ -27,8 +29,10 @@ from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
 from .base import Exactness, Op, OpContext, Promise
+from .residual import rescale_embedding
+from .slices import scale_gain
 
-TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER)
+TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 
 
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
@@ -85,7 +89,7 @@ class CloneWidth(Op):
         final_scale = 1.0 / k if spec.tied else 1.0
         copies: dict[str, str] = {}
         for name, info, node in list(state.items()):
-            if info.role in (R.ATTN_Q_NORM, R.ATTN_K_NORM):
+            if info.role in (R.ATTN_Q_NORM, R.ATTN_K_NORM) and info.head is not None:  # one tensor per head
                 count = h if info.role == R.ATTN_Q_NORM else g
                 for c in range(1, k):
                     new_name = spec.arch.parameter_name(info.role, info.kind, info.layer, info.head + c * count)
@@ -97,13 +101,16 @@ class CloneWidth(Op):
             if not tiled:
                 continue
             input_axis = 1 if len(axes) == 2 and info.role != R.EMBED and axes[1] in TILED else None
-            extra = final_scale if info.role == R.NORM_FINAL else 1.0
+            gain_scale = final_scale if info.role == R.NORM_FINAL and info.kind == "weight" else 1.0
+            extra = final_scale if info.role == R.NORM_FINAL and info.kind == "bias" else 1.0
             shape = tuple(s * k if i in tiled else s for i, s in enumerate(node.shape))
             seed = ctx.seed_parts(name, "clone")
             state.tensors[name] = node.map(
                 lambda t, tiled=tiled, ia=input_axis, seed=seed, extra=extra: _clone_tensor(t, tiled, ia, k, self.noise, seed, extra),
                 shape, label,
             )
+            if gain_scale != 1.0:
+                state.tensors[name] = scale_gain(state.tensors[name], gain_scale, spec.arch, label)
             for s in state.new_slices:
                 if s.tensor == name and s.axis in tiled:
                     size = node.shape[s.axis]
@@ -115,8 +122,11 @@ class CloneWidth(Op):
 
         pending = spec.norm_width != d
         spec.set_hidden_size(k * d)
+        rescale_embedding(state, d, k * d, "clone_width")
         spec.set_heads(k * h, k * g)
         spec.set_intermediate_size(k * m)
+        if Axis.SHARED_INTER in spec.arch.axis_fields:  # the shared expert's neurons are replicated like the experts'
+            spec.config[spec.arch.axis_fields[Axis.SHARED_INTER]] *= k
         spec.norm_width *= k  # [x, x] keeps each norm's statistics: no rescale needed, or the same one as before
         if "surgery_norm_width" in spec.config:
             spec.config["surgery_norm_width"] *= k

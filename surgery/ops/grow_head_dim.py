@@ -4,7 +4,8 @@ Every head's q/k/v rows grow per head (reshape to (heads, head_dim, in), pad, re
 too) and o_proj's input columns the same way, with zero columns for the new dims, so the attention
 output is unchanged. Three details make it exact:
 
-- Scores are scaled by `head_dim ** -0.5`: q (weights and bias) is scaled by sqrt(D_h/d_h).
+- Scores are scaled by `head_dim ** -0.5`: q (weights and bias) is scaled by sqrt(D_h/d_h) (not where
+  the scale is a config constant: Gemma's `query_pre_attn_scalar`).
 - New q/k dims must add nothing to q.k: under `init: trainable` k's new rows are random and q's are
   zero (q's get gradient from the random k dims at once, so it is no saddle); v's new rows are
   random because o_proj's new columns are zero.
@@ -12,20 +13,22 @@ output is unchanged. Three details make it exact:
   `int(head_dim * partial_rotary_factor)` of each head; the factor is scaled by d_h/D_h so they stay
   put. With full rotary (rotate_half pairs i and i + d/2) the old halves go to [0:d/2] and
   [D/2 : D/2 + d/2] and `rope_theta' = rope_theta ** (D_h/d_h)`, which keeps the first d/2 inverse
-  frequencies theta ** (-2i/d); the new pairs get lower frequencies.
+  frequencies theta ** (-2i/d); the new pairs get lower frequencies. Gemma 3 has one theta per
+  attention type: each is raised alike.
 
 Where head_dim is derived from hidden_size / num_heads (`Architecture.head_dim_field is None`), the
 residual grows to heads * D_h through `grow_residual`, so `rescale_norm` and `patch_layernorm`
 (or `residual_fill: mean`) compose with it as they do with grow_heads. Elsewhere head_dim is a
 config field and the residual is kept.
 
-Per-head q/k LayerNorms (StableLM `qk_layernorm`) normalise over head_dim. The new pre-norm q/k dims
-are filled with their head's mean (rows and bias entries: the mean of the head's old ones), so the
-mean is unchanged and the variance over D_h is d_h/D_h of the old one; k's norm weights are scaled
-by sqrt(d_h/D_h) and q's norm bias by sqrt(D_h/d_h) (q's weights need no change: the variance
-factor and the score factor cancel). That is exact once eps is scaled by d_h/D_h, which is what
-`rescale_norm` does when it follows this op and the residual grew by the same ratio; the plan cannot
-prove that pairing, so the promise is approximate.
+q/k norms (StableLM's per-head LayerNorms, Qwen3's and Gemma 3's shared per-head RMSNorm, OLMo 2's
+over the whole projection) grow with head_dim by rho = D_h/d_h. Nothing but the old dims may enter
+their statistics: new pre-norm dims are zero (RMSNorm) or their head's mean (LayerNorm: rows and
+bias entries). q and k are scaled by sqrt(rho), which keeps each norm's mean square and so its eps
+(shared with the layer norms); the normalised values then come out sqrt(rho) larger, and the gains
+(Gemma: 1 + w) and LayerNorm biases bring q and k to c_q, c_k times their old values with
+c_q * c_k = 1 / sigma, sigma being the change of the score scale (sqrt(d_h/D_h), or 1 where a
+family scales scores by a config constant, Gemma's query_pre_attn_scalar). See docs/families.md.
 """
 from __future__ import annotations
 
@@ -35,12 +38,12 @@ from typing import Literal
 
 import torch
 
-from ..arch import TensorRole as R
+from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..state import ModelState
 from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
 from .residual import grow_residual
-from .slices import Fill, grow_axis, scale
+from .slices import Fill, grow_axis, scale, scale_gain
 
 # rope types whose old inverse frequencies depend on rope_theta and head_dim only through
 # theta ** (-2i/head_dim) (llama3 and linear rescale each frequency by its own value).
@@ -108,11 +111,17 @@ class GrowHeadDim(Op):
         label = f"grow_head_dim: {d_h} -> {new}"
         pos = within_head_positions(d_h, new, arch.rotary)
         q_dest, kv_dest = per_head_dest(h, new, pos), per_head_dest(g, new, pos)
-        q_factor = math.sqrt(new / d_h)
+        rho = new / d_h
+        # sigma: how much the score scale changes (head_dim ** -0.5, or a fixed query_pre_attn_scalar ** -0.5)
+        sigma = 1.0 if arch.attn_scale_field else math.sqrt(d_h / new)
+        # What q and k (after their norms, if any) are multiplied by, with c_q * c_k * sigma = 1.
+        c_q, c_k = (math.sqrt(rho), 1 / (sigma * math.sqrt(rho))) if qk_norm else (1 / sigma, 1.0)
 
         def fill(name: str, role: R, heads: int) -> Fill:
             if qk_norm and role in (R.ATTN_Q, R.ATTN_K):
-                return HeadMean("head_mean", heads=heads)  # keeps the per-head LayerNorm's mean
+                # Nothing may enter the q/k norms' statistics but the old dims: a LayerNorm's new dims hold
+                # their head's mean (mean kept), an RMSNorm's zeros.
+                return HeadMean("head_mean", heads=heads) if arch.norm == "layernorm" else Fill("zeros")
             if trainable and role in (R.ATTN_K, R.ATTN_V):
                 return Fill("random", ctx.seed_parts(name, "head_dim"))
             return Fill("zeros")  # q always (the random new k dims then add nothing to q.k); all under init: zeros
@@ -122,28 +131,41 @@ class GrowHeadDim(Op):
                 # q's new rows are not tracked: they get gradient from the random k dims, except in heads whose
                 # o_proj columns are still zero (a head added by grow_heads), which only wake up a step later.
                 grow_axis(state, name, 0, h * new, q_dest, fill(name, info.role, h), label)
-                if not qk_norm:
-                    state.tensors[name] = scale(state.tensors[name], q_factor, f"{label}: q x sqrt({new}/{d_h})")
+                # with q/k norms: the norm's width grows by rho; q scaled by sqrt(rho) keeps its eps relative
+                factor = math.sqrt(rho) if qk_norm else c_q
+                if factor != 1.0:
+                    state.tensors[name] = scale(state.tensors[name], factor, f"{label}: q x {factor:.6g}")
             elif info.role in (R.ATTN_K, R.ATTN_V):
                 grow_axis(state, name, 0, g * new, kv_dest, fill(name, info.role, g), label)
+                if qk_norm and info.role == R.ATTN_K:
+                    state.tensors[name] = scale(state.tensors[name], math.sqrt(rho), f"{label}: k x sqrt({new}/{d_h})")
             elif info.kind == "weight":  # o_proj: per-head zero input columns
                 grow_axis(state, name, 1, h * new, q_dest, Fill("zeros"), label, track="grow_head_dim" if trainable else None)
 
         if qk_norm:
+            # The norms' outputs grow by sqrt(rho) on the old dims (the new ones are zero): gains and biases
+            # bring q to c_q and k to c_k times their old values.
+            dests = {Axis.HEAD_DIM: pos, Axis.Q: q_dest, Axis.KV: kv_dest}
             for name, info, node in list(state.items(R.ATTN_Q_NORM, R.ATTN_K_NORM)):
+                ax = info.axes[0]
+                c = c_q if info.role == R.ATTN_Q_NORM else c_k
                 if info.kind == "weight":
-                    f = Fill("const_mean") if trainable else Fill("zeros")
+                    f = Fill("const_mean") if trainable else Fill("const", value=arch.weight_for_gain(0.0))
+                    grow_axis(state, name, 0, len(dests[ax]) // len(pos) * new, dests[ax], f, label)
+                    if abs(c / math.sqrt(rho) - 1) > 1e-15:
+                        state.tensors[name] = scale_gain(state.tensors[name], c / math.sqrt(rho), arch,
+                                                         f"{label}: {info.role.value} gain x {c / math.sqrt(rho):.6g}")
                 else:
-                    f = Fill("zeros")
-                grow_axis(state, name, 0, new, pos, f, label)
-                if info.role == R.ATTN_Q_NORM and info.kind == "bias":
-                    state.tensors[name] = scale(state.tensors[name], q_factor, f"{label}: q norm bias x sqrt({new}/{d_h})")
-                if info.role == R.ATTN_K_NORM and info.kind == "weight":
-                    state.tensors[name] = scale(state.tensors[name], 1 / q_factor, f"{label}: k norm x sqrt({d_h}/{new})")
+                    grow_axis(state, name, 0, len(dests[ax]) // len(pos) * new, dests[ax], Fill("zeros"), label)
+                    if c != 1.0:
+                        state.tensors[name] = scale(state.tensors[name], c, f"{label}: {info.role.value} bias x {c:.6g}")
+            if arch.norm != "layernorm":
+                notes.append("q/k norms: the new q/k dims are zero before the norm (any value would enter its statistics), "
+                             "so they start dead; the new v dims and o_proj columns train")
 
         half = sorted({str(n.dtype)[6:] for _, _, n in state.items(R.ATTN_Q) if n.dtype in (torch.bfloat16, torch.float16)})
-        if half and not qk_norm:
-            notes.append(f"q x sqrt({new}/{d_h}) is rounded when stored in {', '.join(half)}")
+        if half and (qk_norm or c_q != 1.0):
+            notes.append(f"{'q, k' if qk_norm else 'q'} rescaled by a factor that is rounded when stored in {', '.join(half)}")
         spec.set_head_dim(new)
         for section, changes in zip(spec.rope_sections(), rope_changes):
             section.update(changes)
@@ -152,12 +174,6 @@ class GrowHeadDim(Op):
         elif self.residual_fill != "zero":
             notes.append(f"{arch.name} keeps its residual (head_dim is a config field): residual_fill has no effect")
 
-        if qk_norm:
-            # The per-head LayerNorms now normalise over more dims: exact once the shared eps is scaled by
-            # d_h/D_h, which rescale_norm does when the residual grew by the same ratio (plan.state_promise).
-            spec.meta["qk_eps_owed"] = spec.meta.get("qk_eps_owed", 1.0) * d_h / new
-            notes.append(f"per-head q/k norms need eps x {d_h}/{new}; new q/k dims hold their head's mean, so they "
-                         "start at zero after the norm and move apart only as training changes them")
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
                        notes)
 

@@ -8,6 +8,7 @@ new residual dims follow `grow_residual`.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -18,7 +19,7 @@ from ..lazy import constant
 from ..state import ModelState
 from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
 from .residual import grow_residual
-from .slices import Fill, append_dest, grow_axis, head_dest
+from .slices import Fill, append_dest, grow_axis, head_dest, scale, scale_gain
 
 
 def kv_layout(h: int, k: int, new_h: int, new_k: Optional[int]) -> tuple[int, list[int]]:
@@ -74,24 +75,49 @@ class GrowHeads(Op):
                 f"{spec.arch.name} derives head_dim from hidden_size / num_heads, so the residual must grow", loc=("residual",)
             )
         trainable = self.init == Init.TRAINABLE
-        reader = (lambda name: Fill("random", ctx.seed_parts(name, "heads"))) if trainable else (lambda name: Fill("zeros"))
+        layout = spec.arch.qk_norm if spec.qk_norm else None
         label = f"grow_heads: {h}/{k} -> {new_h}/{new_k} heads"
         q_dest = head_dest(h, hd, q_pos)
         kv_dest = append_dest(k * hd)
+        # A norm over the whole q (k) projection (OLMo 2) widens with the heads: new q/k rows must be zero (any
+        # value would enter its statistics); its input is scaled by sqrt(new/old width), which keeps its mean
+        # square and so its eps, and its gain by the inverse, which cancels the larger normalised values.
+        widen = {R.ATTN_Q: new_h / h, R.ATTN_K: new_k / k} if layout == "projection" else {}
+
+        def reader(name: str, role: R) -> Fill:
+            if trainable and role not in widen:
+                return Fill("random", ctx.seed_parts(name, "heads"))
+            return Fill("zeros")
+
         for name, info, node in list(state.items(R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O)):
             if info.role == R.ATTN_Q:
-                grow_axis(state, name, 0, new_h * hd, q_dest, reader(name), label)
+                grow_axis(state, name, 0, new_h * hd, q_dest, reader(name, info.role), label)
             elif info.role in (R.ATTN_K, R.ATTN_V):
-                grow_axis(state, name, 0, new_k * hd, kv_dest, reader(name), label)
+                grow_axis(state, name, 0, new_k * hd, kv_dest, reader(name, info.role), label)
             elif info.kind == "weight":
                 grow_axis(state, name, 1, new_h * hd, q_dest, Fill("zeros"), label, track="grow_heads" if trainable else None)
-        if spec.qk_norm:
+            r = widen.get(info.role, 1.0)
+            if r != 1.0:
+                state.tensors[name] = scale(state.tensors[name], math.sqrt(r), f"{label}: {info.role.value} x sqrt({r:.6g})")
+        notes = []
+        if layout == "head_tensors":
             _move_head_norms(state, R.ATTN_Q_NORM, q_pos, new_h, label)
             _move_head_norms(state, R.ATTN_K_NORM, list(range(k)), new_k, label)
+        elif layout == "projection":
+            norm_dest = {R.ATTN_Q_NORM: (new_h * hd, q_dest, widen[R.ATTN_Q]), R.ATTN_K_NORM: (new_k * hd, kv_dest, widen[R.ATTN_K])}
+            for name, info, node in list(state.items(R.ATTN_Q_NORM, R.ATTN_K_NORM)):
+                size, dest, r = norm_dest[info.role]
+                f = Fill("const_mean") if trainable else Fill("const", value=spec.arch.weight_for_gain(0.0))
+                grow_axis(state, name, 0, size, dest, f, label)
+                if r != 1.0:
+                    state.tensors[name] = scale_gain(state.tensors[name], 1 / math.sqrt(r), spec.arch,
+                                                     f"{label}: {info.role.value} gain x sqrt(1/{r:.6g})")
+            notes.append("q/k norms span the whole projection: the new heads' q/k rows are zero (they enter the norms' "
+                         "statistics otherwise); they wake once the new o_proj columns move")
         spec.set_heads(new_h, new_k)
         if self.residual == "grow":
             grow_residual(state, d + (new_h - h) * hd, self.init, self.residual_fill, ctx, "grow_heads")
-        return Promise(Exactness.EXACT, "new heads write through zero o_proj columns; query heads stay in their kv group")
+        return Promise(Exactness.EXACT, "new heads write through zero o_proj columns; query heads stay in their kv group", notes)
 
 
 def _move_head_norms(state: ModelState, role: R, positions: list[int], new_count: int, label: str) -> None:

@@ -97,7 +97,7 @@ class GrowLayers(Op):
                 by_layer.setdefault(info.layer, []).append((name, info, node))
         old_to_new = {j: p for p, (is_new, j) in enumerate(plan) if not is_new}
         rename = {
-            name: arch.parameter_name(info.role, info.kind, old_to_new[info.layer], info.head)
+            name: arch.parameter_name(info.role, info.kind, old_to_new[info.layer], info.head, info.expert)
             for items in by_layer.values()
             for name, info, _ in items
         }
@@ -110,7 +110,7 @@ class GrowLayers(Op):
             if not is_new:
                 continue
             for name, info, node in by_layer.get(j, []):
-                target = arch.parameter_name(info.role, info.kind, p, info.head)
+                target = arch.parameter_name(info.role, info.kind, p, info.head, info.expert)
                 writer = info.role in WRITERS
                 if writer and self.identity:
                     state.tensors[target] = constant(node.shape, node.dtype, torch.zeros, f"{label}: zero writer")

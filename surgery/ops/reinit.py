@@ -30,9 +30,10 @@ from .base import Exactness, Op, OpContext, Promise
 
 # Role names a target may use, besides globs: every TensorRole value plus three groups.
 GROUPS: dict[str, tuple[R, ...]] = {
-    "norm": (R.NORM_ATTN, R.NORM_MLP, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM),
+    "norm": (R.NORM_ATTN, R.NORM_MLP, R.NORM_ATTN_OUT, R.NORM_MLP_OUT, R.NORM_FINAL, R.ATTN_Q_NORM, R.ATTN_K_NORM),
     "attn": (R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O),
-    "mlp": (R.MLP_GATE, R.MLP_UP, R.MLP_DOWN),
+    "mlp": (R.MLP_GATE, R.MLP_UP, R.MLP_DOWN, R.SHARED_GATE, R.SHARED_UP, R.SHARED_DOWN),
+    "moe": (R.MOE_ROUTER, R.SHARED_ROUTER),
 }
 ROLE_NAMES: dict[str, tuple[R, ...]] = {**{r.value: (r,) for r in R}, **GROUPS}
 _LAYERS = re.compile(r"^\d+(-\d+)?$")
@@ -93,7 +94,7 @@ class Reinit(Op):
     method: InitMethod = Field(description="initialisation scheme: hf, normal, trunc_normal, olmo_*, scaled, "
                                            "lm_head_inv_sqrt_d, zeros, ones (see surgery/init_schemes.py)")
     targets: list[str] = Field(["*"], min_length=1, description="roles (embed, lm_head, attn.q/k/v/o, "
-                               "mlp.gate/up/down, attn, mlp, norm, ...) or fnmatch globs over parameter names")
+                               "mlp.gate/up/down, attn, mlp, norm, moe.router, moe, ...) or fnmatch globs over parameter names")
     layers: Optional[str] = Field(None, description="only these decoder layers, e.g. '5', '0-3' or '0-3,7'")
     std: Optional[float] = Field(None, gt=0, description="replaces the scheme's base std (initializer_range, "
                                  "or OLMo's 0.02)")

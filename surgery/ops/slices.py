@@ -26,6 +26,7 @@ class Fill:
 
     kind: str
     seed: tuple = ()
+    value: float = 0.0  # for "const"
 
     def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
         shape = list(old.shape)
@@ -34,6 +35,8 @@ class Fill:
             return old.new_zeros(shape)
         if self.kind == "ones":
             return old.new_ones(shape)
+        if self.kind == "const":
+            return old.new_full(shape, self.value)
         if self.kind == "mean":
             return old.mean(dim=axis, keepdim=True).expand(shape).clone()
         if self.kind == "const_mean":
@@ -134,3 +137,10 @@ def append_dest(old_size: int) -> list[int]:
 
 def scale(node: LazyTensor, factor: float, label: str) -> LazyTensor:
     return node.map(lambda t: t * factor, label=label)
+
+
+def scale_gain(node: LazyTensor, factor: float, arch, label: str) -> LazyTensor:
+    """A norm weight whose gain (Gemma: 1 + w) is multiplied by `factor`."""
+    if not arch.norm_offset:
+        return scale(node, factor, label)
+    return node.map(lambda t: arch.weight_for_gain(arch.gain(t) * factor), label=label)

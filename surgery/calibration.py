@@ -1,0 +1,93 @@
+"""Calibration data for ops that learn from activations (upcycle_moe's `router: hidden`).
+
+Nothing runs while planning: the first router tensor written materialises the model state before the
+op (one model in memory, float32, CPU), runs it once on the calibration tokens, keeps each layer's
+router rows (E x hidden) and frees the model.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from .errors import SurgeryError
+from .lazy import generator
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, seed: tuple, iters: int = 25) -> torch.Tensor:
+    """k unit centroids of the rows of x (unit vectors), seeded k-means++ on cosine similarity."""
+    g = generator(*seed)
+    n = x.shape[0]
+    centroids = [x[int(torch.randint(n, (1,), generator=g))]]
+    for _ in range(1, k):
+        sim = (x @ torch.stack(centroids).T).amax(dim=1)
+        far = (1 - sim).clamp_min(0) ** 2
+        pick = int(torch.multinomial(far, 1, generator=g)) if float(far.sum()) > 0 else int(torch.randint(n, (1,), generator=g))
+        centroids.append(x[pick])
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(dim=1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        for e in range(k):
+            if float(new[e].norm()) == 0:  # an empty cluster takes the token least like any centroid
+                new[e] = x[int((x @ c.T).amax(dim=1).argmin())]
+        c = torch.nn.functional.normalize(new, dim=1)
+    return c
+
+
+def router_from_states(states: torch.Tensor, num_experts: int, seed: tuple) -> torch.Tensor:
+    """Router rows from the MLP inputs of one layer (tokens x hidden): one cluster of tokens per expert.
+
+    States are centred first (their common mean, large in real models, would make every row alike);
+    row e is the unit centroid of cluster e over the RMS norm of the centred states, so logits are O(1).
+    """
+    x = states.double()
+    if x.shape[0] < num_experts:
+        raise SurgeryError(f"router: hidden needs at least {num_experts} calibration tokens, got {x.shape[0]}",
+                           where="verify.data")
+    centred = x - x.mean(dim=0)
+    rms = float(centred.norm(dim=1).pow(2).mean().sqrt()) or 1.0
+    c = spherical_kmeans(torch.nn.functional.normalize(centred, dim=1), num_experts, seed)
+    return (c / rms).float()
+
+
+class Calibration:
+    def __init__(self, reader, ids: torch.Tensor | None = None, source_dir: Path | None = None, data: str | None = None,
+                 max_tokens: int = 2048):
+        self.reader, self._ids, self.source_dir, self.data, self.max_tokens = reader, ids, source_dir, data, max_tokens
+        self._rows: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def ids(self) -> torch.Tensor:
+        if self._ids is None:
+            from .verify import tokenize
+
+            self._ids = tokenize(self.source_dir, self.data, self.max_tokens)
+        return self._ids
+
+    def mlp_inputs(self, state) -> list[torch.Tensor]:
+        """What each layer's MLP reads (tokens x hidden) when `state`'s model runs on the calibration tokens."""
+        from .execute import materialize
+        from .verify import model_from_tensors
+
+        cpu = torch.device("cpu")
+        model = model_from_tensors(state.spec.config, materialize(state, self.reader, cpu, torch.float32), torch.float32, cpu)
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
+                 for i, layer in enumerate(model.model.layers)]
+        try:
+            with torch.no_grad():
+                model(input_ids=self.ids())
+        finally:
+            for h in hooks:
+                h.remove()
+        del model
+        return [seen[i].reshape(-1, seen[i].shape[-1]) for i in range(len(seen))]
+
+    def router_rows(self, state, key, layer: int, num_experts: int, seed: tuple) -> torch.Tensor:
+        with self._lock:
+            if (key, layer) not in self._rows:
+                for i, states in enumerate(self.mlp_inputs(state)):
+                    self._rows[(key, i)] = router_from_states(states, num_experts, (*seed, i))
+            return self._rows[(key, layer)]
