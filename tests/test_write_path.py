@@ -125,7 +125,7 @@ def test_a_nan_in_a_kernel_copied_tensor_is_refused_and_nothing_is_written(tmp_p
 def test_the_exponent_bit_check_counts_exactly_the_nan_and_inf_values(dtype):
     t = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype)
     info = torch.finfo(dtype)
-    t[:4] = torch.tensor([info.max, -info.max, info.tiny / 4, -0.0]).to(dtype)  # extremes, subnormal: finite
+    t[:4] = torch.tensor([info.max, -info.max, info.tiny / 4, -0.0], dtype=torch.float64).to(dtype)  # extremes, subnormal: finite
     assert writer._non_finite(memoryview(bytearray(as_bytes(t))), dtype) == 0
     t[[10, 20, 30]] = torch.tensor([float("nan"), float("inf"), float("-inf")]).to(dtype)
     assert writer._non_finite(memoryview(bytearray(as_bytes(t))), dtype) == 3
