@@ -1,64 +1,95 @@
-"""Peak memory of `surgery verify A --against B`: about one model, not two.
+"""Peak memory and time of verification: `surgery run` with verification and `surgery verify`.
 
-Builds a Llama-shaped float32 checkpoint of about --mb megabytes (with the tiny builtin's tokenizer),
-grows it with grow_mlp (so A and B differ in size), then measures, each in a fresh process with
-/usr/bin/time -v: loading and evaluating one model alone (the floor), and `surgery verify`
-comparing the two.
+Builds a synthetic Llama-shaped checkpoint (default: float32, 24 layers, hidden 1024, MLP 3584,
+vocab 32000, 1.72 GB; the tiny builtin's tokenizer; `--layers 2 --hidden 4096 --intermediate 11008
+--dtype bfloat16` gives two layers of a 7B Llama), then measures, each in a fresh process with
+/usr/bin/time -v:
+
+* `surgery run` of a `grow_mlp` recipe with `--no-verify` (the transform alone),
+* the same run with verification (source, written output, gradient-flow check),
+* `surgery verify OUT --against SRC`.
+
+`--code DIR` runs the surgery package found in DIR (e.g. an export of an older commit) for
+before/after rows. Everything lives in a temporary directory under /tmp, deleted at the end.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def peak_rss_mb(cmd: list[str]) -> float:
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=True)
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
+def measure(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, int]:
+    """(peak RSS in MB, wall seconds, exit code) of a command, run outside any checkout (`python -m`
+    would import the package in its working directory before PYTHONPATH)."""
+    t0 = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - t0
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
+    if out.returncode not in (0, 1):
+        sys.stderr.write(out.stderr[-3000:])
+    return peak, wall, out.returncode
+
+
+def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int, dtype: str) -> float:
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    del model
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(ROOT / "surgery" / "assets" / "tiny-llama" / f, path / f)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=int, default=1000)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=3584)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the checkpoint's storage dtype")
+    ap.add_argument("--code", default=str(ROOT), help="directory holding the surgery package to measure")
+    ap.add_argument("--label", default="this tree")
     args = ap.parse_args()
-    import torch
-    import transformers
-
+    env = dict(os.environ, PYTHONPATH=str(Path(args.code).resolve()))
     work = Path(tempfile.mkdtemp(prefix="surgery-verify-mem-"))
-    hidden, inter = 1024, 2816
-    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 4 / 1e6
-    layers = max(1, round(args.mb / per_layer))
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=512)
-    model = transformers.LlamaForCausalLM(cfg)
-    src = work / "a"
-    model.save_pretrained(src)
-    del model
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(ROOT / "surgery" / "assets" / "tiny-llama" / f, src / f)
-    size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e6
-    (work / "r.yaml").write_text(f"name: m\nsource: {src}\nops:\n  - op: grow_mlp\n    intermediate_size: x1.25\n")
-    subprocess.run([sys.executable, "-m", "surgery", "run", str(work / "r.yaml"), "--output", str(work / "b"), "--no-verify"],
-                   check=True, capture_output=True)
-    size_b = sum(f.stat().st_size for f in (work / "b").glob("*.safetensors")) / 1e6
-    one = peak_rss_mb([sys.executable, "-c",
-                       "import sys, torch; from pathlib import Path; from surgery.verify import load_output, tokenize, evaluate_model;"
-                       f"ids = tokenize(Path('{src}'), 'builtin:python-license', {args.tokens});"
-                       f"evaluate_model(load_output(Path('{work / 'b'}'), torch.float32, torch.device('cpu')), ids)"])
-    two = peak_rss_mb([sys.executable, "-m", "surgery", "verify", str(work / "b"), "--against", str(src),
-                       "--max-tokens", str(args.tokens)])
-    print(f"| checkpoints | {size:.0f} MB and {size_b:.0f} MB (float32, {layers} layers) |")
-    print(f"| one model loaded and evaluated (the larger) | {one:.0f} MB peak RSS |")
-    print(f"| `surgery verify` of the two | {two:.0f} MB peak RSS |")
-    print(f"| both models held at once would need at least | {size + size_b:.0f} MB of weights |")
-    shutil.rmtree(work)
+    try:
+        size = build(work / "src", args.layers, args.hidden, args.intermediate, args.vocab, args.hidden // 64, args.dtype)
+        recipe = work / "r.yaml"
+        recipe.write_text(f"name: m\nsource: {work / 'src'}\nops:\n  - op: grow_mlp\n    intermediate_size: x1.25\n"
+                          f"verify:\n  max_tokens: {args.tokens}\n")
+        surgery = [sys.executable, "-m", "surgery"]
+        rows = []
+        peak, wall, _ = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--no-verify", "--force"], env, work)
+        rows.append(("`surgery run` grow_mlp, `--no-verify`", peak, wall, "-"))
+        peak, wall, rc = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--force"], env, work)
+        rows.append(("`surgery run` grow_mlp, verified", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+        peak, wall, rc = measure(surgery + ["verify", str(work / "o"), "--against", str(work / "src"),
+                                            "--max-tokens", str(args.tokens)], env, work)
+        rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+        print(f"{args.label}: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
+              f"{size:.2f} GB {args.dtype}, {args.tokens} tokens")
+        print("| command | peak RSS | wall time | result |")
+        print("|---|---|---|---|")
+        for what, peak, wall, res in rows:
+            print(f"| {what} | {peak:,.0f} MB | {wall:.1f} s | {res} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

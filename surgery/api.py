@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
@@ -23,7 +26,8 @@ from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
-from .verify import disk_layout, model_from_tensors, verify_plan
+from .runner import Progress, model_from_tensors
+from .verify import disk_layout, verify_plan
 
 
 @dataclass
@@ -83,6 +87,8 @@ def run(
         if device:  # from --device, not from the recipe
             e.where, e.loc = f"--device {device}", None
         raise loaded.error(e) from None
+    show = Progress(progress)
+    ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
@@ -98,15 +104,36 @@ def run(
         add_hf_tokenizer(tmp)
         write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
         surgery_seconds = time.perf_counter() - t0
+        if progress:
+            print(f"wrote {out_spec.path}: {p.final.num_parameters:,} parameters "
+                  f"({surgery_seconds:.1f} s)", file=sys.stderr, flush=True)
         report = None
         if verify:
             t1 = time.perf_counter()
-            report = verify_plan(p, tmp, dev)
+            report = verify_plan(p, tmp, dev, ids, show)
             report.seconds = time.perf_counter() - t1
             write_report_files(tmp, report, loaded.recipe.name)
         write_model_card(loaded, p, tmp, report, surgery_seconds)
         write_report(tmp, report, surgery_seconds, written)
     return RunResult(Path(out_spec.path), p, report)
+
+
+def prepare_verification(p: Plan):
+    """Everything verification needs, checked before any weight is written: the calibration tokens
+    (tokenizer and data), and configs transformers can build the source and output models from."""
+    from .execute import compute_dtype_for
+    from .runner import skeleton
+    from .verify import calibration_ids
+
+    v = p.loaded.recipe.verify
+    try:
+        ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
+    except SurgeryError as e:
+        raise e.located(p.loaded.where(("verify", "data"))) from None
+    dtype = compute_dtype_for(p.initial)
+    for state, where in ((p.initial, str(p.source_dir / "config.json")), (p.final, "the output's config")):
+        skeleton(state.spec.config, dtype, torch.device("cpu"), where=where)
+    return ids
 
 
 def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibration_ids=None):

@@ -69,7 +69,7 @@ class Calibration:
     def mlp_inputs(self, state) -> list[torch.Tensor]:
         """What each layer's MLP reads (tokens x hidden) when `state`'s model runs on the calibration tokens."""
         from .execute import materialize
-        from .verify import model_from_tensors
+        from .runner import model_from_tensors
 
         cpu = torch.device("cpu")
         model = model_from_tensors(state.spec.config, materialize(state, self.reader, cpu, torch.float32), torch.float32, cpu)

@@ -180,7 +180,7 @@ def _run(args) -> int:
         print(format_plan(api.plan(api.load(args.recipe, **kw))))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
-                     progress=sys.stderr.isatty(), **kw)
+                     progress=True, **kw)  # bars on a terminal, one summary line per phase always
     return finish(result)
 
 

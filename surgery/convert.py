@@ -42,7 +42,7 @@ def run_convert(args) -> int:
     from .cli import finish
 
     loaded = convert_recipe(args.source, args.output, args.to, args.dtype)
-    result = api.run(loaded, device=args.device, force=args.force, verify=not args.no_verify, progress=sys.stderr.isatty())
+    result = api.run(loaded, device=args.device, force=args.force, verify=not args.no_verify, progress=True)
     return finish(result, f" ({args.to})")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
 
     digests: dict[str, str] = {}
     files: dict[str, str] = {}
-    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
+               disable=not (progress and sys.stderr.isatty()), leave=False)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for shard, fname in zip(shards, names):
             writer = ShardWriter(out_dir / fname, shard)

@@ -1,11 +1,11 @@
 """Proof that the function was kept: loss and logits of source and output, run by transformers.
 
 Every comparison runs the models with stock transformers code (or the code shipped with a patched
-checkpoint), in float32 by default, on the same tokens. Each step is judged by the rule its
-promise implies, on its logits: exact ops against rounding noise measured on the reference
-(`NoiseFloor`, `exact_bound`), approximate ones against the recipe tolerance, both ways
-(`approximate_bound`), re-initialisations by their initial loss. `Comparison` is what evaluation
-hands to judging.
+checkpoint), in float32 by default, on the same tokens, one decoder layer at a time (`runner`).
+Each step is judged by the rule its promise implies, on its logits: exact ops against rounding
+noise measured on the reference (`NoiseFloor`, `exact_bound`), approximate ones against the recipe
+tolerance, both ways (`approximate_bound`), re-initialisations by their initial loss. `Comparison`
+(produced block by block by `runner.compare`) is what evaluation hands to judging.
 """
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
+from .gradient_flow import dead_slices
+from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
+from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
+                     WholeModel, compare, evaluate, open_source, streamable)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -101,142 +105,13 @@ def tokenize(source_dir: Path, data: str, max_tokens: int) -> torch.Tensor:
     return ids
 
 
-def model_class(config):
-    from .modeling import model_class as cls
-
-    return cls(config)
-
-
-def experts_kwargs(config, dtype: torch.dtype) -> dict:
-    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel:
-    float64 mixture-of-experts models run the eager per-expert loop."""
-    if dtype == torch.float64 and get_checkpoint_conversion_mapping(config.model_type):
-        return {"experts_implementation": "eager"}
-    return {}
-
-
-def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                       attn_implementation: str | None = None):
-    """A transformers model holding exactly these tensors (for steps that exist only in memory)."""
-    from .modeling import config_from_dict
-
-    cfg = config_from_dict(config_dict)
-    cls = model_class(cfg)
-    if get_checkpoint_conversion_mapping(cfg.model_type):
-        # on-disk names (per-expert tensors) that transformers converts while loading, as from a file
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)].from_pretrained(
-            None, config=cfg, state_dict={k: v.to(dtype) for k, v in tensors.items()}, dtype=dtype,
-            attn_implementation=attn_implementation, output_loading_info=True, **experts_kwargs(cfg, dtype))
-        bad = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if bad:
-            raise AssertionError(f"state does not fit {type(model).__name__}: {bad}")
-        return model.to(device).eval()
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}  # T5's encoder/decoder embed_tokens are shared
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
-               and not (m != "lm_head.weight" and tied.get(m) in tensors)]
-    if missing or unexpected:
-        raise AssertionError(f"state does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval()
-
-
-def load_output(out_dir: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
-    """Load a written checkpoint the way users will, and refuse any missing or unexpected key."""
-    from transformers.utils import logging as hf_logging
-
-    from .modeling import config_from_pretrained
-
-    hf_logging.disable_progress_bar()
-    cfg = config_from_pretrained(out_dir)
-    cls = model_class(cfg)
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report would be a second message; `bad` below says it in one line
-    try:
-        extra = {}
-        if device_map:  # larger than one device: accelerate places (and offloads) the layers
-            try:
-                import accelerate  # noqa: F401
-            except ImportError:
-                raise SurgeryError("device_map needs the `accelerate` package: pip install accelerate", where=str(out_dir)) from None
-            import tempfile
-
-            import atexit
-            import shutil
-
-            offload = tempfile.mkdtemp(prefix="surgery-offload-")
-            atexit.register(shutil.rmtree, offload, True)
-            extra = {"device_map": device_map, "offload_folder": offload}
-        model, info = cls.from_pretrained(str(out_dir), config=cfg, dtype=dtype, output_loading_info=True, **extra,
-                                          **experts_kwargs(cfg, dtype))
-    finally:
-        hf_logging.set_verbosity(level)
-    bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:  # a source or compared checkpoint that disagrees with its config (an output doing so is a bug)
-        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
-                         for k, v in bad.items())
-        raise SurgeryError(f"does not load cleanly with transformers ({what})", where=str(out_dir))
-    return (model if device_map else model.to(device)).eval()
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    logits: torch.Tensor  # (tokens, vocab) on CPU, float32/64
-
-
-@torch.no_grad()
-def evaluate_model(model, ids: torch.Tensor) -> Evaluation:
-    dev = next(model.parameters()).device
-    out = model(input_ids=ids.to(dev), labels=ids.to(dev))
-    return Evaluation(float(out.loss), out.logits[0].to("cpu"))
-
-
-@dataclass
-class Comparison:
-    """How far one evaluation lies from a reference on the same tokens: what judging reads.
-
-    Logits are compared over the reference's vocabulary (a grown vocab on its first V tokens), in
-    float64. Every field is a sum or a max over tokens, so it can be accumulated chunk by chunk.
-    """
-    loss: float  # the candidate's mean next-token loss
-    rel_change: float  # (loss - reference loss) / |reference loss|
-    max_logit_diff: float  # max over tokens and vocab of |logit difference|
-    mean_logit_diff: float  # mean over tokens and vocab of |logit difference|
-    top1_agreement: float  # share of tokens whose argmax (greedy next token) agrees
-    kl_divergence: float  # KL(reference || other) of next-token distributions, mean over tokens
-    compared_vocab: int
-    reference_loss: float = math.nan  # the approximate rule bounds KL relative to it: fill it
-    # Where the greedy tokens disagree, how far apart the reference put the two tokens (its logit of
-    # its own top token minus its logit of the candidate's): max over disagreeing tokens, 0 if none.
-    # A flip at a reference gap <= 2B is what logits moved by at most B can do (a near-tie).
-    max_flip_gap: float = math.inf
-
-
-def compare(ref: Evaluation, other: Evaluation) -> Comparison:
-    """Over the reference's vocabulary (a grown vocab is compared on its first V tokens)."""
-    v = ref.logits.shape[-1]
-    a, b = ref.logits.double(), other.logits[..., :v].double()
-    diff = (a - b).abs()
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
-    top_a, top_b = a.argmax(-1), b.argmax(-1)
-    gaps = a.gather(-1, top_a[:, None]) - a.gather(-1, top_b[:, None])
-    return Comparison(
-        loss=other.loss,
-        rel_change=(other.loss - ref.loss) / abs(ref.loss) if ref.loss else math.inf,
-        max_logit_diff=float(diff.max()),
-        mean_logit_diff=float(diff.mean()),
-        top1_agreement=float((top_a == top_b).double().mean()),
-        kl_divergence=max(float(kl), 0.0),
-        compared_vocab=v,
-        reference_loss=ref.loss,
-        max_flip_gap=float(gaps.max()) if gaps.numel() else 0.0,
-    )
+def calibration_ids(source_dir: Path, data: str, max_tokens: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """The verification tokens: the data tokenized by the source's tokenizer, or `random` seeded ids
+    (for a model that ships no tokenizer)."""
+    if data == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (1, max_tokens), generator=g)
+    return tokenize(source_dir, data, max_tokens)
 
 
 @dataclass
@@ -372,7 +247,7 @@ def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return revert_weight_conversion(model, dict(tensors))
 
 
-def dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
     A unit (one index of a new slice) is judged on the first backward pass, and, where it got
@@ -483,24 +358,48 @@ def expert_symmetry(model, ids: torch.Tensor, max_tokens: int = 128, lr: float =
              "router_grad_after_step": grad_after.get(i, 0.0)} for i in sorted(before)]
 
 
-@torch.no_grad()
-def variance_culprit(model, ids: torch.Tensor, max_tokens: int = 256) -> tuple[str, float]:
+def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                     max_tokens: int = 256) -> tuple[str, float]:
     """The linear layer whose output std is largest relative to its input's: the usual reason a
-    re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004)."""
+    re-initialised model starts far above ln(vocab) (an lm_head drawn with std 1, seed 004).
+    Streamed: each layer's linears are watched while that layer is in memory; lm_head's output is
+    the logits, whose std is accumulated block by block."""
     gains: dict[str, float] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            def hook(m, inp, out, name=name):
-                i = float(inp[0].float().std())
-                gains[name] = max(gains.get(name, 0.0), float(out.float().std()) / i if i > 0 else 0.0)
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        x = ids[:, :max_tokens].to(next(model.parameters()).device)
-        model(input_ids=x, labels=x)  # labels: an encoder-decoder (T5) needs decoder inputs
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def watch(module: torch.nn.Module, prefix: str):
+        hooks = []
+        for name, mod in module.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                def hook(m, inp, out, name=prefix + name):
+                    i = float(inp[0].float().std())
+                    gains[name] = max(gains.get(name, 0.0), float(out.float().std()) / i if i > 0 else 0.0)
+                hooks.append(mod.register_forward_hook(hook))
+        return hooks
+
+    if not streamable(source.config):  # T5, mixture of experts: run whole, every linear watched
+        model = WholeModel(source, device, dtype).model
+        hooks = watch(model, "")
+        try:
+            x = ids[:, :max_tokens].to(device)
+            with torch.no_grad():
+                model(input_ids=x, labels=x)  # labels: the decoder needs its inputs
+        finally:
+            for h in hooks:
+                h.remove()
+        name = max(gains, key=gains.get)
+        return name, gains[name]
+    sm = StreamedModel(source, device, dtype)
+    sm.on_layer = lambda i, layer, prefix: watch(layer, prefix)
+    h = sm.hidden(ids[:, :max_tokens])
+    w, b = sm.head_weights()
+    n, s1, s2 = 0, 0.0, 0.0
+    step = max(1, (32 * 2**20) // (8 * h.shape[0]))
+    for start in range(0, w.shape[0], step):
+        z = sm.logits(h, w, b, start, min(w.shape[0], start + step), transform=False).double()
+        n, s1, s2 = n + z.numel(), s1 + float(z.sum()), s2 + float((z * z).sum())
+    i = float(h.float().std())
+    out = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / max(n - 1, 1))
+    gains[sm.head_prefix.rstrip(".")] = out / i if i > 0 else 0.0
     name = max(gains, key=gains.get)
     return name, gains[name]
 
@@ -513,47 +412,57 @@ class Reference:
     floor: NoiseFloor
 
 
-@torch.no_grad()
-def dither(model, dtype: torch.dtype, seed: int = 0) -> None:
-    """Every weight times (1 + d), d uniform in [-u, u] with u the unit roundoff of `dtype`: one
-    rounding into `dtype` as the standard model of floating point has it, seeded per tensor."""
-    u = torch.finfo(dtype).eps / 2
-    if any(w.device.type == "meta" for w in model.parameters()):
-        raise SurgeryError(f"measuring {HALF[dtype]} rounding noise needs every weight loaded; accelerate offloaded "
-                           "some (device_map): verify on a device that holds the model", where="verification")
-    for i, (_, w) in enumerate(model.named_parameters()):
-        g = torch.Generator(device=w.device).manual_seed(seed + i)
-        w.mul_(1 + u * (2 * torch.rand(w.shape, generator=g, device=w.device, dtype=w.dtype) - 1))
+class DitheredSource:
+    """Another source whose every weight is multiplied by (1 + d), d uniform in [-u, u] with u the unit
+    roundoff of `dtype`: one rounding into `dtype` as the standard model of floating point has it,
+    seeded per tensor name (a tied head sees its embedding's dither)."""
+
+    def __init__(self, inner: TensorSource, dtype: torch.dtype, seed: int = 0):
+        self.inner, self.u, self.seed = inner, torch.finfo(dtype).eps / 2, seed
+        self.config, self.where = inner.config, inner.where
+
+    def names(self):
+        return self.inner.names()
+
+    def load(self, name, device, dtype):
+        w = self.inner.load(name, device, dtype)
+        if not w.is_floating_point():
+            return w
+        d = 2 * torch.rand(w.shape, generator=generator("dither", self.seed, name), dtype=w.dtype) - 1
+        return w.mul_(1 + self.u * d.to(w.device))
 
 
-def measure_reference(label: str, load, ids: torch.Tensor, dtype: torch.dtype, storage: torch.dtype | None) -> Reference:
-    """Evaluate a reference (`load(dtype)` gives its model) and measure its noise floor."""
-    model = load(dtype)
-    ev = evaluate_model(model, ids)
+def measure_reference(label: str, source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                      storage: torch.dtype | None, progress: Progress = QUIET) -> Reference:
+    """Evaluate a reference and measure its noise floor (each model streamed layer by layer)."""
+    ev = evaluate(source, ids, device, dtype, progress, f"evaluating {label}")
     stored = None
     if storage is not None:
-        dither(model, storage)
-        stored = compare(ev, evaluate_model(model, ids))
-    del model
-    probe = evaluate_model(load(torch.float64 if dtype != torch.float64 else torch.float32), ids)
+        stored = compare(ev, evaluate(DitheredSource(source, storage), ids, device, dtype, progress,
+                                      f"noise floor: {label} with {_name(storage)} rounding"))
+    probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
+    probe = evaluate(source, ids, device, probe_dtype, progress, f"noise floor: {label} in {_name(probe_dtype)}")
     return Reference(label, ev, NoiseFloor(compare(ev, probe), stored, storage))
 
 
-def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
+def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None,
+                progress: Progress = QUIET) -> Report:
     """Loss and logits of the source, of every intermediate step (per_op), and of the written output.
 
     Steps are compared with the source, or, after a `reinit`, with the state right after the latest
     one (which itself is judged by its initial loss): what later ops promise is relative to it.
+    Every model runs layer by layer (`runner`): the source and the output from their files, each
+    intermediate step from the lazy tensor graph, so memory holds one layer, never a model.
     """
-    from .execute import compute_dtype_for, materialize
-    from .io.native import load_model as _load  # native dirs are converted in memory
+    from .execute import compute_dtype_for
 
     v = p.loaded.recipe.verify
     dtype = compute_dtype_for(p.initial)
-    ids = tokenize(p.source_dir, v.data, v.max_tokens)
+    if ids is None:
+        ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
     storage = half_storage(p)
     vocab = p.initial.spec.vocab_size
-    ref = measure_reference("source", lambda dt: _load(p.source_dir, dt, device), ids, dtype, storage)
+    ref = measure_reference("source", CheckpointSource(p.checkpoint, str(p.source_dir)), ids, device, dtype, storage, progress)
     source = ref
     reinits = [s.index for s in p.steps if s.promise.exactness == Exactness.REINIT]
     steps: list[StepResult] = []
@@ -569,14 +478,10 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
             continue
         since = max((r for r in reinits if r < step.index), default=None)
         promise = step.cumulative if since is None or step.index in reinits else _promise_after(p, since, step)
-
-        def load(dt, state=step.state):
-            return model_from_tensors(state.spec.config, materialize(state, p.checkpoint, device, dt), dt, device)
-
+        label = f"ops[{step.index}] {step.op.op}"
         if last and v.per_op and storage is not None:  # the exact math, judged at float precision before storage rounds it
-            model = load(dtype)
-            cmp = compare(ref.evaluation, evaluate_model(model, ids))
-            del model
+            cmp = compare(ref.evaluation, evaluate(StateSource(step.state, p.checkpoint, f"after {label}"), ids, device, dtype,
+                                                   progress, f"evaluating {label} before {_name(storage)} rounding"))
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
             if promise.exactness == Exactness.APPROXIMATE:
                 verdict = Verdict(None, "approximate: judged on the written output", [], verdict.bound)
@@ -584,24 +489,28 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
                                     cmp.max_logit_diff, promise.exactness.value, verdict.rule, verdict.passed, step.index,
                                     cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
-            model = _load(out_dir, dtype, device)
-            dead = dead_slices(model, ids, p.final.output_slices())
-            symmetry = expert_symmetry(model, ids)
-            cmp = compare(ref.evaluation, evaluate_model(model, ids))
+            evaluated = open_source(out_dir)
+            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
+            if streamable(evaluated.config):
+                dead = dead_slices(evaluated, ids, p.final.output_slices(), device, dtype, progress=progress)
+            else:  # mixture of experts: run whole (transformers fuses the experts while loading)
+                model = WholeModel(evaluated, device, dtype).model
+                dead = whole_model_dead_slices(model, ids, p.final.output_slices())
+                symmetry = expert_symmetry(model, ids)
+                del model
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
         elif new_reference:
-            model = None
-            ref = measure_reference(f"ops[{step.index}] {step.op.op}", load, ids, dtype, storage)
+            evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
+            ref = measure_reference(label, evaluated, ids, device, dtype, storage, progress)
             cmp = compare(source.evaluation, ref.evaluation)
             verdict = judge(promise, cmp, source.floor, v.tolerance, vocab)
         else:
-            model = load(dtype)
-            cmp = compare(ref.evaluation, evaluate_model(model, ids))
+            evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
+            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}"))
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
         if verdict.passed is False and promise.exactness == Exactness.REINIT:
-            name, gain = variance_culprit(model if model is not None else load(dtype), ids)
+            name, gain = variance_culprit(evaluated, ids, device, dtype)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
-        del model
         if not closes and promise.exactness == Exactness.APPROXIMATE:
             verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff, promise.exactness.value,
@@ -610,7 +519,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device) -> Report:
         if last:
             final = (cmp, verdict)
     if final is None:  # no ops: a plain copy
-        cmp = compare(ref.evaluation, evaluate_model(_load(out_dir, dtype, device), ids))
+        cmp = compare(ref.evaluation, evaluate(open_source(out_dir), ids, device, dtype, progress, "evaluating output"))
         final = (cmp, judge(p.promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None))
     cmp, verdict = final
     ok, rule = verdict.passed, verdict.rule
@@ -694,3 +603,4 @@ def half_storage(p: Plan) -> torch.dtype | None:
     rounded = {target for _, node, target in output_tensors(p.final, out.dtype if out else "auto")
                if target in HALF and (node.fn is not None or node.dtype != target)}
     return max(rounded, key=lambda d: torch.finfo(d).eps) if rounded else None
+

@@ -1,7 +1,7 @@
 """`surgery verify OUTPUT --against SOURCE` and `surgery verify --integrity OUTPUT`.
 
-Compares any two checkpoints (made by surgery or not) on the same tokens: one model is evaluated
-and freed before the other is loaded, so memory holds one model plus the reference logits.
+Compares any two checkpoints (made by surgery or not) on the same tokens. Both run layer by layer
+(`runner`), so memory holds one layer plus the reference's final hidden states, whatever the size.
 The candidate is judged: without --tolerance as the same function (exact, against the rounding
 noise measured on the reference, as `surgery run` judges exact steps), with --tolerance T as an
 approximation (|rel change| <= T and KL <= T x reference loss). Beyond it: exit 1.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,27 +52,31 @@ class PairReport:
 
 
 def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:python-license", max_tokens: int = 2048,
-                        dtype: str = "float32", device: str = "auto", device_map: str | None = None,
-                        tolerance: float | None = None) -> PairReport:
+                        dtype: str = "float32", device: str = "auto", tolerance: float | None = None,
+                        progress: bool = False) -> PairReport:
+    """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
     from .execute import pick_device
-    from .io.native import load_model as load_output  # native folders are converted in memory
-    from .io.resolve import open_checkpoint
     from .ops import Exactness, Promise
-    from .verify import HALF, compare, evaluate_model, judge, measure_reference, tokenize
+    from .runner import Progress, StreamedModel, compare, evaluate, open_source
+    from .verify import HALF, calibration_ids, judge, measure_reference
 
     t0 = time.perf_counter()
     import torch
 
     dt = getattr(torch, dtype)
     dev = pick_device(device)
+    show = Progress(progress)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
-    for d in (ref_dir, cand_dir):
-        open_checkpoint(d)  # a directory that is no checkpoint: one line now, not transformers' error later
-    ids = tokenize(ref_dir, data, max_tokens)
-    half = {m.dtype for m in open_checkpoint(cand_dir).tensors.values() if m.dtype in HALF}
+    ref_src, cand_src = open_source(ref_dir), open_source(cand_dir)  # a directory that is no checkpoint: one line now
+    for src in (ref_src, cand_src):  # both must load cleanly before either is run
+        StreamedModel(src, dev, dt)
+    ids = calibration_ids(ref_dir, data, max_tokens, int(ref_src.config.get("vocab_size") or 0))
+    if data != "random":
+        check_tokenizers(ref_dir, cand_dir, data, ids, show)
+    half = {m.dtype for m in cand_src.reader.tensors.values() if m.dtype in HALF}
     storage = max(half, key=lambda d: torch.finfo(d).eps) if half else None
-    ref = measure_reference("reference", lambda d: load_output(ref_dir, d, dev, device_map), ids, dt, storage)
-    cmp = compare(ref.evaluation, evaluate_model(load_output(cand_dir, dt, dev, device_map), ids))
+    ref = measure_reference("reference", ref_src, ids, dev, dt, storage, show)
+    cmp = compare(ref.evaluation, evaluate(cand_src, ids, dev, dt, show, "evaluating candidate"))
     promise = Promise(Exactness.EXACT if tolerance is None else Exactness.APPROXIMATE, "surgery verify")
     verdict = judge(promise, cmp, ref.floor, tolerance or 0.0, 0, rounded=storage is not None)
     return PairReport(
@@ -81,6 +86,24 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
         compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0, passed=bool(verdict.passed), rule=verdict.rule,
         failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None, max_flip_gap=cmp.max_flip_gap,
     )
+
+
+def check_tokenizers(ref_dir: Path, cand_dir: Path, data: str, ids: torch.Tensor, show) -> None:
+    """Both models must read the same tokens: a candidate whose tokenizer splits the data differently is refused."""
+    from .verify import tokenize
+
+    try:
+        theirs = tokenize(cand_dir, data, ids.shape[1])
+    except SurgeryError:
+        print(f"warning: {cand_dir} has no loadable tokenizer; both models are fed the reference's tokens", file=sys.stderr)
+        return
+    n = min(ids.shape[1], theirs.shape[1])
+    differ = (ids[0, :n] != theirs[0, :n]).nonzero()
+    if differ.numel() or theirs.shape[1] != ids.shape[1]:
+        at = int(differ[0]) if differ.numel() else n
+        raise SurgeryError(f"the two tokenizers split the data differently (first difference at token {at}): the "
+                           "comparison would be meaningless; compare models that share a tokenizer, or pass --data random",
+                           where=str(cand_dir))
 
 
 def check_integrity(output: Path) -> list[str]:
@@ -118,14 +141,13 @@ def add_verify_parser(sub) -> None:
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
     p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
     p.add_argument("--data", default="builtin:python-license",
-                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, or a saved "
-                        "dataset (default: %(default)s)")
+                   help="evaluation text: builtin:python-license, a text file, a directory of .txt files, a saved "
+                        "dataset, or random (seeded token ids) (default: %(default)s)")
     p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
                    help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="precision both models run in (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    p.add_argument("--device-map", choices=["auto"], help="place (and offload) a model larger than one device with accelerate")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N; layers stream through it (default: %(default)s)")
     p.add_argument("--tolerance", type=_tolerance, metavar="T",
                    help="accept an approximation: |relative loss change| <= T and next-token KL <= T x reference loss "
                         "(default: the same function, up to the rounding noise measured on the reference)")
@@ -144,8 +166,8 @@ def run_verify(args) -> int:
             return 0
     if not args.against:
         raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
-    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.device_map,
-                              args.tolerance)
+    rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.tolerance,
+                              progress=True)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
     return 0 if rep.passed else 1
 

@@ -18,11 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--set", "verify.max_tokens=256"]
 
 
+PROGRESS = re.compile(r".+ \(\d+\.\d s\)")  # a phase's summary line ("evaluating source: loss ... (1.2 s)")
+
+
 def one_error_line(err: str) -> str:
+    """The one error line, after any summary lines of the phases that ran before it."""
     assert "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line, got:\n{err}"
-    assert err.startswith("error: "), err
-    return err.rstrip("\n")
+    lines = err.splitlines()
+    assert err.endswith("\n") and all(PROGRESS.fullmatch(x) for x in lines[:-1]), f"expected one line, got:\n{err}"
+    assert lines[-1].startswith("error: "), err
+    return lines[-1]
 
 
 def cli(args: list[str], env: dict | None = None, cwd: Path = ROOT, python_flags: tuple = ()) -> subprocess.CompletedProcess:

@@ -57,7 +57,25 @@ def test_a_local_dataset_directory_is_verification_data(tmp_path):
     assert 1000 < rep.tokens < 4096 and rep.max_logit_diff == 0
 
 
-def test_device_map_auto_loads_through_accelerate(tmp_path):
-    __import__("pytest").importorskip("accelerate")
-    rep = compare_checkpoints("builtin:tiny-llama", "builtin:tiny-llama", max_tokens=64, device_map="auto")
-    assert rep.max_logit_diff == 0 and rep.tokens == 64
+def test_random_data_verifies_models_without_a_tokenizer(tmp_path):
+    model = make_model(make_config("llama", vocab=512), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "a")  # no tokenizer files
+    model.save_pretrained(tmp_path / "b")
+    rep = compare_checkpoints(str(tmp_path / "b"), str(tmp_path / "a"), data="random", max_tokens=50)
+    assert rep.tokens == 50 and rep.max_logit_diff == 0 and rep.top1_agreement == 1
+
+
+def test_tokenizers_that_split_the_data_differently_are_refused(tmp_path, capsys):
+    model = make_model(make_config("llama", vocab=512), dtype=torch.float32)
+    a = save_checkpoint(model, tmp_path / "a", tokenizer_from="tiny-llama")
+    b = save_checkpoint(model, tmp_path / "b", tokenizer_from="tiny-mistral")
+    assert main(["verify", str(b), "--against", str(a), "--max-tokens", "64"]) == 2
+    assert "tokenizers split the data differently" in capsys.readouterr().err
+
+
+def test_a_candidate_without_tokenizer_is_compared_with_a_warning(tmp_path, capsys):
+    model = make_model(make_config("llama", vocab=512), dtype=torch.float32)
+    a = save_checkpoint(model, tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    assert main(["verify", str(tmp_path / "b"), "--against", str(a), "--max-tokens", "64"]) == 0
+    assert "no loadable tokenizer" in capsys.readouterr().err

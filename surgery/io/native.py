@@ -35,6 +35,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,7 +506,8 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir / WEIGHTS_FILE, planned)
     digests: dict[str, str] = {}
-    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+    bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
+               disable=not (progress and sys.stderr.isatty()), leave=False)
     try:
         for p in planned:
             node, d, heads = jobs[p.name]
@@ -525,15 +527,3 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
         for f in sorted(Path(src).glob("tokenizer.model*")):
             shutil.copyfile(f, out_dir / f.name)
     return digests
-
-
-# verification helpers ----------------------------------------------------------------------
-
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
-    """A stock transformers model for a checkpoint directory, native (converted in memory) or not."""
-    from ..verify import load_output, model_from_tensors
-
-    if is_native(path):
-        ck = NativeCheckpoint(path)
-        return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
-    return load_output(path, dtype, device, device_map)

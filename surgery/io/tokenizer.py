@@ -111,8 +111,9 @@ def text_encoder(folder: Path) -> Callable[[str], list[int]]:
     try:
         tok = _auto_tokenizer(folder)
     except Exception as e:  # transformers raises many types for a missing tokenizer
-        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}); verification needs one, or pass --no-verify",
-                           where=str(folder)) from None
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise SurgeryError(f"cannot load the source tokenizer ({type(e).__name__}{': ' + why if why else ''}); verification "
+                           "needs one: set verify.data: random (seeded token ids), or pass --no-verify", where=str(folder)) from None
     return lambda text: list(tok(text)["input_ids"])
 
 

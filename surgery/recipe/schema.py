@@ -38,7 +38,8 @@ class OutputSpec(Strict):
 
 
 class VerifySpec(Strict):
-    data: str = Field("builtin:python-license", description="builtin:python-license, a text file or a directory of .txt files")
+    data: str = Field("builtin:python-license", description="builtin:python-license, a text file, a directory of .txt files, "
+                      "a saved dataset, or random (seeded token ids, for a model without a tokenizer)")
     max_tokens: int = Field(2048, gt=1)
     tolerance: float = Field(1e-4, ge=0, description="approximate recipes: largest |relative loss change| (either way) and next-token KL / source loss accepted; exact ones are judged against measured rounding noise")
     per_op: bool = True
