@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .lazy import LazyTensor, evaluate
-from .io.writer import PlannedTensor, ShardWriter, assign_shards, layout_order, parse_size, shard_file_names, write_index
+from .lazy import LazyTensor, evaluate, storage_exact
+from .io.writer import PlannedTensor, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names, write_index
 from .modeling import MODELING_FILE, patched_output_config
 from .state import ModelState
 
@@ -94,6 +94,17 @@ class FiniteReader:
         return t
 
 
+def source_bytes(reader, name: str) -> SourceBytes | None:
+    """Where a source tensor's bytes lie in a safetensors file, if they do (then the kernel copies them)."""
+    meta = getattr(reader, "tensors", {}).get(name)
+    if meta is None or getattr(meta, "offset", None) is None:
+        return None
+    n = meta.dtype.itemsize
+    for s in meta.shape:
+        n *= s
+    return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
+
+
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
     cd = dtype or compute_dtype_for(state)
@@ -112,11 +123,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     nodes = {n: (node, d) for n, node, d in tensors}
     copies = byte_copies(state, dtype)
 
-    def compute(name: str) -> torch.Tensor:
+    def compute(name: str) -> torch.Tensor | SourceBytes:
         node, d = nodes[name]
-        if name in copies:
-            return reader.load(node.source)  # untouched tensor: its bytes go straight through
-        t = evaluate(node, reader, device, cd)
+        if name in copies:  # untouched tensor: the kernel copies its bytes where the source has them in a file
+            return source_bytes(reader.reader, node.source) or reader.load(node.source)
+        # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
+        t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
     digests: dict[str, str] = {}
@@ -129,14 +141,21 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
             shard = layout_order(shard)
             pending = [(p, pool.submit(compute, p.name)) for p in shard[:1]]  # one tensor computed ahead
             queue = list(shard[1:])
-            while pending:
-                p, fut = pending.pop(0)
-                if queue:
-                    nxt = queue.pop(0)
-                    pending.append((nxt, pool.submit(compute, nxt.name)))
-                digests[p.name] = writer.write(p.name, fut.result())
-                bar.update(p.nbytes)
-            file_digest = writer.close()
+            try:
+                while pending:
+                    p, fut = pending.pop(0)
+                    if queue:
+                        nxt = queue.pop(0)
+                        pending.append((nxt, pool.submit(compute, nxt.name)))
+                    writer.write(p.name, fut.result())
+                    bar.update(p.nbytes)
+                file_digest = writer.close()
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                writer.abort()
+                raise
+            digests.update(writer.digests)
             if file_digest:
                 files[fname] = file_digest
     bar.close()

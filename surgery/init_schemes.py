@@ -41,8 +41,6 @@ import enum
 import math
 from dataclasses import dataclass
 
-import torch
-
 from .arch import TensorInfo, TensorRole as R
 from .errors import SurgeryError
 from .spec import ModelSpec
@@ -152,6 +150,8 @@ class Draw:
 
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Draw on CPU, float32, from `generator` alone."""
+        import torch  # deferred: `surgery --help` lists `inspect --method` choices without loading torch
+
         if self.dist == "constant":
             return torch.full(shape, float(self.value), dtype=torch.float32)
         t = torch.empty(shape, dtype=torch.float32)

@@ -15,16 +15,19 @@ import fnmatch
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .arch import TensorInfo
 from .errors import SurgeryError
 from .init_schemes import Draw, InitMethod, draw_for, tied_rule_role
-from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint, resolve_source
 from .text_table import terminal_width, text_table
 from .spec import ModelSpec
+
+if TYPE_CHECKING:  # torch loads only when a command reads weights: `surgery --help` stays fast
+    import torch
+
+    from .io.checkpoint import Checkpoint
 
 CHUNK = 1 << 22  # elements per reduction step: the statistics of a 7B embedding in bounded memory
 MAX_PLOTS = 24
@@ -64,6 +67,8 @@ class Inspection:
 
 
 def tensor_stats(t: torch.Tensor) -> tuple[float, float, float, float, float]:
+    import torch
+
     """mean, std (population), min, max, share beyond 3 std; float64 sums over chunks."""
     flat = t.detach().reshape(-1)
     n = flat.numel()
@@ -197,6 +202,8 @@ def plot(result: Inspection, out: str | Path, bins: int = 120, max_plots: int = 
     `log`: a logarithmic density axis, where a normal is a parabola and a truncation a cliff: the
     tails tell `hf`'s plain normal from a truncated one, which a linear axis hides (seeds/000).
     """
+    import torch
+
     import numpy as np
 
     Figure = _matplotlib()

@@ -26,6 +26,10 @@ class LazyTensor:
     label: str = ""
     source: str | None = None
     deterministic_seed: int | None = field(default=None, repr=False)
+    # What `fn` does to values, for evaluating in the storage dtype (`storage_exact`): "move" places
+    # input elements and fixed values (0, 1) only; "stats_fill" also fills from fp32 statistics of
+    # its input, rounded once; None: arithmetic, evaluated in the compute dtype.
+    kind: str | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -34,8 +38,9 @@ class LazyTensor:
             n *= s
         return n
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "") -> "LazyTensor":
-        return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label)
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "",
+            kind: str | None = None) -> "LazyTensor":
+        return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label, kind=kind)
 
 
 def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
@@ -56,6 +61,34 @@ def generator(*parts) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(stable_seed(*parts))
     return g
+
+
+def storage_exact(node: LazyTensor, dtype: torch.dtype) -> bool:
+    """Whether evaluating `node` in `dtype` (its sources' storage dtype) gives the bits of evaluating it
+    in float32 and rounding once to `dtype`.
+
+    True when every source is stored in `dtype` and every op only moves elements or writes fixed
+    values, so each value is exact in both; a fill drawn from statistics of its input is allowed
+    only where that input holds no earlier drawn values (float32 holds them unrounded, `dtype`
+    rounded, and their statistics would differ).
+    """
+    if not dtype.is_floating_point:
+        return False
+
+    def ok(n: LazyTensor) -> tuple[bool, bool]:  # (exact, holds drawn values)
+        if n.fn is None:
+            return n.dtype == dtype, False
+        if n.kind not in ("move", "stats_fill") or not n.inputs:
+            return False, False
+        parts = [ok(i) for i in n.inputs]
+        if not all(e for e, _ in parts):
+            return False, False
+        drawn = any(d for _, d in parts)
+        if n.kind == "stats_fill" and drawn:
+            return False, False
+        return True, drawn or n.kind == "stats_fill"
+
+    return ok(node)[0]
 
 
 def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -15,13 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import SurgeryError
 from .io.resolve import open_checkpoint, resolve_source
-from .io.writer import file_digests
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = ("float32", "float64")  # torch loads when a comparison runs, so `surgery --help` stays fast
 
 
 @dataclass
@@ -64,7 +61,9 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     from .verify import HALF, calibration_ids, judge, measure_reference
 
     t0 = time.perf_counter()
-    dt = DTYPES[dtype]
+    import torch
+
+    dt = getattr(torch, dtype)
     dev = pick_device(device)
     show = Progress(progress)
     ref_dir, cand_dir = resolve_source(reference), resolve_source(candidate)
@@ -119,6 +118,8 @@ def check_integrity(output: Path) -> list[str]:
     recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
     if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
+    from .io.writer import file_digests
+
     now = file_digests(output, skip=("surgery_report.json",))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
 

@@ -514,13 +514,13 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
             t = evaluate(node, finite, device, cd)
             if heads is not None:
                 t = to_native_rotary(t, heads, spec.head_dim)
-            digests[p.name] = writer.write(p.name, t.to(dtype=d) if t.is_floating_point() else t)
+            writer.write(p.name, t.to(dtype=d) if t.is_floating_point() else t)
             bar.update(p.nbytes)
         writer.close()
+        digests.update(writer.digests)
     finally:
         bar.close()
-        if not writer.f.closed:
-            writer.f.close()
+        writer.abort()
     (out_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
     src = getattr(reader, "path", None)
     if src is not None and Path(src).is_dir():

@@ -7,11 +7,14 @@ are standard safetensors (the tests read them back with `safe_open`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +50,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n
@@ -75,11 +78,54 @@ def layout_order(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(tensors, key=lambda t: t.name)
 
 
+@dataclass(frozen=True)
+class SourceBytes:
+    """An untouched tensor's bytes in a source safetensors file: moved by the kernel, never through Python."""
+    name: str  # the source tensor's name, for the error message
+    file: Path
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+CHUNK = 16 << 20  # bytes a hashing thread reads back at a time
+MAX_UNHASHED = 2  # written tensors whose bytes wait for a hashing thread (bounds memory to ~2 tensors)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, n: int) -> None:
+    """Copy n bytes of `src` into `dst_fd` at `dst_offset` inside the kernel (copy_file_range), else with sendfile."""
+    with open(src, "rb", buffering=0) as f:
+        fd, done = f.fileno(), 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < n:
+                    k = os.copy_file_range(fd, dst_fd, n - done, src_offset + done, dst_offset + done)
+                    if not k:
+                        raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+                    done += k
+                return
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+        while done < n:
+            k = os.sendfile(dst_fd, fd, src_offset + done, n - done)
+            if not k:
+                raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+            done += k
+
+
 class ShardWriter:
     """One safetensors file whose layout (tensors sorted by name) is fixed up front.
 
     Tensors may arrive in any order; when they arrive in layout order (`layout_order`, as the
     executor sends them) the file's SHA-256 is computed on the way: no second read for the report.
+    Hashing runs on two threads (per-tensor and whole-file SHA-256; hashlib releases the GIL) while
+    the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is copied by the
+    kernel; its hashing thread reads the written bytes back from the page cache, hashes them and
+    checks them finite (the check every other source tensor gets when it is read).
     """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
@@ -95,39 +141,114 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
         self.data_start = 8 + len(raw)
-        self.f = open(path, "wb")
+        self.f = open(path, "wb", buffering=0)
         head = len(raw).to_bytes(8, "little") + raw
-        self.f.write(head)
+        self._pwrite(memoryview(head), 0)
         self.f.truncate(self.data_start + offset)
         self.remaining = set(self.planned)
         self.file_hash = hashlib.sha256(head)
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
+        self.digests: dict[str, str] = {}  # tensor name -> SHA-256 of its bytes, complete after close()
+        self._tensor_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-tensor")
+        self._file_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-file")
+        self._unhashed: deque[tuple[str, Future, Future | None]] = deque()
 
-    def write(self, name: str, tensor: torch.Tensor) -> str:
-        """Write one tensor's bytes at its offset; returns their SHA-256 (recorded in the report)."""
+    def _pwrite(self, view: memoryview, at: int) -> None:
+        fd, done = self.f.fileno(), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], at + done)
+
+    def write(self, name: str, data: "torch.Tensor | SourceBytes") -> None:
+        """Write one tensor's bytes at its offset; their SHA-256 lands in `digests` (recorded in the report)."""
         p = self.planned[name]
-        if tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
-            raise AssertionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {p.shape} {p.dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        buf = data.view(torch.uint8).numpy() if data.numel() else b""
-        self.f.seek(self.data_start + self.offsets[name])
-        self.f.write(buf)
-        self.remaining.discard(name)
+        if tuple(data.shape) != p.shape or data.dtype != p.dtype:
+            raise AssertionError(f"{name}: got {tuple(data.shape)} {data.dtype}, planned {p.shape} {p.dtype}")
+        at = self.data_start + self.offsets[name]
+        while len(self._unhashed) >= MAX_UNHASHED:
+            self._settle_oldest()
+        if isinstance(data, SourceBytes):
+            copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
+            finite = data if data.dtype.is_floating_point else None
+            tensor_job = self._tensor_lane.submit(lambda: self._hash_range(at, p.nbytes, hashlib.sha256(), finite).hexdigest())
+            update = lambda h: self._hash_range(at, p.nbytes, h)  # noqa: E731
+        else:
+            t = data.detach().to("cpu").contiguous().reshape(-1)
+            buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            self._pwrite(buf, at)
+            tensor_job = self._tensor_lane.submit(lambda: hashlib.sha256(buf).hexdigest())
+            update = lambda h: h.update(buf)  # noqa: E731
+        file_job = None
         if self.hashed_to == self.offsets[name]:
-            self.file_hash.update(buf)
+            file_job = self._file_lane.submit(update, self.file_hash)
             self.hashed_to += p.nbytes
         else:
             self.hashed_to = None
-        return hashlib.sha256(buf).hexdigest()
+        self._unhashed.append((name, tensor_job, file_job))
+        self.remaining.discard(name)
+
+    def _settle_oldest(self) -> None:
+        name, tensor_job, file_job = self._unhashed.popleft()
+        self.digests[name] = tensor_job.result()
+        if file_job is not None:
+            file_job.result()
+
+    def _hash_range(self, at: int, n: int, h, finite: SourceBytes | None = None):
+        """Feed the written bytes [at, at + n) to `h`, checking them finite when `finite` names their source."""
+        buf = bytearray(min(n, CHUNK))
+        view = memoryview(buf)
+        bad = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(at)
+            done = 0
+            while done < n:
+                want, got = min(n - done, CHUNK), 0
+                while got < want:  # a whole chunk, so it holds whole elements
+                    k = f.readinto(view[got:want])
+                    if not k:
+                        raise SurgeryError("output shard shorter than planned", where=str(self.path))
+                    got += k
+                h.update(view[:want])
+                if finite is not None:
+                    bad += _non_finite(view[:want], finite.dtype)
+                done += want
+        if bad:
+            raise SurgeryError(f"tensor {finite.name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
+                               where=str(finite.file.parent))
+        return h
 
     def close(self) -> str | None:
         """Finish the file; its SHA-256 when every tensor came in layout order."""
         if self.remaining:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self.remaining)[:5]}")
-        self.f.flush()
+        while self._unhashed:
+            self._settle_oldest()
+        self._shutdown()
         os.fsync(self.f.fileno())
         self.f.close()
         return self.file_hash.hexdigest() if self.hashed_to is not None else None
+
+    def abort(self) -> None:
+        """Stop hashing and close the file after a failure (the caller removes the output)."""
+        for _, job, file_job in self._unhashed:
+            job.cancel()
+            if file_job is not None:
+                file_job.cancel()
+        self._unhashed.clear()
+        self._shutdown()
+        if not self.f.closed:
+            self.f.close()
+
+    def _shutdown(self) -> None:
+        self._tensor_lane.shutdown(wait=True)
+        self._file_lane.shutdown(wait=True)
+
+
+def _non_finite(view: memoryview, dtype: torch.dtype) -> int:
+    """NaN/Inf count of raw bytes holding `dtype` values (min and max propagate NaN and reach +-Inf: one pass)."""
+    t = torch.frombuffer(view, dtype=dtype) if len(view) else None
+    if t is None or all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
+        return 0
+    return int((~torch.isfinite(t)).sum())
 
 
 def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:

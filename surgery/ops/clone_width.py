@@ -93,7 +93,7 @@ class CloneWidth(Op):
                 count = h if info.role == R.ATTN_Q_NORM else g
                 for c in range(1, k):
                     new_name = spec.arch.parameter_name(info.role, info.kind, info.layer, info.head + c * count)
-                    state.tensors[new_name] = node.map(lambda t: t.clone(), label=f"{label}: copy of head {info.head}")
+                    state.tensors[new_name] = node.map(lambda t: t.clone(), label=f"{label}: copy of head {info.head}", kind="move")
                     copies[new_name] = name
                 continue
             axes = info.axes

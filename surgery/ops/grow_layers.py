@@ -117,7 +117,7 @@ class GrowLayers(Op):
                     if trainable:
                         state.new_slices.append(NewSlice(target, 0, list(range(node.shape[0])), "grow_layers"))
                 elif self.from_ == "copy" or writer or info.role.is_norm or info.role in _HEAD_NORMS:
-                    state.tensors[target] = node.map(lambda t: t.clone(), label=f"{label}: copy of layer {j}")
+                    state.tensors[target] = node.map(lambda t: t.clone(), label=f"{label}: copy of layer {j}", kind="move")
                     for s in slices_of.get(name, []):  # zero slices an earlier op left in what we copy
                         state.new_slices.append(NewSlice(target, s.axis, list(s.index), s.op))
                 elif trainable:

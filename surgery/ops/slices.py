@@ -42,13 +42,35 @@ class Fill:
         if self.kind == "const_mean":
             return old.new_full(shape, float(old.float().mean()) if old.numel() else 1.0)
         if self.kind == "random":
-            std = float(old.float().std()) if old.numel() > 1 else 0.02
-            mean = float(old.float().mean()) if old.numel() else 0.0
+            f = old.float()  # one float32 copy for both statistics (none when old is float32)
+            std = float(f.std()) if old.numel() > 1 else 0.02
+            mean = float(f.mean()) if old.numel() else 0.0
+            del f
             if not std > 0:
                 std = 0.02
             draw = torch.randn(shape, generator=generator(*self.seed), dtype=torch.float32)
-            return (draw * std + mean).to(device=old.device, dtype=old.dtype)
+            return draw.mul_(std).add_(mean).to(device=old.device, dtype=old.dtype)  # in place: same values
         raise ValueError(self.kind)
+
+
+MOVES = ("zeros", "ones")  # fills of fixed values: exact in any dtype
+STATS_FILLS = ("random",)  # drawn in float32 from the input's float32 statistics, rounded once
+
+
+def _run(index: torch.Tensor) -> int | None:
+    """The start of `index` when it is one ascending run (a slice), else None."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1 and (n == 1 or bool((index[1:] - index[:-1] == 1).all())):
+        return int(index[0])
+    return None
+
+
+def _place(out: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    start = _run(index)
+    if start is None:
+        out.index_copy_(axis, index, values)
+    else:  # a plain slice copy: no index arithmetic
+        out.narrow(axis, start, index.numel()).copy_(values)
 
 
 def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor, fill: Fill) -> torch.Tensor:
@@ -56,13 +78,18 @@ def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor
     shape[axis] = new_size
     out = old.new_empty(shape)
     dest = dest.to(old.device)
-    out.index_copy_(axis, dest, old)
+    _place(out, axis, dest, old)
     mask = torch.ones(new_size, dtype=torch.bool, device=old.device)
     mask[dest] = False
     missing = mask.nonzero().flatten()
     if missing.numel():
-        out.index_copy_(axis, missing, fill.values(old, axis, missing.numel()))
+        _place(out, axis, missing, fill.values(old, axis, missing.numel()))
     return out
+
+
+def fill_kind(fill: Fill) -> str | None:
+    """The `LazyTensor.kind` of a growth with this fill (None: evaluated in the compute dtype)."""
+    return "move" if fill.kind in MOVES else "stats_fill" if fill.kind in STATS_FILLS else None
 
 
 def missing_positions(new_size: int, dest: list[int]) -> list[int]:
@@ -88,7 +115,8 @@ def grow_axis(
     shape = list(node.shape)
     shape[axis] = new_size
     dest_t = torch.tensor(dest, dtype=torch.long)
-    state.tensors[name] = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label)
+    state.tensors[name] = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label,
+                                   kind=fill_kind(fill))
     for s in state.new_slices:
         if s.tensor == name and s.axis == axis:
             s.index = [dest[i] for i in s.index]

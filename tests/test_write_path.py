@@ -1,0 +1,122 @@
+"""The fast write path writes the bits of the plain computation: kernel copies, storage-dtype moves, async hashes."""
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_checkpoint
+from factories import make_config, make_model
+from surgery import api
+from surgery.execute import compute_dtype_for, output_tensors
+from surgery.io import writer
+from surgery.io.checkpoint import read_safetensors_header
+from surgery.lazy import evaluate, storage_exact
+
+GROWTHS = """\
+name: grow
+source: {src}
+output: {out}
+ops:
+  - op: grow_heads
+    num_heads: x2
+  - op: grow_mlp
+    intermediate_size: x1.5
+  - op: grow_layers
+    num_layers: x2
+    from: copy
+  - op: rescale_norm
+"""
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    """Every tensor's raw bytes as stored, read from the file by its header (no library in between)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        header = read_safetensors_header(f)
+        raw = f.read_bytes()
+        start = 8 + struct.unpack("<Q", raw[:8])[0]
+        for name, info in header.items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                out[name] = raw[start + a:start + b]
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def source(request, tmp_path) -> Path:
+    model = make_model(make_config("llama", vocab=96, hidden_heads=4, kv_heads=2, head_dim=8), dtype=torch.float32)
+    return save_checkpoint(model.to(request.param), tmp_path / "src")
+
+
+def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp_path):
+    """Every output tensor equals evaluating its graph in the compute dtype and rounding once; hashes match."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GROWTHS.format(src=source, out=tmp_path / "out"))
+    result = api.run(recipe, verify=False)
+    out = tmp_path / "out"
+    p = api.plan(recipe)
+    cd = compute_dtype_for(p.final)
+    written = tensor_bytes(out)
+    assert set(written) == set(p.final.tensors)
+    in_storage = 0
+    for name, node, d in output_tensors(p.final, "auto"):
+        t = evaluate(node, p.checkpoint, torch.device("cpu"), cd)
+        assert written[name] == as_bytes(t.to(d) if t.is_floating_point() else t), name
+        in_storage += node.fn is not None and storage_exact(node, d)
+    if d == torch.bfloat16:
+        assert in_storage >= 10, "grown tensors of a bf16 source are computed in bf16"
+    report = json.loads((out / "surgery_report.json").read_text())
+    assert report["tensor_sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in written.items()}
+    for f in out.glob("*.safetensors"):
+        assert report["files_sha256"][f.name] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert result.output == out or out.is_dir()
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile"])
+def test_untouched_tensors_are_the_source_bytes_whichever_kernel_call_copies_them(source, tmp_path, monkeypatch, kernel):
+    if kernel == "sendfile":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    calls = []
+    real = writer.copy_range
+    monkeypatch.setattr(writer, "copy_range", lambda *a: calls.append(a[0]) or real(*a))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: copy\nsource: {source}\noutput:\n  path: {tmp_path / 'out'}\n  shard_size: 20KB\n")
+    api.run(recipe, verify=False)
+    src, out = tensor_bytes(source), tensor_bytes(tmp_path / "out")
+    assert out == src
+    assert len(calls) == len(src), "every untouched tensor goes through the kernel copy"
+    report = json.loads((tmp_path / "out" / "surgery_report.json").read_text())
+    assert report["tensor_sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in src.items()}
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for f in shards:
+        assert report["files_sha256"][f.name] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_a_nan_in_a_kernel_copied_tensor_is_refused_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    from surgery.cli import main
+
+    model = make_model(make_config("llama", vocab=96, hidden_heads=4, kv_heads=2, head_dim=8), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("-inf")
+    src = save_checkpoint(model.to(torch.bfloat16), tmp_path / "src")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: copy\nsource: {src}\n")
+    copied = []
+    real = writer.copy_range
+    monkeypatch.setattr(writer, "copy_range", lambda *a: copied.append(a[0]) or real(*a))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "'model.layers.1.mlp.down_proj.weight' holds 2 NaN/Inf value(s)" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and copied, "the tensor was copied by the kernel, checked from its bytes"
+
