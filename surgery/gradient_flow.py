@@ -31,7 +31,8 @@ from .lazy import generator
 from .runner import QUIET, Progress, StreamedModel, TensorSource, converted_on_load, model_source, streamable
 
 
-def _dead_units(grads: dict[str, torch.Tensor | None], slices, indices: list[int], prefix: str) -> dict[int, int]:
+def dead_units(grads: dict[str, torch.Tensor | None], slices, indices, prefix: str) -> dict[int, int]:
+    """Per slice index, how many of its units got exactly zero gradient (a missing gradient: all)."""
     out = {}
     for i in indices:
         s = slices[i]
@@ -66,7 +67,7 @@ def _local_gradients(module: nn.Module, run, seed_name: str) -> dict[str, torch.
 
 def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int], lr: float) -> dict[int, int]:
     grads = _local_gradients(module, run, prefix)
-    dead = _dead_units(grads, slices, indices, prefix)
+    dead = dead_units(grads, slices, indices, prefix)
     if not dead:
         return {}
     params = dict(module.named_parameters())
@@ -76,7 +77,7 @@ def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int
             if grads[n] is not None:
                 p -= lr * grads[n]
     try:
-        again = _dead_units(_local_gradients(module, run, prefix), slices, list(dead), prefix)
+        again = dead_units(_local_gradients(module, run, prefix), slices, list(dead), prefix)
     finally:
         with torch.no_grad():
             for n, p in params.items():

@@ -19,7 +19,7 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
-from .gradient_flow import dead_slices
+from .gradient_flow import dead_slices, dead_units as dead_units_of
 from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
@@ -291,18 +291,7 @@ def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 
         with torch.enable_grad():
             model(input_ids=x, labels=x).loss.backward()
         grads = disk_layout(model, {n: p.grad for n, p in params.items() if p.grad is not None})
-        out = {}
-        for i, s in enumerate(slices):
-            grad = grads.get(s.tensor)
-            if grad is None:
-                out[i] = len(s.index)
-                continue
-            g = grad.index_select(s.axis, torch.tensor(s.index, device=grad.device)).abs()
-            other = [d for d in range(g.dim()) if d != s.axis]
-            n = int(((g.amax(dim=other) if other else g) == 0).sum())
-            if n:
-                out[i] = n
-        return out
+        return dead_units_of(grads, slices, range(len(slices)), "")
 
     dead = dead_units()
     if dead:
