@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .lazy import generator
-from .runner import QUIET, Progress, StreamedModel, TensorSource, model_source, streamable
+from .runner import QUIET, Progress, StreamedModel, TensorSource, converted_on_load, model_source, streamable
 
 
 def dead_units(grads: dict[str, torch.Tensor | None], slices, indices, prefix: str) -> dict[int, int]:
@@ -94,7 +94,8 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
     """
     if not slices:
         return []
-    if not streamable((source.config.to_dict() if isinstance(source, nn.Module) else source.config)):
+    config = source.config.to_dict() if isinstance(source, nn.Module) else source.config
+    if not streamable(config) or converted_on_load(config):
         raise ValueError("a model that does not stream (T5, mixture of experts): use verify.whole_model_dead_slices")
     attn = None
     if isinstance(source, nn.Module):

@@ -11,6 +11,10 @@ before it runs and drops them right after, so a family added to `arch.py` needs 
 The final projection (lm_head) runs in vocabulary chunks, and the loss, logit differences, KL and
 top-1 agreement are accumulated chunk by chunk: full-vocabulary logits never exist at once.
 
+A family whose checkpoint tensors transformers converts while loading (mixture of experts: one tensor
+per expert on disk, fused in memory) has each layer's tensors converted by transformers' own load-time
+converters as the layer arrives (`LoadConversion`).
+
 Weights come from a tensor source: a checkpoint directory (safetensors, pickles or Mistral's
 native layout, one tensor read when needed), or a `ModelState` of lazy tensors (each tensor
 computed from the source when its layer runs), so a per-op step needs no materialised model.
@@ -144,7 +148,7 @@ def skeleton(config: dict, dtype: torch.dtype, device: torch.device, attn_implem
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     try:
         with _parameters_on_meta():
-            model = build(cfg, dtype=dtype, attn_implementation=attn_implementation)
+            model = build(cfg, dtype=dtype, attn_implementation=attn_implementation, **experts_kwargs(cfg, dtype))
     except SurgeryError:
         raise
     except Exception as e:  # transformers raises many types for a config it cannot build
@@ -218,16 +222,69 @@ def decoder_only(config: dict) -> bool:
 
 
 def streamable(config: dict) -> bool:
-    """Whether a model runs layer by layer here. Not yet: an encoder-decoder (T5, re-initialised only),
-    and mixture-of-experts families, whose per-expert checkpoint tensors transformers fuses while
-    loading (that conversion is not applied per layer yet): both run whole (`WholeModel`)."""
+    """Whether a model runs layer by layer here. Not yet: an encoder-decoder (T5, re-initialised only)
+    runs whole (`WholeModel`)."""
+    return decoder_only(config)
+
+
+def converted_on_load(config: dict) -> bool:
+    """Whether transformers renames or fuses this family's checkpoint tensors while loading (mixture of
+    experts): its in-memory parameters are then not the checkpoint's tensors one to one, so checks that
+    name checkpoint tensors (gradient flow of new slices, expert symmetry) run on the whole model."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    return decoder_only(config) and not get_checkpoint_conversion_mapping(config_object(config).model_type)
+    return bool(get_checkpoint_conversion_mapping(config_object(config).model_type))
+
+
+class LoadConversion:
+    """transformers' load-time weight conversion (`conversion_mapping.py`), applied to one layer's tensors.
+
+    Mixture-of-experts checkpoints store one tensor per expert (`experts.{E}.w1.weight`) while
+    transformers 5 holds them fused (`experts.gate_up_proj`); its renamings and converters, found for
+    the model as `from_pretrained` finds them, turn a layer's checkpoint tensors into its parameters.
+    """
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        self.model = model
+        mapping = get_model_conversion_mapping(model)
+        self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        self.converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+
+    def __bool__(self):
+        return bool(self.renamings or self.converters)
+
+    def target(self, name: str) -> tuple[str, str | None]:
+        """The parameter a checkpoint tensor loads into, and the converter pattern it matched."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(name, self.renamings, self.converters)
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors (named as stored) as the parameters they load into (named as in memory)."""
+        from copy import deepcopy
+
+        from transformers.core_model_loading import dot_natural_key
+
+        out, pending = {}, {}
+        for name in sorted(tensors, key=dot_natural_key):  # experts in index order, as from_pretrained stacks them
+            target, pattern = self.target(name)
+            if pattern is None:
+                out[target] = tensors[name]
+                continue
+            conv = pending.setdefault(target, deepcopy(self.by_pattern[pattern]))
+            conv.add_tensor(target, name, pattern, tensors[name])
+        for target, conv in pending.items():
+            for k, v in conv.convert(target, model=self.model, config=self.model.config).items():
+                out[k] = v[0] if isinstance(v, list) else v
+        return out
 
 
 class WholeModel:
-    """An encoder-decoder run whole (T5: surgery only re-initialises it); its logits are kept and
+    """A model run whole (an encoder-decoder: T5, which surgery only re-initialises); its logits are kept and
     served block by block as a streamed model's are."""
 
     head_prefix = "lm_head."
@@ -325,6 +382,7 @@ class StreamedModel:
         self.embed = self.base.get_input_embeddings()
         self.embed_prefix = self._prefix_of(self.embed)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.conversion = LoadConversion(self.model)
         self._check_keys()
         # Called with each module as its tensors arrive (a layer, or the embedding / final norm);
         # the hook handles they return are removed when the module leaves.
@@ -340,7 +398,12 @@ class StreamedModel:
 
     def _check_keys(self) -> None:
         """The source must hold exactly the model's parameters, as `from_pretrained` would refuse otherwise."""
-        names = set(self.source.names())
+        stored = list(self.source.names())
+        # checkpoint names grouped by the parameter each loads into (several per fused expert tensor)
+        self._stored_for: dict[str, list[str]] = {}
+        for n in stored:
+            self._stored_for.setdefault(self.conversion.target(n)[0] if self.conversion else n, []).append(n)
+        names = set(self._stored_for)
         expected = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         for i, layer in enumerate(self.layers):
             expected |= {f"{self.layer_prefix}{i}.{n}" for n, _ in layer.named_parameters()}
@@ -367,9 +430,27 @@ class StreamedModel:
         return nn.Parameter(t, requires_grad=False)
 
     def fill(self, module: nn.Module, prefix: str) -> None:
-        """Every parameter of `module` (and its children) read from the source."""
-        for n, p in list(module.named_parameters()):
-            _set(module, n, self._load(prefix + n, p))
+        """Every parameter of `module` (and its children) read from the source (converted as transformers
+        converts them while loading: per-expert tensors fused)."""
+        params = list(module.named_parameters())
+        if not self.conversion:
+            for n, p in params:
+                _set(module, n, self._load(prefix + n, p))
+            return
+        stored = {s: self.source.load(s, self.device, self.dtype)
+                  for n, _ in params for s in self._stored_for.get(prefix + n, [])}
+        converted = self.conversion.convert(stored)
+        del stored
+        for n, p in params:
+            full = prefix + n
+            if full not in converted:
+                _set(module, n, self._load(full, p))
+                continue
+            t = converted.pop(full).to(device=self.device, dtype=self.dtype)
+            if tuple(t.shape) != tuple(p.shape):
+                raise SurgeryError(f"tensors {self._stored_for[full][0]!r}... convert to {full!r} of shape {list(t.shape)} "
+                                   f"but the config implies {list(p.shape)}", where=self.source.where)
+            _set(module, n, nn.Parameter(t, requires_grad=False))
 
     def empty(self, module: nn.Module) -> None:
         for n, p in list(module.named_parameters()):

@@ -24,7 +24,7 @@ from .lazy import generator
 from .ops import Exactness, Promise
 from .report import Report, StepResult
 from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
-                     WholeModel, compare, evaluate, open_source, streamable)
+                     WholeModel, compare, converted_on_load, evaluate, open_source, streamable)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -391,7 +391,7 @@ def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.devi
                 hooks.append(mod.register_forward_hook(hook))
         return hooks
 
-    if not streamable(source.config):  # T5, mixture of experts: run whole, every linear watched
+    if not streamable(source.config):  # T5: run whole, every linear watched
         model = WholeModel(source, device, dtype).model
         hooks = watch(model, "")
         try:
@@ -507,7 +507,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             evaluated = open_source(out_dir)
             grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
             cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
-            if streamable(evaluated.config):
+            if streamable(evaluated.config) and not converted_on_load(evaluated.config):
                 dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, progress=progress)
             else:  # mixture of experts: run whole (transformers fuses the experts while loading)
                 model = WholeModel(evaluated, device, dtype).model

@@ -254,3 +254,39 @@ def test_streamed_evaluation_equals_the_whole_model_for_the_families_added_as_da
     ev = evaluate(open_source(tmp_path), ids, CPU, torch.float32)
     assert abs(ev.loss - loss) <= 1e-6 * abs(loss)
     assert float((streamed_logits(ev) - logits).abs().max()) <= 1e-5 * float(logits.abs().max())
+
+
+def moe_config(family, experts, top_k, tied, layers):
+    common = dict(vocab_size=64, hidden_size=16, head_dim=4, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=layers, num_experts_per_tok=top_k, tie_word_embeddings=tied, max_position_embeddings=64)
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=12, num_local_experts=experts, **common)
+    if family == "qwen2_moe":  # with a shared expert and its gate
+        return transformers.Qwen2MoeConfig(intermediate_size=12, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                                           num_experts=experts, norm_topk_prob=False, **common)
+    return transformers.Qwen3MoeConfig(intermediate_size=12, moe_intermediate_size=8, num_experts=experts,
+                                       norm_topk_prob=True, **common)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@settings(max_examples=3, deadline=None)
+@given(experts=st.sampled_from([3, 11]), top_k=st.integers(1, 2), tied=st.booleans(), layers=st.integers(1, 2),
+       stored=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_streamed_evaluation_fuses_each_layers_experts_as_transformers_loads_them(family, experts, top_k, tied, layers,
+                                                                                 stored, seed):
+    """Per-expert checkpoint tensors (more than 10 experts: index order, not string order) are fused
+    layer by layer and the streamed model computes what the whole stock model loaded from disk computes."""
+    cfg = moe_config(family, experts, top_k, tied, layers)
+    model = make_model(cfg, seed=seed, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.to(stored).save_pretrained(tmp)
+        assert any(".experts.1." in n for n in open_source(Path(tmp)).names())  # stored per expert
+        for dtype in (torch.float32, torch.float64):
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **runner.experts_kwargs(cfg, dtype)).eval()
+            loss, logits = whole(reloaded, ids)
+            ev = evaluate(open_source(Path(tmp)), ids, CPU, dtype)
+            assert isinstance(ev.streamed, runner.StreamedModel)
+            assert abs(ev.loss - loss) <= 1e-6 * abs(loss)
+            eps = torch.finfo(dtype).eps
+            assert float((streamed_logits(ev) - logits).abs().max()) <= 64 * eps * float(logits.abs().max())
