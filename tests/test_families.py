@@ -39,14 +39,6 @@ WINDOWS = {
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @st.composite
 def family_models(draw, families=NEW_FAMILIES):
     family = draw(st.sampled_from(families))

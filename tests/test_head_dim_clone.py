@@ -37,15 +37,6 @@ RECIPES = str(Path(api.__file__).parent / "recipes") + "/"
 PROPERTY = settings(max_examples=15, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: OpenMP threads only contend on a shared CPU (0.5 s a forward pass instead of 1 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(family, *, heads=(4, 2), head_dim=4, layers=2, intermediate=12, tied=False, bias=True,
           qk_layernorm=False, parallel=False, seed=0):
     cfg = make_config(family, hidden_heads=heads[0], kv_heads=heads[1], head_dim=head_dim, layers=layers,
