@@ -2,7 +2,10 @@
 
 - activation (Minitron, Muralidharan et al. 2024): a unit's mean contribution to the residual stream on the
   calibration tokens. A neuron: mean |activation| (what down_proj reads) times its down_proj column norm, the
-  mean norm of what it writes. A head: the mean norm of what it writes through its own o_proj columns.
+  mean norm of what it writes. A head: the mean norm of what it writes through its own o_proj columns. Where a
+  norm sits between the block's output and the residual (OLMo 2's and Gemma's post-norms), what is written is
+  the output over its RMS, times the norm's gain: each token's activation is divided by that RMS and each
+  column weighted by the gain.
 - block_influence (ShortGPT, Men et al. 2024): 1 - the mean cosine similarity, over tokens, of the hidden
   states entering a layer (or a block of layers) and leaving it.
 - angular (Gromov et al. 2024): the mean angle between those states, over pi (their paper uses the last token;
@@ -135,21 +138,30 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
     def on_layer(i: int, layer: torch.nn.Module, prefix: str) -> list:
         if unit == "neuron":
             down = _module(layer, prefix, arch, R.MLP_DOWN, i)
-            col = down.weight.double().norm(dim=0).cpu()
+            post = _post_norm(layer, prefix, arch, R.NORM_MLP_OUT, i)
+            w = down.weight.double() * (1 if post is None else post[0][:, None])
+            col = w.norm(dim=0).cpu()
 
             def neuron_hook(m, args):
-                a = args[0].reshape(-1, args[0].shape[-1])
-                acc[i] += a.abs().double().mean(dim=0).cpu() * col
+                a = args[0].reshape(-1, args[0].shape[-1]).double()
+                if post is not None:  # what reaches the residual is the output over its RMS: weigh each token so
+                    a = a / _rms(torch.nn.functional.linear(a, m.weight.double()), post[1])[:, None]
+                acc[i] += a.abs().mean(dim=0).cpu() * col
             return [down.register_forward_pre_hook(neuron_hook)]
         if unit == "head":
             o = _module(layer, prefix, arch, R.ATTN_O, i)
+            post = _post_norm(layer, prefix, arch, R.NORM_ATTN_OUT, i)
             h, hd = spec.num_heads, spec.head_dim
 
             def head_hook(m, args):
-                a = args[0].reshape(-1, h, hd)
-                w = m.weight.reshape(m.weight.shape[0], h, hd)
+                a = args[0].reshape(-1, h, hd).double()
+                w = m.weight.double().reshape(m.weight.shape[0], h, hd)
+                scale = 1.0
+                if post is not None:
+                    w = w * post[0][:, None, None]
+                    scale = 1 / _rms(torch.nn.functional.linear(a.reshape(a.shape[0], -1), m.weight.double()), post[1])
                 for j in range(h):
-                    acc[i, j] += float(torch.nn.functional.linear(a[:, j], w[:, j]).double().norm(dim=-1).mean())
+                    acc[i, j] += float((torch.nn.functional.linear(a[:, j], w[:, j]).norm(dim=-1) * scale).mean())
             return [o.register_forward_pre_hook(head_hook)]
 
         def layer_hook(m, args, kwargs, out):
@@ -168,6 +180,19 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
         summary.append(f"{L} layers, {ids.shape[1]} tokens")
     bounds.clear()
     return acc
+
+
+def _post_norm(layer, prefix: str, arch, role: R, index: int) -> tuple[torch.Tensor, float] | None:
+    """(gain, eps) of a norm over a block's output before the residual add (OLMo 2, Gemma), or None."""
+    if role not in arch.names:
+        return None
+    norm = _module(layer, prefix, arch, role, index)
+    eps = next(getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon") if hasattr(norm, a))
+    return arch.gain(norm.weight.double()), float(eps)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x.square().mean(dim=-1) + eps).sqrt()
 
 
 # choosing ------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class PruneLayers(PruneOp):
             n = old - new
             importance = Importance(self.importance or Importance.BLOCK_INFLUENCE)
             unit = "block" if self.block and n > 1 else "layer"
-            m = self.measured(state, unit, ctx, importance, block=n)
+            m = self.measured(state, unit, ctx, importance, block=n if unit == "block" else 1)
             if m is None:
                 dropped = None
             elif unit == "block":
