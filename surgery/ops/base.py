@@ -80,7 +80,8 @@ def resolve_size(value: int | str, current: int, field_name: str) -> int:
         else:
             new = current + int(m.group(4)) * (1 if m.group(3) == "+" else -1)
     if new <= 0:
-        raise SurgeryError(f"must be positive, got {new}", loc=(field_name,))
+        relative = not isinstance(value, int) or value < 0
+        raise SurgeryError(f"must be positive, got {new}" + (f" ({value} from {current})" if relative else ""), loc=(field_name,))
     return new
 
 
