@@ -80,6 +80,15 @@ def _weights(state, calib, role: R, layer: int, kind: str = "weight") -> torch.T
     return None if node is None else evaluate(node, calib.reader, torch.device("cpu"), torch.float64)
 
 
+def _weights_of(state, calib, role: R, layer: int) -> torch.Tensor:
+    """Every weight of `role` in `layer` (one per expert in a mixture of experts), flattened and joined."""
+    from .lazy import evaluate
+
+    parts = [evaluate(node, calib.reader, torch.device("cpu"), torch.float64).flatten()
+             for name, info, node in state.items(role) if info.layer == layer and info.kind == "weight"]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
 def _magnitude(state, unit: str, calib, block: int) -> torch.Tensor:
     spec = state.spec
     rows = []
@@ -95,8 +104,9 @@ def _magnitude(state, unit: str, calib, block: int) -> torch.Tensor:
             o = _weights(state, calib, R.ATTN_O, layer).reshape(-1, h, hd).square().sum(dim=(0, 2)).sqrt()
             v = _weights(state, calib, R.ATTN_V, layer).reshape(k, hd, -1).square().sum(dim=(1, 2)).sqrt()
             s = o * v.repeat_interleave(h // k)
-        else:
-            s = torch.stack([_weights(state, calib, r, layer).square().sum() for r in (R.ATTN_O, R.MLP_DOWN)]).sum().sqrt()
+        else:  # every writer of the layer: o_proj and each expert's down_proj in a mixture of experts
+            s = sum((_weights_of(state, calib, r, layer).square().sum() for r in (R.ATTN_O, R.MLP_DOWN, R.SHARED_DOWN)),
+                    torch.zeros((), dtype=torch.float64)).sqrt()
         rows.append(s)
     out = torch.stack(rows)
     if unit == "block":  # what the block can write: its layers' together

@@ -72,9 +72,13 @@ class Report:
         out = []
         for r in self.pruning:
             b = r["random"]
-            verdict = "beats" if r["beats_random"] else "does NOT beat"
-            out.append(f"{r['op']}: by {r['importance']}, loss {r['loss']:.4f} ({r['rel_change']:+.2%}); same sizes at random "
-                       f"{b['loss']:.4f} ({b['rel_change']:+.2%}): {r['importance']} {verdict} random")
+            how = "the listed layers" if r["importance"] == "listed" else r["importance"]
+            if r["dropped"] == b.get("dropped"):
+                verdict = "the random prune dropped the same units"
+            else:
+                verdict = f"{how} {'beats' if r['beats_random'] else 'does NOT beat'} random"
+            out.append(f"{r['op']}: by {how}, loss {r['loss']:.4f} ({r['rel_change']:+.2%}); same sizes at random "
+                       f"{b['loss']:.4f} ({b['rel_change']:+.2%}): {verdict}")
         return out
 
     def to_json(self) -> str:

@@ -278,16 +278,17 @@ def pruned_rule(vocab_size: int, prune_tolerance: float | None) -> str:
             + f"; loss <= 2 ln(vocab) = {2 * math.log(vocab_size):.3f}")
 
 
-def random_baseline(p: "Plan", step) -> "ModelState":
-    """The state a prune step would leave with importance: random and the same sizes (its seeded baseline)."""
+def random_baseline(p: "Plan", step) -> tuple["ModelState", list]:
+    """The state a prune step would leave with importance: random and the same sizes (its seeded baseline),
+    and what that prune dropped."""
     from .ops import OpContext
 
     pruning = step.promise.pruning
     op = type(step.op).model_validate(pruning.random_baseline)
     pos = p.steps.index(step)
     state = (p.steps[pos - 1].state if pos else p.initial).copy()
-    op.apply(state, OpContext(seed=p.loaded.recipe.seed, index=step.index, measure=True))
-    return state
+    promise = op.apply(state, OpContext(seed=p.loaded.recipe.seed, index=step.index, measure=True))
+    return state, promise.pruning.dropped
 
 
 MAX_REPORTED_SCORES = 200_000
@@ -588,9 +589,12 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}"))
             verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
         if step.promise.pruning is not None and step.promise.pruning.importance != Importance.RANDOM:
-            base = StateSource(random_baseline(p, step), p.checkpoint, f"{label} with importance: random")
-            bcmp = compare(before.evaluation, evaluate(base, ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
-            pruning.append({"op_index": step.index, "op": step.op.label(), **baseline_row(step.promise.pruning, cmp, bcmp)})
+            base, dropped = random_baseline(p, step)
+            bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
+                                                       ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
+            row = baseline_row(step.promise.pruning, cmp, bcmp)
+            row["random"]["dropped"] = dropped
+            pruning.append({"op_index": step.index, "op": step.op.label(), **row})
         if verdict.passed is False and promise.exactness == Exactness.REINIT:
             name, gain = variance_culprit(evaluated, ids, device, dtype)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
