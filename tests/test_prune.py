@@ -248,3 +248,51 @@ def test_barely_trained_olmo2_prunes_load_cleanly_and_the_report_sets_the_random
     assert_loads_cleanly(result.output)
     assert [r["importance"] for r in result.report.pruning] == ["activation", "block_influence"]
     assert all(math.isfinite(r["random"]["loss"]) for r in result.report.pruning)
+
+
+def test_a_bf16_source_keeps_its_bits_in_every_kept_unit(tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(api.plan(_recipe(tmp_path, []), measure=False).source_dir,
+                                         dtype=torch.bfloat16).save_pretrained(src)
+    recipe = _recipe(tmp_path, [{"op": "prune_mlp", "intermediate_size": "x0.75", "importance": "random"},
+                                {"op": "prune_heads", "num_kv_heads": 1, "importance": "random"}], source=str(src))
+    result = api.run(recipe, verify=False)
+    a, b = load_file(src / "model.safetensors"), load_file(result.output / "model.safetensors")
+    mlp, heads = (s.promise.pruning for s in result.plan.steps)
+    for layer in range(2):
+        kept = [i for i in range(160) if i not in mlp.dropped[layer]]
+        down = f"model.layers.{layer}.mlp.down_proj.weight"
+        assert b[down].dtype == torch.bfloat16 and torch.equal(b[down], a[down][:, kept])
+        q = f"model.layers.{layer}.self_attn.q_proj.weight"
+        rows = [h * 16 + i for h in range(4) if h not in heads.dropped[layer] for i in range(16)]
+        assert torch.equal(b[q], a[q][rows])
+
+
+def test_a_mixture_of_experts_loses_layers_and_heads_and_still_loads_cleanly(tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = _recipe(tmp_path, [{"op": "upcycle_moe", "num_experts": 4, "top_k": 2},
+                                {"op": "prune_layers", "drop": [0]}, {"op": "prune_heads", "num_kv_heads": 1, "importance": "magnitude"}])
+    result = api.run(recipe, verify=False)
+    model = assert_loads_cleanly(result.output)
+    assert (type(model).__name__, model.config.num_hidden_layers, model.config.num_local_experts) == ("MixtralForCausalLM", 1, 4)
+    tensors = load_file(result.output / "model.safetensors")
+    source = load_file(api.plan(_recipe(tmp_path, []), measure=False).source_dir / "model.safetensors")
+    assert torch.equal(tensors["model.layers.0.block_sparse_moe.experts.3.w2.weight"], source["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_plan_measure_on_the_command_line_lists_the_dropped_units(tmp_path, capsys):
+    from surgery.cli import main
+
+    recipe = _recipe(tmp_path, [{"op": "prune_heads", "num_heads": 2}])
+    assert main(["plan", str(recipe), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 of 4 heads per layer (by activation on 2048 calibration tokens)" in out and "layer 1:" in out
+
+
+def _recipe(tmp_path, ops, source="builtin:tiny-llama"):
+    recipe = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+    recipe.write_text(json.dumps({"name": "p", "source": source, "output": str(tmp_path / recipe.stem), "ops": ops}))
+    return recipe
