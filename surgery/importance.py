@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import TensorRole as R
+from .errors import SurgeryError
 from .lazy import generator
 
 
@@ -66,7 +67,12 @@ def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Me
         raise AssertionError("measuring importance needs the calibration (reader, tokens)")
     if importance == Importance.MAGNITUDE:
         return Measurement(unit, importance, _magnitude(state, unit, calib, block))
-    ids = calib.ids()
+    try:
+        ids = calib.ids()
+    except SurgeryError as e:
+        raise SurgeryError(f"importance {importance.value} runs the model on calibration tokens, and {e.message.split(';')[0]}; "
+                           "set verify.data (a text file, a dataset, or random), or use importance: magnitude or random",
+                           loc=("importance",)) from None
     return Measurement(unit, importance, _streamed(state, unit, importance, calib, ids, block), int(ids.shape[1]))
 
 

@@ -296,3 +296,18 @@ def _recipe(tmp_path, ops, source="builtin:tiny-llama"):
     recipe = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
     recipe.write_text(json.dumps({"name": "p", "source": source, "output": str(tmp_path / recipe.stem), "ops": ops}))
     return recipe
+
+
+def test_measured_importance_without_a_tokenizer_says_to_set_verify_data_and_runs_on_random_ids(tmp_path, capsys):
+    from surgery.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (src / f).write_bytes((api.plan(_recipe(tmp_path, []), measure=False).source_dir / f).read_bytes())
+    recipe = _recipe(tmp_path, [{"op": "prune_mlp", "intermediate_size": "x0.75"}], source=str(src))
+    assert main(["run", str(recipe), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "importance activation runs the model on calibration tokens" in err and "set verify.data" in err
+    assert main(["run", str(recipe), "--set", "verify.data=random", "--set", "verify.max_tokens=64"]) == 0
+    assert "activation" in (tmp_path / recipe.stem / "surgery_report.md").read_text()
