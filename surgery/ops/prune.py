@@ -38,9 +38,11 @@ class Pruning:
         if self.unit in ("layer", "block"):
             return [f"dropped layers {self.dropped} of {self.of} (by {how})"]
         out = [f"dropped {self.of - self.kept_per_layer} of {self.of} {self.unit}s per layer (by {how}):"]
-        for layer, d in enumerate(self.dropped):
+        for layer, d in enumerate(self.dropped[:limit]):
             shown = ", ".join(map(str, d[:limit])) + (f", ... ({len(d)} in all)" if len(d) > limit else "")
             out.append(f"  layer {layer}: {shown}")
+        if len(self.dropped) > limit:
+            out.append(f"  ... and {len(self.dropped) - limit} more layers (the report lists every one)")
         return out
 
 
