@@ -540,7 +540,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     vocab = p.initial.spec.vocab_size
     ref = measure_reference("source", CheckpointSource(p.checkpoint, str(p.source_dir)), ids, device, dtype, storage, progress)
     source = ref
-    reinits = [s.index for s in p.steps if s.promise.exactness in RESETS]  # each a new reference
+    resets = [s.index for s in p.steps if s.promise.exactness in RESETS]  # each a new reference
     steps: list[StepResult] = []
     pruning: list[dict] = []
     dead: list[dict] = []
@@ -548,12 +548,12 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     final = None
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
-        new_reference = step.index in reinits and not last
+        new_reference = step.index in resets and not last
         # the state a reinit is about to replace closes what was promised against the previous reference
-        closes = last or p.steps[i + 1].index in reinits
+        closes = last or p.steps[i + 1].index in resets
         if not (v.per_op or closes or new_reference):
             continue
-        since = max((r for r in reinits if r < step.index), default=None)
+        since = max((r for r in resets if r < step.index), default=None)
         promise = step.cumulative if since is None else _promise_after(p, since, step)
         before = ref
         label = f"ops[{step.index}] {step.op.op}"
