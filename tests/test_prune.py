@@ -195,6 +195,16 @@ def test_activation_prune_of_a_trained_model_loads_cleanly_and_loses_less_than_t
     assert "same sizes at random" in report and "Dropped by" in report
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_block_influence_drops_layers_of_the_deep_trained_model_at_less_loss_than_the_seeded_random_drop(count, tmp_path):
+    result = run(tmp_path, "tiny-llama-deep", [{"op": "prune_layers", "num_layers": -count}])
+    model = assert_loads_cleanly(result.output)
+    assert model.config.num_hidden_layers == 8 - count
+    (row,) = result.report.pruning
+    assert row["importance"] == "block_influence" and len(row["dropped"]) == count and len(row["scores"]) == 8
+    assert row["loss"] < row["random"]["loss"], row
+
+
 def test_a_plan_says_data_driven_choices_are_made_at_run_time_and_its_tensors_cannot_be_evaluated(tmp_path):
     from surgery.execute import materialize
 
