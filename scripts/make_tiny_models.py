@@ -134,6 +134,16 @@ def make_config(name: str):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             tie_word_embeddings=False,
         )
+    if name == "tiny-llama-deep":
+        return LlamaConfig(
+            **{**COMMON, "num_hidden_layers": 8},
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+        )
     if name == "tiny-mistral-hf":
         return MistralConfig(
             **COMMON,
@@ -200,6 +210,8 @@ DESCRIPTIONS = {
     "sliding (512) then full, TIED (30 training steps, embedding offset)",
     "tiny-qwen3": "Qwen3 architecture: RMSNorm, per-head q_norm/k_norm, GQA (4 / 2 kv heads), head_dim 32 "
     "independent of hidden / heads, TIED embeddings (60 training steps)",
+    "tiny-llama-deep": "tiny-llama with 8 decoder layers instead of 2: a trained model deep enough to show "
+    "layer pruning (dropping 1-2 of 8 layers) and MLP/head pruning",
 }
 
 # per-model training schedule
@@ -216,6 +228,9 @@ TRAIN = {
     "tiny-phi3": dict(steps=30, lr=3e-3),
     "tiny-gemma2": dict(steps=30, lr=3e-3),
     "tiny-gemma3": dict(steps=30, lr=3e-3),
+    # last, so that SEED + index leaves every earlier model's seed as it was; 300 steps land it in the
+    # same loss range as tiny-llama (400 memorise the text: loss 0.22) in under 3 minutes of CPU
+    "tiny-llama-deep": dict(steps=300, lr=3e-3),
 }
 BATCH = 8
 WINDOW = 256
@@ -385,7 +400,7 @@ def write_readme(results: dict) -> None:
         "on `python-license.txt` (the Python license text as printed by `license()`), then",
         "trains each model with AdamW on that same text until it knows it well",
         "(loss below 1 nat/token, like a real pretrained LM on a familiar document).",
-        "All models are float32 safetensors with hidden size 64, 2 layers, 4 attention heads,",
+        "All models are float32 safetensors with hidden size 64, 2 layers (8 in `tiny-llama-deep`), 4 attention heads,",
         "intermediate size 160 and max_position_embeddings 2048, and share the tokenizer.",
         "",
         "| builtin | architecture | params | loss (first 2048 tokens of the license) |",

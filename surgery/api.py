@@ -51,14 +51,18 @@ def validate(recipe: str | Path, **overrides) -> LoadedRecipe:
     return loaded
 
 
-def plan(recipe: str | Path | LoadedRecipe, **overrides) -> Plan:
+def plan(recipe: str | Path | LoadedRecipe, *, measure: bool = False, device: str = "cpu", calibration_ids=None,
+         progress: Progress | None = None, **overrides) -> Plan:
+    """The plan: shapes, promises, the op graph. `measure`: also make the choices that need weights or data
+    (which units a prune drops), on `device`, as a run does; otherwise the plan says they are made at run time."""
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load(recipe, **overrides)
     src = loaded.recipe.source_spec
     try:
         source_dir = resolve_source(src.path, src.revision)
     except SurgeryError as e:
         raise e.located(loaded.where(("source",))) from None
-    return compile_plan(loaded, source_dir)
+    return compile_plan(loaded, source_dir, calibration_ids=calibration_ids, measure=measure,
+                        device=pick_device(device) if isinstance(device, str) else device, progress=progress)
 
 
 def run(
@@ -84,7 +88,7 @@ def run(
     if added and out_spec.format == "mistral":
         raise loaded.error(SurgeryError("Mistral's native tokenizer.model (sentencepiece) cannot take the new tokens; "
                                         "write format: hf (tokenizer.json)", loc=("output", "format")))
-    if verify:
+    if verify and (r.verify.data != "random" or added):
         text_encoder(p.source_dir)  # a tokenizer verification cannot read fails here, not after the writing
     try:
         dev = pick_device(device or r.device)
@@ -94,6 +98,8 @@ def run(
         raise loaded.error(e) from None
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
+    if any(s.promise.pruning is not None for s in p.steps):  # which units go: measured now, before any weight is written
+        p = plan(loaded, measure=True, device=dev, calibration_ids=ids, progress=show)
     with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
@@ -153,7 +159,7 @@ def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibr
     loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
     ckpt = InMemoryCheckpoint(config, disk_layout(model, dict(model.state_dict())))
-    p = compile_plan(loaded, Path("<memory>"), ckpt, calibration_ids)
+    p = compile_plan(loaded, Path("<memory>"), ckpt, calibration_ids, measure=True, device=pick_device(device))
     dev = pick_device(device)
     dtype = compute_dtype_for(p.final)
     new = model_from_tensors(p.final.spec.config, materialize(p.final, ckpt, dev, dtype), dtype, dev,

@@ -426,7 +426,7 @@ ARCHITECTURES["t5"] = Architecture(
                     "intermediate_size": "d_ff"},
     tied_aliases=("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
     ops=("reinit",),
-    ops_refusal="T5 is an encoder-decoder: surgery re-initialises and inspects it; growth ops are not implemented "
+    ops_refusal="T5 is an encoder-decoder: surgery re-initialises and inspects it; growth and prune ops are not implemented "
                 "for its two stacks and cross-attention",
     required_per_layer=(R.ATTN_Q, R.ATTN_K, R.ATTN_V, R.ATTN_O, R.MLP_UP, R.MLP_DOWN, R.NORM_ATTN, R.NORM_MLP),
     init_rules="t5",

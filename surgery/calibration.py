@@ -53,17 +53,25 @@ def router_from_states(states: torch.Tensor, num_experts: int, seed: tuple) -> t
 
 
 class Calibration:
+    """What ops that learn from data read: the source (`reader`), the calibration tokens, where to run."""
+
     def __init__(self, reader, ids: torch.Tensor | None = None, source_dir: Path | None = None, data: str | None = None,
-                 max_tokens: int = 2048):
+                 max_tokens: int = 2048, seed: int = 0, device: torch.device | None = None, progress=None):
         self.reader, self._ids, self.source_dir, self.data, self.max_tokens = reader, ids, source_dir, data, max_tokens
+        self.seed = seed
+        self.device = device or torch.device("cpu")
+        if progress is None:
+            from .runner import QUIET as progress
+        self.progress = progress
         self._rows: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def ids(self) -> torch.Tensor:
         if self._ids is None:
-            from .verify import tokenize
+            from .verify import calibration_ids
 
-            self._ids = tokenize(self.source_dir, self.data, self.max_tokens)
+            vocab = int(getattr(self.reader, "config", {}).get("vocab_size") or 0)
+            self._ids = calibration_ids(self.source_dir, self.data, self.max_tokens, vocab, self.seed)
         return self._ids
 
     def mlp_inputs(self, state) -> list[torch.Tensor]:

@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print what a recipe will do, without reading any weight")
     _overrides(p)
+    p.add_argument("--measure", action="store_true",
+                   help="also make the choices that need weights or data (which units a prune drops), as a run does")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N, for --measure (overrides the recipe)")
     p = sub.add_parser("validate", help="check a recipe against the schema")
     _overrides(p)
 
@@ -177,7 +180,11 @@ def _run(args) -> int:
         print(f"{loaded.file}: ok ({len(loaded.recipe.ops)} ops)")
         return 0
     if args.command == "plan":
-        print(format_plan(api.plan(api.load(args.recipe, **kw))))
+        from .runner import Progress
+
+        loaded = api.load(args.recipe, **kw)
+        measure = dict(measure=True, device=args.device or loaded.recipe.device, progress=Progress(True)) if args.measure else {}
+        print(format_plan(api.plan(loaded, **measure)))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=True, **kw)  # bars on a terminal, one summary line per phase always

@@ -15,13 +15,13 @@ from .calibration import Calibration
 from .errors import SurgeryError
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
-from .ops import Exactness, Op, OpContext, Promise
+from .ops import RESETS, Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
 from .state import ModelState
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
-         Exactness.REINIT: 4}
+         Exactness.PRUNED: 4, Exactness.REINIT: 5}
 
 
 @dataclass
@@ -112,10 +112,12 @@ def op_graph(ops: list[Op]) -> nx.DiGraph:
 
 
 def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint | None = None,
-                 calibration_ids=None) -> Plan:
+                 calibration_ids=None, measure: bool = False, device=None, progress=None) -> Plan:
+    """`measure`: make the choices that need the weights or data now (pruning importance), as a run does;
+    without it those are left to the run and the plan says so."""
     ckpt = checkpoint or open_checkpoint(source_dir)
     v = loaded.recipe.verify
-    calibration = Calibration(ckpt, calibration_ids, source_dir, v.data, v.max_tokens)
+    calibration = Calibration(ckpt, calibration_ids, source_dir, v.data, v.max_tokens, loaded.recipe.seed, device, progress)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe
@@ -129,7 +131,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
                                             f"{', '.join(arch.ops)}", loc=("ops", i)))
         nxt = state.copy()
         try:
-            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration,
+            promise = op.apply(nxt, OpContext(seed=recipe.seed, index=i, calibration=calibration, measure=measure,
                                                 source_dir=source_dir if source_dir.is_dir() else None))
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())

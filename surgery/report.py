@@ -53,6 +53,8 @@ class Report:
     bound: dict | None = None  # the final verdict's bound per metric (verify.Bound), and its basis
     failed: list[str] = field(default_factory=list)  # each metric beyond its bound, e.g. "max |dlogit| 8.1 > 0.35"
     noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.NoiseFloor)
+    # each prune beside the same prune with importance: random (verify.baseline_row)
+    pruning: list[dict] = field(default_factory=list)
 
     def symmetry_line(self) -> str | None:
         if not self.expert_symmetry:
@@ -64,6 +66,20 @@ class Report:
         return (f"experts: {min(x['distinct'] for x in s)}..{max(x['distinct'] for x in s)} distinct of {n} per layer, "
                 f"after one SGD step at least {lo} (router gradient >= {grad:.2e})"
                 + ("" if lo > 1 and grad > 0 else ": the experts do not separate (router zeros?)"))
+
+    def pruning_lines(self) -> list[str]:
+        """Each prune beside the same prune with importance: random."""
+        out = []
+        for r in self.pruning:
+            b = r["random"]
+            how = "the listed layers" if r["importance"] == "listed" else r["importance"]
+            if r["dropped"] == b.get("dropped"):
+                verdict = "the random prune dropped the same units"
+            else:
+                verdict = f"{how} {'beats' if r['beats_random'] else 'does NOT beat'} random"
+            out.append(f"{r['op']}: by {how}, loss {r['loss']:.4f} ({r['rel_change']:+.2%}); same sizes at random "
+                       f"{b['loss']:.4f} ({b['rel_change']:+.2%}): {verdict}")
+        return out
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -85,6 +101,7 @@ class Report:
             lines.append(f"dead slices (no gradient): {len(self.dead_slices)}")
         if self.symmetry_line():
             lines.append(self.symmetry_line())
+        lines += self.pruning_lines()
         return "\n".join(lines)
 
 
@@ -124,6 +141,11 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
     if plotted:
         lines += ["![loss per step](surgery_report.png)", ""]
         written.append("surgery_report.png")
+    if report.pruning:
+        lines += pruning_section(report)
+        if plot_importance(report, out_dir / "surgery_importance.png"):
+            lines += ["![importance per layer](surgery_importance.png)", ""]
+            written.append("surgery_importance.png")
     (out_dir / "surgery_report.md").write_text("\n".join(lines))
     return ["surgery_report.md"] + written
 
@@ -151,6 +173,64 @@ def plot_steps(report: Report, path: Path, title: str) -> bool:
     ax.set_ylabel("loss")
     ax.set_title(f"{title}: loss after each op", fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def pruning_section(report: Report, limit: int = 16) -> list[str]:
+    """Each prune beside its random baseline, and what it dropped per layer."""
+    lines = ["## Pruning: measured importance against a random prune of the same sizes", "",
+             md_row(["op", "importance", "loss", "rel. change", "KL", "top-1", "random: loss", "rel. change", "KL", "top-1"]),
+             md_row(["---"] * 10)]
+    for r in report.pruning:
+        b = r["random"]
+        lines.append(md_row([f"`{r['op']}`", r["importance"], f"{r['loss']:.6f}", f"{r['rel_change']:+.3e}",
+                             f"{r['kl_divergence']:.3e}", f"{r['top1_agreement']:.4f}", f"{b['loss']:.6f}",
+                             f"{b['rel_change']:+.3e}", f"{b['kl_divergence']:.3e}", f"{b['top1_agreement']:.4f}"]))
+    lines.append("")
+    for line in report.pruning_lines():
+        lines += [f"- {line}"]
+    lines.append("")
+    for r in report.pruning:
+        d = r["dropped"]
+        if d and isinstance(d[0], list):
+            lines.append(f"Dropped by `{r['op']}` ({r['of'] - r['kept_per_layer']} of {r['of']} {r['unit']}s per layer):")
+            lines += [f"- layer {i}: " + ", ".join(map(str, x[:limit])) + (f", ... ({len(x)} in all)" if len(x) > limit else "")
+                      for i, x in enumerate(d)]
+        else:
+            lines.append(f"Dropped by `{r['op']}`: layers {d} of {r['of']}.")
+        lines.append("")
+    return lines
+
+
+def plot_importance(report: Report, path: Path) -> bool:
+    """Per prune: each layer's scores, sorted, with the cut (neurons, heads), or the score of each layer (layers)."""
+    scores = [r for r in report.pruning if r.get("scores") is not None]
+    if not scores:
+        return False
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(6.4, 2.8 * len(scores)), dpi=100)
+    for k, r in enumerate(scores, start=1):
+        ax = fig.add_subplot(len(scores), 1, k)
+        s = r["scores"]
+        if s and isinstance(s[0], list):
+            for layer, row in enumerate(s):
+                top = max(row) or 1.0
+                ax.plot(sorted((x / top for x in row), reverse=True), linewidth=0.8, label=f"layer {layer}" if len(s) <= 8 else None)
+            ax.axvline(r["kept_per_layer"] - 0.5, color="tab:red", linestyle="--", linewidth=1, label="cut")
+            ax.set_xlabel(f"{r['unit']}s by rank (score / the layer's best)")
+        else:
+            dropped = set(r["dropped"] or []) if r["unit"] == "layer" else {(r["dropped"] or [-1])[0]}
+            ax.bar(range(len(s)), s, color=["tab:red" if i in dropped else "tab:blue" for i in range(len(s))])
+            ax.set_xlabel("layer (red: dropped)" if r["unit"] == "layer" else "first layer of the block")
+        ax.set_ylabel(r["importance"])
+        ax.set_title(r["op"], fontsize=9)
+        if s and isinstance(s[0], list) and len(s) <= 8:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return True

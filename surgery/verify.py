@@ -21,7 +21,8 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from .errors import SurgeryError
 from .gradient_flow import dead_slices, dead_units as dead_units_of
 from .lazy import generator
-from .ops import Exactness, Promise
+from .importance import Importance
+from .ops import RESETS, Exactness, Promise
 from .report import Report, StepResult
 from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
                      WholeModel, compare, converted_on_load, evaluate, open_source, streamable)
@@ -226,15 +227,17 @@ class Verdict:
 
 
 def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float, vocab_size: int,
-          rounded: bool = False) -> Verdict:
+          rounded: bool = False, prune_tolerance: float | None = None) -> Verdict:
     """Which rule applies to a step, and whether it held; `rounded`: the step's weights were
     stored in the floor's half-precision dtype."""
+    if promise.exactness == Exactness.PRUNED:
+        return judge_pruned(cmp, vocab_size, prune_tolerance)
     if promise.exactness == Exactness.REINIT:
         bound = 2 * math.log(vocab_size)
         ok = cmp.loss <= bound
         return Verdict(ok, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}",
                        [] if ok else [f"initial loss {cmp.loss:.3f} > {bound:.3f}"])
-    exact = promise.exactness in (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE, Exactness.EXACT_OLD_TOKENS)
+    exact = promise.exactness in EXACT_KINDS
     if exact:
         b, head = exact_bound(floor, rounded), promise.exactness.value
         if rounded and floor.storage_dtype is not None:
@@ -253,6 +256,74 @@ def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float
     if failed:
         rule += "; beyond: " + ", ".join(failed)
     return Verdict(not failed, rule, failed, b)
+
+
+EXACT_KINDS = (Exactness.EXACT, Exactness.EXACT_SHIPPED_CODE, Exactness.EXACT_OLD_TOKENS)
+
+
+def larger_noise(a: Comparison, b: Comparison) -> Comparison:
+    """Per metric, the larger of two measured rounding noises."""
+    return replace(a, max_logit_diff=max(a.max_logit_diff, b.max_logit_diff), mean_logit_diff=max(a.mean_logit_diff, b.mean_logit_diff),
+                   kl_divergence=max(a.kl_divergence, b.kl_divergence), top1_agreement=min(a.top1_agreement, b.top1_agreement),
+                   rel_change=a.rel_change if abs(a.rel_change) >= abs(b.rel_change) else b.rel_change)
+
+
+def judge_pruned(cmp: Comparison, vocab_size: int, prune_tolerance: float | None) -> Verdict:
+    """A prune changes the function on purpose: its loss change is measured and set beside a random prune's
+    (`random_baseline`), not bounded, unless the recipe bounds it (`verify.prune_tolerance`). The model must
+    still be a language model: its loss at most 2 ln(vocab), as after a re-initialisation."""
+    bound = 2 * math.log(vocab_size)
+    failed = [] if cmp.loss <= bound else [f"loss {cmp.loss:.3f} > 2 ln(vocab) = {bound:.3f}"]
+    if prune_tolerance is not None and not cmp.rel_change <= prune_tolerance:
+        failed.append(f"rel change {cmp.rel_change:+.3g} > {prune_tolerance:g}")
+    rule = pruned_rule(vocab_size, prune_tolerance)
+    if failed:
+        rule += "; beyond: " + ", ".join(failed)
+    return Verdict(not failed, rule, failed)
+
+
+def pruned_rule(vocab_size: int, prune_tolerance: float | None) -> str:
+    return ("pruned: loss change measured" + (f", rel change <= {prune_tolerance:g}" if prune_tolerance is not None
+                                              else " (not bounded: verify.prune_tolerance unset)")
+            + f"; loss <= 2 ln(vocab) = {2 * math.log(vocab_size):.3f}")
+
+
+def random_baseline(p: "Plan", step) -> tuple["ModelState", list]:
+    """The state a prune step would leave with importance: random and the same sizes (its seeded baseline),
+    and what that prune dropped."""
+    from .ops import OpContext
+
+    pruning = step.promise.pruning
+    op = type(step.op).model_validate(pruning.random_baseline)
+    pos = p.steps.index(step)
+    state = (p.steps[pos - 1].state if pos else p.initial).copy()
+    promise = op.apply(state, OpContext(seed=p.loaded.recipe.seed, index=step.index, measure=True))
+    return state, promise.pruning.dropped
+
+
+MAX_REPORTED_SCORES = 200_000
+
+
+def _scores(pruning) -> torch.Tensor | None:
+    return pruning.measurement.scores if pruning.measurement is not None else None
+
+
+def baseline_row(pruning, cmp: Comparison, base: Comparison) -> dict:
+    """A prune beside its random baseline, for the report."""
+    return {
+        "importance": pruning.importance.value if pruning.importance else "listed",
+        "unit": pruning.unit, "kept_per_layer": pruning.kept_per_layer, "of": pruning.of,
+        "tokens": pruning.measurement.tokens if pruning.measurement is not None else 0,
+        "dropped": pruning.dropped,
+        "loss": cmp.loss, "rel_change": cmp.rel_change, "kl_divergence": cmp.kl_divergence,
+        "top1_agreement": cmp.top1_agreement,
+        "random": {"loss": base.loss, "rel_change": base.rel_change, "kl_divergence": base.kl_divergence,
+                   "top1_agreement": base.top1_agreement, "max_logit_diff": base.max_logit_diff},
+        "beats_random": cmp.loss < base.loss,
+        # every score for the plot, up to MAX_REPORTED_SCORES numbers (a 70B model's 2.3M neuron scores: per layer min/median/max)
+        "scores": (m.tolist() if m.numel() <= MAX_REPORTED_SCORES else None) if (m := _scores(pruning)) is not None else None,
+        "score_summary": [[float(r.min()), float(r.median()), float(r.max())] for r in m] if m is not None and m.dim() == 2 else None,
+    }
 
 
 def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor:
@@ -479,34 +550,56 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     vocab = p.initial.spec.vocab_size
     ref = measure_reference("source", CheckpointSource(p.checkpoint, str(p.source_dir)), ids, device, dtype, storage, progress)
     source = ref
-    reinits = [s.index for s in p.steps if s.promise.exactness == Exactness.REINIT]
+    resets = [s.index for s in p.steps if s.promise.exactness in RESETS]  # each a new reference
     steps: list[StepResult] = []
+    pruning: list[dict] = []
     dead: list[dict] = []
     symmetry: list[dict] = []
     final = None
+    probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
+
+    def judged(promise, cmp, floor, candidate: TensorSource, evaluation: Evaluation, label: str, rounded: bool = False) -> Verdict:
+        """The verdict; an exact step beyond MARGIN x the reference's compute noise is judged again against the
+        larger of that and the candidate's own, measured: a model whose sums are wider (clone_width) rounds more
+        than its source, and the two may then differ by the sum of both roundings."""
+        verdict = judge(promise, cmp, floor, v.tolerance, vocab, rounded=rounded, prune_tolerance=v.prune_tolerance)
+        if verdict.passed is not False or promise.exactness not in EXACT_KINDS:
+            return verdict
+        own = compare(evaluation, evaluate(candidate, ids, device, probe_dtype, progress,
+                                           f"noise floor: {label} in {_name(probe_dtype)}"))
+        if not own.max_logit_diff > floor.compute.max_logit_diff:
+            return verdict
+        second = judge(promise, cmp, replace(floor, compute=larger_noise(floor.compute, own)), v.tolerance, vocab,
+                       rounded=rounded, prune_tolerance=v.prune_tolerance)
+        second.rule += f" (its own {_name(dtype)} noise, measured, exceeds the reference's)"
+        return second
+
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
-        new_reference = step.index in reinits and not last
+        new_reference = step.index in resets and not last
         # the state a reinit is about to replace closes what was promised against the previous reference
-        closes = last or p.steps[i + 1].index in reinits
+        closes = last or p.steps[i + 1].index in resets
         if not (v.per_op or closes or new_reference):
             continue
-        since = max((r for r in reinits if r < step.index), default=None)
-        promise = step.cumulative if since is None or step.index in reinits else _promise_after(p, since, step)
+        since = max((r for r in resets if r < step.index), default=None)
+        promise = step.cumulative if since is None else _promise_after(p, since, step)
+        before = ref
         label = f"ops[{step.index}] {step.op.op}"
         if last and v.per_op and storage is not None:  # the exact math, judged at float precision before storage rounds it
-            cmp = compare(ref.evaluation, evaluate(StateSource(step.state, p.checkpoint, f"after {label}"), ids, device, dtype,
-                                                   progress, f"evaluating {label} before {_name(storage)} rounding"))
-            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
-            if promise.exactness == Exactness.APPROXIMATE:
-                verdict = Verdict(None, "approximate: judged on the written output", [], verdict.bound)
+            exact_math = StateSource(step.state, p.checkpoint, f"after {label}")
+            ev = evaluate(exact_math, ids, device, dtype, progress, f"evaluating {label} before {_name(storage)} rounding")
+            cmp = compare(ref.evaluation, ev)
+            verdict = judged(promise, cmp, ref.floor, exact_math, ev, label)
+            if promise.exactness in (Exactness.APPROXIMATE, Exactness.PRUNED):
+                verdict = Verdict(None, f"{promise.exactness.value}: judged on the written output", [], verdict.bound)
             steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss, cmp.rel_change,
                                     cmp.max_logit_diff, promise.exactness.value, verdict.rule, verdict.passed, step.index,
                                     cmp.kl_divergence, cmp.top1_agreement, ref.label))
         if last:
             evaluated = open_source(out_dir)
             grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
-            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, "evaluating output"))
+            ev = evaluate(evaluated, ids, device, dtype, progress, "evaluating output")
+            cmp = compare(ref.evaluation, ev)
             if streamable(evaluated.config) and not converted_on_load(evaluated.config):
                 dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, progress=progress)
             else:  # mixture of experts: run whole (transformers fuses the experts while loading)
@@ -514,16 +607,24 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                 dead = whole_model_dead_slices(model, grad_ids, p.final.output_slices())
                 symmetry = expert_symmetry(model, ids)
                 del model
-            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None)
+            verdict = judged(promise, cmp, ref.floor, evaluated, ev, "output", rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
             ref = measure_reference(label, evaluated, ids, device, dtype, storage, progress)
-            cmp = compare(source.evaluation, ref.evaluation)
-            verdict = judge(promise, cmp, source.floor, v.tolerance, vocab)
+            cmp = compare(before.evaluation, ref.evaluation)
+            verdict = judge(promise, cmp, before.floor, v.tolerance, vocab, prune_tolerance=v.prune_tolerance)
         else:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
-            cmp = compare(ref.evaluation, evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}"))
-            verdict = judge(promise, cmp, ref.floor, v.tolerance, vocab)
+            ev = evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}")
+            cmp = compare(ref.evaluation, ev)
+            verdict = judged(promise, cmp, ref.floor, evaluated, ev, label)
+        if step.promise.pruning is not None and step.promise.pruning.importance != Importance.RANDOM:
+            base, dropped = random_baseline(p, step)
+            bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
+                                                       ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
+            row = baseline_row(step.promise.pruning, cmp, bcmp)
+            row["random"]["dropped"] = dropped
+            pruning.append({"op_index": step.index, "op": step.op.label(), **row})
         if verdict.passed is False and promise.exactness == Exactness.REINIT:
             name, gain = variance_culprit(evaluated, ids, device, dtype)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
@@ -531,10 +632,12 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
         steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff, promise.exactness.value,
                                 verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
-                                ref.label if not new_reference else source.label))
+                                before.label))
         if last:
             final = (cmp, verdict)
+            final_reference = before.label
     if final is None:  # no ops: a plain copy
+        final_reference = ref.label
         cmp = compare(ref.evaluation, evaluate(open_source(out_dir), ids, device, dtype, progress, "evaluating output"))
         final = (cmp, judge(p.promise, cmp, ref.floor, v.tolerance, vocab, rounded=storage is not None))
     cmp, verdict = final
@@ -557,7 +660,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
         precision=_name(dtype) + (f" compute, rounded weights stored as {_name(storage)} (judged against measured "
                                   f"{_name(storage)} rounding noise)" if storage else ""),
-        steps=steps, broken_by=broken, dead_slices=dead, expert_symmetry=symmetry, reference=ref.label,
+        steps=steps, broken_by=broken, dead_slices=dead, expert_symmetry=symmetry, reference=final_reference,
+        pruning=pruning,
         bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
         noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
     )
@@ -568,12 +672,19 @@ def planned_rule(p: Plan) -> str:
     v = p.loaded.recipe.verify
     storage = half_storage(p)
     noise = "float32 evaluation" + (f", one {HALF[storage]} rounding of every weight" if storage else "")
-    reinit_at = max((s.index for s in p.steps if s.promise.exactness == Exactness.REINIT), default=None)
+    resets = [s for s in p.steps if s.promise.exactness in RESETS]
     promise, parts = p.promise, []
+    for r in resets:
+        if r.promise.exactness == Exactness.REINIT:
+            parts.append(f"ops[{r.index}] reinit: initial loss <= 2 ln(vocab) = {2 * math.log(p.initial.spec.vocab_size):.3f}")
+        else:
+            parts.append(f"ops[{r.index}] {r.op.op}: " + pruned_rule(p.initial.spec.vocab_size, v.prune_tolerance)
+                         + (", beside the same prune with importance: random" if r.op.model_dump().get("importance") != "random"
+                            else ""))
+    reinit_at = resets[-1].index if resets else None
     if reinit_at is not None:
-        parts.append(f"ops[{reinit_at}] reinit: initial loss <= 2 ln(vocab) = {2 * math.log(p.initial.spec.vocab_size):.3f}")
         if reinit_at == p.steps[-1].index:
-            return parts[0]
+            return "; ".join(parts)
         promise = _promise_after(p, reinit_at, p.steps[-1])
     against = f"the state after ops[{reinit_at}]" if reinit_at is not None else "the source"
     if promise.exactness == Exactness.APPROXIMATE:
@@ -615,7 +726,7 @@ def _promise_after(p: Plan, start: int, step) -> Promise:
     from .plan import cumulative_promise
 
     pr = cumulative_promise([s.promise for s in p.steps if start < s.index <= step.index], step.state.spec)
-    return Promise(pr.exactness, f"relative to the state after ops[{start}] reinit: {pr.reason}")
+    return Promise(pr.exactness, f"relative to the state after ops[{start}] {p.steps[start].op.op}: {pr.reason}")
 
 
 def tokenizer_problems(out_dir: Path, added: list[dict] | None) -> list[str]:

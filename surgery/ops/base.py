@@ -24,6 +24,12 @@ class Exactness(str, enum.Enum):
     EXACT_OLD_TOKENS = "exact on the old tokens"
     APPROXIMATE = "approximate"  # the function moves; verified against the recipe tolerance
     REINIT = "re-initialisation"  # the function is replaced on purpose; checked by initial loss
+    # units removed on purpose: the loss change is measured and set beside a seeded random prune's, not bounded
+    PRUNED = "pruned"
+
+
+# Ops after which the model is a new reference: later ops promise relative to the state they leave.
+RESETS = (Exactness.REINIT, Exactness.PRUNED)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Promise:
     exactness: Exactness
     reason: str
     notes: list[str] = field(default_factory=list)
+    pruning: "object | None" = None  # a prune's choice (surgery.ops.prune.Pruning), for the plan and the report
 
 
 @dataclass
@@ -39,6 +46,9 @@ class OpContext:
     index: int  # position of the op in the recipe, part of every random draw's seed
     source_dir: Path | None = None  # the source checkpoint's folder (its tokenizer); None for a model in memory
     calibration: object | None = None  # surgery.calibration.Calibration, for ops that learn from data
+    # Measure data-driven choices (pruning importance) now; False while only planning (`surgery plan`):
+    # those choices are then made when the run starts, before any weight is written.
+    measure: bool = False
 
     def seed_parts(self, *parts) -> tuple:
         return (self.seed, self.index, *parts)
@@ -49,28 +59,29 @@ class Init(str, enum.Enum):
     TRAINABLE = "trainable"  # readers drawn from the source tensor's statistics, writers zero
 
 
-_SIZE = re.compile(r"^\s*(?:(x)\s*(\d+(?:\.\d+)?)|([+])\s*(\d+))\s*$")
+_SIZE = re.compile(r"^\s*(?:(x)\s*(\d+(?:\.\d+)?)|([+-])\s*(\d+))\s*$")
 
 
 def resolve_size(value: int | str, current: int, field_name: str) -> int:
-    """An absolute int, or relative: "x1.25" (multiply) / "+8" (add)."""
+    """An absolute int, or relative: "x1.25" (multiply) / "+8" (add) / "-8" (remove)."""
     if isinstance(value, bool):
         raise SurgeryError("must be an integer or a relative size like 'x1.25' or '+8'", loc=(field_name,))
     if isinstance(value, int):
-        new = value
+        new = current + value if value < 0 else value  # YAML reads an unquoted -8 as an int: "remove 8"
     else:
         m = _SIZE.match(value)
         if not m:
-            raise SurgeryError(f"{value!r} is not a size: use an integer, 'xFACTOR' or '+N'", loc=(field_name,))
+            raise SurgeryError(f"{value!r} is not a size: use an integer, 'xFACTOR', '+N' or '-N'", loc=(field_name,))
         if m.group(1):
             exact = current * float(m.group(2))
             new = round(exact)
             if abs(exact - new) > 1e-9:
                 raise SurgeryError(f"{value} of {current} is {exact:g}, not an integer", loc=(field_name,))
         else:
-            new = current + int(m.group(4))
+            new = current + int(m.group(4)) * (1 if m.group(3) == "+" else -1)
     if new <= 0:
-        raise SurgeryError(f"must be positive, got {new}", loc=(field_name,))
+        relative = not isinstance(value, int) or value < 0
+        raise SurgeryError(f"must be positive, got {new}" + (f" ({value} from {current})" if relative else ""), loc=(field_name,))
     return new
 
 

@@ -43,6 +43,8 @@ class VerifySpec(Strict):
     max_tokens: int = Field(2048, gt=1)
     tolerance: float = Field(1e-4, ge=0, description="approximate recipes: largest |relative loss change| (either way) and next-token KL / source loss accepted; exact ones are judged against measured rounding noise")
     per_op: bool = True
+    prune_tolerance: Optional[float] = Field(None, ge=0, description="prune ops: largest relative loss increase accepted; "
+                                             "unset: measured and set beside a random prune's, not judged")
 
 
 class Recipe(Strict):
