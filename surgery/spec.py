@@ -258,3 +258,14 @@ class ModelSpec:
             types = self.config.get(f)
             if isinstance(types, list) and len(types) == old:
                 self.config[f] = [types[j] for j in origin]
+        self._sync_max_window_layers()
+
+    def _sync_max_window_layers(self) -> None:
+        """Qwen2/Qwen3's `max_window_layers` (layers below it attend fully) restated from the layer types, where
+        they still have that form, so that a reader deriving the types from it (transformers 4.x) gets the same."""
+        types = self.config.get("layer_types")
+        if "max_window_layers" not in self.config or not isinstance(types, list):
+            return
+        full = next((i for i, t in enumerate(types) if t != "full_attention"), len(types))
+        if all(t != "full_attention" for t in types[full:]):
+            self.config["max_window_layers"] = full
