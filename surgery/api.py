@@ -100,7 +100,8 @@ def run(
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     if any(s.promise.pruning is not None for s in p.steps):  # which units go: measured now, before any weight is written
         p = plan(loaded, measure=True, device=dev, calibration_ids=ids, progress=show)
-    with AtomicOutput(Path(out_spec.path), force, p.source_dir) as tmp:
+    atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir)
+    with atomic as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
             reader = SourceDigest(p.checkpoint)  # hashes the source as the writer reads it
@@ -128,7 +129,8 @@ def run(
             write_report_files(tmp, report, loaded.recipe.name)
         write_model_card(loaded, p, tmp, report, surgery_seconds)
         write_report(tmp, report, surgery_seconds, written)
-    return RunResult(Path(out_spec.path), p, report)
+        atomic.keep_previous = report is not None and not report.passed  # --force never replaces an output by a failed one
+    return RunResult(atomic.written_to, p, report)
 
 
 def prepare_verification(p: Plan):

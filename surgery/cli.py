@@ -196,8 +196,10 @@ def finish(result, what: str = "") -> int:
     if result.report is not None:
         print(result.report.table(width=terminal_width()))
     if result.report is not None and not result.report.passed:
+        kept = (f"; the previous output at {result.output.with_name(result.output.name[:-len('.failed')])} is untouched"
+                if result.output.name.endswith(".failed") else "")
         raise VerificationFailed(f"verification failed: {result.report.rule}; the output is kept at {result.output} "
-                                 f"for inspection, not verified (its README.md and surgery_report.md say FAILED)")
+                                 f"for inspection, not verified (its README.md and surgery_report.md say FAILED){kept}")
     print(f"wrote {result.output}{what}" + ("" if result.report is not None else " (not verified: --no-verify)"))
     return 0
 

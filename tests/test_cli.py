@@ -349,3 +349,16 @@ def test_inspect_plot_into_a_missing_directory_is_refused_before_any_work(tmp_pa
     captured = capsys.readouterr()
     assert captured.out == "" and "does not exist" in one_error_line(captured.err)
     assert not target.parent.exists()
+
+
+def test_force_never_replaces_an_output_by_one_whose_verification_failed(tmp_path, capsys):
+    out = tmp_path / "o"
+    good = ["run", "article_solution1", "--source", "builtin:tiny-stablelm", "--output", str(out), *TINY_RUN]
+    assert main([*good, "--set", "verify.tolerance=1"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*good, "--force", "--set", "verify.tolerance=0", "--set", "verify.per_op=false"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"the output is kept at {out}.failed for inspection" in line and f"the previous output at {out} is untouched" in line
+    assert (out / "model.safetensors").read_bytes() == before and json.loads((out / "surgery_report.json").read_text())["passed"]
+    assert json.loads((tmp_path / "o.failed" / "surgery_report.json").read_text())["passed"] is False

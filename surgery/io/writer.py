@@ -286,6 +286,10 @@ class AtomicOutput:
             if any(self.target.iterdir()) and not force:
                 raise SurgeryError("output directory is not empty; pass --force to replace it", where=str(self.target))
         self.tmp: Path | None = None
+        # Set when the finished output must not replace what is there (a run whose verification failed):
+        # it then goes to `<target>.failed` and the previous output stays.
+        self.keep_previous = False
+        self.written_to = self.target
 
     def __enter__(self) -> Path:
         parent = self.target.parent
@@ -308,8 +312,13 @@ class AtomicOutput:
                     what += f" ({exc.filename})"
                 raise SurgeryError(f"cannot write the output: {what}; nothing was written", where=str(self.target)) from None
             return
+        if self.keep_previous and self.target.exists() and any(self.target.iterdir()):
+            self.written_to = self.target.with_name(f"{self.target.name}.failed")
         try:
-            if self.target.exists():
+            if self.written_to != self.target:
+                shutil.rmtree(self.written_to, ignore_errors=True)
+                os.rename(self.tmp, self.written_to)
+            elif self.target.exists():
                 old = self.target.with_name(f"{TMP_PREFIX}{self.target.name}-{os.getpid()}-old")
                 os.rename(self.target, old)
                 try:
