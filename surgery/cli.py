@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
                    "recipes and SURGERY_RECIPES_PATH)")
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME...]",
                    help="check only these recipes (repeatable, or comma-separated)")
+    p.add_argument("--source-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="run each recipe on a copy of its test source stored in this dtype (as real releases are)")
 
     for register in _extensions():
         register(sub)
@@ -168,7 +170,7 @@ def _run(args) -> int:
         if args.only and not names:
             raise SurgeryError("give recipe names, e.g. --only stablelm_grow,llama_grow_mlp", where="--only")
         results = check_library([args.library_dir] if args.library_dir else None, names or None,
-                                own_only=bool(args.library_dir))
+                                own_only=bool(args.library_dir), source_dtype=args.source_dtype)
         print(format_results(results, terminal_width()))
         return 0 if all(r.passed for r in results) else 1
     handler = getattr(args, "func", None) or getattr(args, "handler", None)
