@@ -23,12 +23,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .arch import TensorRole as R
 from .errors import SurgeryError
-from .lazy import generator
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Importance(str, enum.Enum):
@@ -55,11 +56,15 @@ class Measurement:
 
 def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Measurement:
     """Score every unit of `state` (the model before the prune)."""
+    import torch
+
     spec = state.spec
     L = spec.num_layers
     sizes = {"neuron": spec.intermediate_size, "head": spec.num_heads}
     if importance == Importance.RANDOM:
         shape = (L, sizes[unit]) if unit in sizes else (L - block + 1,) if unit == "block" else (L,)
+        from .lazy import generator
+
         g = generator(*ctx.seed_parts("prune", unit, "random"))
         return Measurement(unit, importance, torch.rand(shape, generator=g, dtype=torch.float64))
     calib = ctx.calibration
@@ -79,6 +84,8 @@ def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Me
 # weights only --------------------------------------------------------------------------------
 
 def _weights(state, calib, role: R, layer: int, kind: str = "weight") -> torch.Tensor | None:
+    import torch
+
     from .lazy import evaluate
 
     name = state.spec.arch.parameter_name(role, kind, layer)
@@ -88,6 +95,8 @@ def _weights(state, calib, role: R, layer: int, kind: str = "weight") -> torch.T
 
 def _weights_of(state, calib, role: R, layer: int) -> torch.Tensor:
     """Every weight of `role` in `layer` (one per expert in a mixture of experts), flattened and joined."""
+    import torch
+
     from .lazy import evaluate
 
     parts = [evaluate(node, calib.reader, torch.device("cpu"), torch.float64).flatten()
@@ -96,6 +105,8 @@ def _weights_of(state, calib, role: R, layer: int) -> torch.Tensor:
 
 
 def _magnitude(state, unit: str, calib, block: int) -> torch.Tensor:
+    import torch
+
     spec = state.spec
     rows = []
     for layer in range(spec.num_layers):
@@ -129,6 +140,8 @@ def _module(layer: torch.nn.Module, prefix: str, arch, role: R, index: int):
 
 
 def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor, block: int) -> torch.Tensor:
+    import torch
+
     from .execute import compute_dtype_for
     from .runner import StateSource, StreamedModel
 
@@ -215,6 +228,8 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def top(scores: torch.Tensor, k: int) -> list[int]:
     """The k highest-scoring positions, ascending (ties: the lower index wins, so choices are reproducible)."""
+    import torch
+
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return sorted(int(i) for i in order)
 

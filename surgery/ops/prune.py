@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import SurgeryError
 from ..importance import Importance, Measurement, measure
 from ..state import ModelState
@@ -46,7 +44,7 @@ class Pruning:
         return out
 
 
-def _chosen_when_run() -> torch.Tensor:
+def _chosen_when_run():
     raise AssertionError("a prune's choice is made when the run starts: compile the plan with measure=True")
 
 
@@ -65,6 +63,8 @@ def keep_axis(state: ModelState, name: str, axis: int, keep: list[int] | None, n
         state.tensors[name] = deferred(node, tuple(shape), label)
         state.new_slices = [s for s in state.new_slices if s not in slices]
         return
+    import torch
+
     assert len(keep) == new_size, (name, len(keep), new_size)
     index = torch.tensor(keep, dtype=torch.long)
     state.tensors[name] = node.map(lambda t: t.index_select(axis, index.to(t.device)), tuple(shape), label, kind="move")

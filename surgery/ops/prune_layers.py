@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
-
 from ..errors import SurgeryError
 from ..importance import Importance, top
 from ..state import ModelState
@@ -52,7 +50,7 @@ class PruneLayers(PruneOp):
             if m is None:
                 dropped = None
             elif unit == "block":
-                start = int(torch.argmin(m.scores))  # ties: the earliest block
+                start = int(m.scores.argmin())  # ties: the earliest block
                 dropped = list(range(start, start + n))
             else:
                 kept = top(m.scores, new)
