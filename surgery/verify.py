@@ -29,6 +29,7 @@ from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, 
 
 if TYPE_CHECKING:
     from .plan import Plan
+    from .state import ModelState
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # An exact step is judged against rounding noise measured on its reference (see NoiseFloor): the
