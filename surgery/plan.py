@@ -15,7 +15,7 @@ from .calibration import Calibration
 from .errors import SurgeryError
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
-from .ops import RESETS, Exactness, Op, OpContext, Promise
+from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
 from .state import ModelState
