@@ -21,6 +21,17 @@ on both sides of a product: a saddle it never leaves.
 
 Cost: one streamed forward on `max_tokens` tokens, plus one backward of each module that holds a
 new slice, one module in memory at a time; never a whole-model backward.
+
+Mixture-of-experts layers hold their experts fused (transformers 5 converts the per-expert checkpoint
+tensors while loading); a layer's gradients are put back into the checkpoint's layout by
+transformers' own reverse conversion before new slices, named per stored expert tensor, are judged.
+
+`expert_symmetry` asks the same kind of question of upcycled experts, per layer: are they distinct,
+does the router get gradient, and do they separate after one step? Identical experts under a
+renormalised router make the layer's output independent of the router, so its Jacobian there is
+zero and every cotangent gives it zero gradient; they separate only if routing weighs them
+differently per token, which a step on a random cotangent shows as a step on the true one does.
+The gradient norms reported are a random cotangent's (their scale is not the loss's; zero is zero).
 """
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ import torch
 from torch import nn
 
 from .lazy import generator
-from .runner import QUIET, Progress, StreamedModel, TensorSource, converted_on_load, model_source, streamable
+from .runner import QUIET, Progress, StreamedModel, TensorSource, disk_layout, model_source, streamable
 
 
 def dead_units(grads: dict[str, torch.Tensor | None], slices, indices, prefix: str) -> dict[int, int]:
@@ -65,9 +76,11 @@ def _local_gradients(module: nn.Module, run, seed_name: str) -> dict[str, torch.
     return dict(zip(params, grads))
 
 
-def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int], lr: float) -> dict[int, int]:
+def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int], lr: float, layout=None) -> dict[int, int]:
+    """`layout` puts the module's gradients (named relative to it) under the checkpoint's names (fused experts)."""
+    layout = layout or (lambda grads: grads)
     grads = _local_gradients(module, run, prefix)
-    dead = dead_units(grads, slices, indices, prefix)
+    dead = dead_units(layout(grads), slices, indices, prefix)
     if not dead:
         return {}
     params = dict(module.named_parameters())
@@ -77,7 +90,7 @@ def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int
             if grads[n] is not None:
                 p -= lr * grads[n]
     try:
-        again = dead_units(_local_gradients(module, run, prefix), slices, list(dead), prefix)
+        again = dead_units(layout(_local_gradients(module, run, prefix)), slices, list(dead), prefix)
     finally:
         with torch.no_grad():
             for n, p in params.items():
@@ -95,8 +108,8 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
     if not slices:
         return []
     config = source.config.to_dict() if isinstance(source, nn.Module) else source.config
-    if not streamable(config) or converted_on_load(config):
-        raise ValueError("a model that does not stream (T5, mixture of experts): use verify.whole_model_dead_slices")
+    if not streamable(config):
+        raise ValueError("a model that does not stream (T5): use verify.whole_model_dead_slices")
     attn = None
     if isinstance(source, nn.Module):
         p = next(source.parameters())
@@ -109,6 +122,15 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
 
     def check(module: nn.Module, prefix: str) -> list:
         names = {n for n, _ in module.named_parameters()}
+        converted = bool(sm.conversion) and module in sm.layers  # fused experts: judged per stored expert tensor
+        if converted:
+            names = names | {n[len(prefix):] for n in sm._stored_for_layer(prefix)}
+
+        def layout(grads):
+            if not converted:
+                return grads
+            full = disk_layout(sm.model, {prefix + n: g for n, g in grads.items() if g is not None})
+            return {n[len(prefix):]: g for n, g in full.items()}
         mine = [i for i, s in enumerate(slices) if s.tensor.startswith(prefix) and s.tensor[len(prefix):] in names]
         if not mine:
             return []
@@ -119,7 +141,7 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
                 return
             busy[0] = True
             try:
-                dead.update(_judge_module(mod, lambda: mod(*args, **kwargs), prefix, slices, mine, lr))
+                dead.update(_judge_module(mod, lambda: mod(*args, **kwargs), prefix, slices, mine, lr, layout))
             finally:
                 busy[0] = False
 
@@ -143,3 +165,78 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
         summary.append(f"{len(slices)} new slice(s), {len(dead)} with dead units")
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)}
             for i, n in sorted(dead.items())]
+
+
+def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    max_tokens: int = 128, lr: float = 1e-3, progress: Progress = QUIET) -> list[dict]:
+    """Per mixture-of-experts layer: how many experts differ, and the router's gradient, before and after one SGD
+    step of that layer on a random cotangent (module docstring); one layer in memory at a time."""
+    from .arch import TensorRole as R, architecture_for
+
+    arch = architecture_for(source.config.get("model_type"))
+    if arch is None or not arch.is_moe:
+        return []
+    sm = StreamedModel(source, torch.device(device), dtype or torch.float32)
+    rows: list[dict] = []
+
+    def by_expert(tensors: dict[str, torch.Tensor]) -> tuple[dict[int, list], torch.Tensor | None]:
+        experts, router = {}, None
+        for name, t in sorted(tensors.items()):
+            info = arch.classify(name)
+            if info is None:
+                continue
+            if info.expert is not None:
+                experts.setdefault(info.expert, []).append(t)
+            elif info.role == R.MOE_ROUTER and info.kind == "weight":
+                router = t
+        return experts, router
+
+    def distinct(experts: dict[int, list]) -> int:
+        groups: list[list[torch.Tensor]] = []
+        for e in sorted(experts):
+            if not any(all(torch.equal(a, b) for a, b in zip(experts[e], g)) for g in groups):
+                groups.append(experts[e])
+        return len(groups)
+
+    busy = [False]
+
+    def on_layer(i: int, layer: nn.Module, prefix: str) -> list:
+        def pre(mod, args, kwargs):
+            if busy[0]:  # the layer run from inside this hook
+                return
+            busy[0] = True
+            try:
+                measure(mod, args, kwargs)
+            finally:
+                busy[0] = False
+
+        def measure(mod, args, kwargs):
+            params = dict(mod.named_parameters())
+            stored = lambda ts: disk_layout(sm.model, {prefix + n: t for n, t in ts.items() if t is not None})  # noqa: E731
+            run = lambda: mod(*args, **kwargs)  # noqa: E731
+            experts, _ = by_expert(stored({n: p.detach() for n, p in params.items()}))
+            grads = _local_gradients(mod, run, f"{prefix}symmetry")
+            _, router_grad = by_expert(stored(grads))
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            try:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        if grads[n] is not None:
+                            p -= lr * grads[n]
+                experts_after, _ = by_expert(stored({n: p.detach() for n, p in params.items()}))
+                _, router_after = by_expert(stored(_local_gradients(mod, run, f"{prefix}symmetry")))
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(saved[n])
+            norm = lambda g: 0.0 if g is None else float(g.norm())  # noqa: E731
+            rows.append({"layer": i, "experts": len(experts), "distinct": distinct(experts),
+                         "distinct_after_step": distinct(experts_after), "router_grad": norm(router_grad),
+                         "router_grad_after_step": norm(router_after)})
+        return [layer.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    sm.on_layer = on_layer
+    with progress.phase("expert symmetry", total=len(sm.layers)) as (bar, summary):
+        sm.hidden(ids[:, :max_tokens], bar)
+        summary.append(f"{len(rows)} layers")
+    return rows

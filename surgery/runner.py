@@ -95,7 +95,7 @@ def model_source(model) -> CheckpointSource:
     """A transformers model in memory as a tensor source (notebooks, tests)."""
     from .io.checkpoint import InMemoryCheckpoint
 
-    return CheckpointSource(InMemoryCheckpoint(model.config.to_dict(), dict(model.state_dict())), "<memory>")
+    return CheckpointSource(InMemoryCheckpoint(model.config.to_dict(), disk_layout(model, dict(model.state_dict()))), "<memory>")
 
 
 # the family's model class --------------------------------------------------------------------
@@ -234,6 +234,18 @@ def converted_on_load(config: dict) -> bool:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     return bool(get_checkpoint_conversion_mapping(config_object(config).model_type))
+
+
+def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters (or their gradients), named in full, under the names and shapes a checkpoint holds on disk:
+    transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, checkpoints store them per expert."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if not get_checkpoint_conversion_mapping(model.config.model_type):
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
 
 
 class LoadConversion:
@@ -418,6 +430,10 @@ class StreamedModel:
                      for what, v in (("missing keys", missing), ("unexpected keys", unexpected)) if v]
             raise SurgeryError(f"does not load cleanly with transformers ({'; '.join(parts)})", where=self.source.where)
         self._present = names
+
+    def _stored_for_layer(self, prefix: str) -> list[str]:
+        """The checkpoint's names of the tensors one layer loads from (per-expert tensors of fused parameters)."""
+        return [s for full, stored in self._stored_for.items() if full.startswith(prefix) for s in stored]
 
     # loading one module's tensors --------------------------------------------------------
     def _load(self, full: str, placeholder: torch.Tensor) -> nn.Parameter:

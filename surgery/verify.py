@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
-from .gradient_flow import dead_slices, dead_units as dead_units_of
+from .gradient_flow import dead_slices, dead_units as dead_units_of, expert_symmetry
 from .lazy import generator
 from .importance import Importance
 from .ops import RESETS, Exactness, Promise
 from .report import Report, StepResult
 from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
-                     WholeModel, compare, converted_on_load, evaluate, open_source, streamable)
+                     WholeModel, compare, disk_layout, evaluate, open_source, streamable)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -335,16 +334,6 @@ def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor
     return torch.cat([new, ids], dim=1)
 
 
-def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameters (or their gradients) under the names and shapes a checkpoint holds on disk:
-    transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, slices name them per expert."""
-    if not get_checkpoint_conversion_mapping(model.config.model_type):
-        return tensors
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(model, dict(tensors))
-
-
 def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
@@ -378,71 +367,6 @@ def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 
                 p.copy_(saved[n])
     model.zero_grad(set_to_none=True)
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
-
-
-def expert_symmetry(model, ids: torch.Tensor, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
-    """Per MoE layer: how many experts differ, and the router's gradient, before and after one SGD step.
-
-    Experts that start as copies of one MLP only separate if routing gives them different gradients;
-    with identical experts a renormalised router's own gradient is zero until they do. One step on
-    the calibration tokens shows whether training can leave that fixed point (the model is restored).
-    """
-    from .arch import TensorRole as R, architecture_for
-
-    arch = architecture_for(model.config.model_type)
-    if arch is None or not arch.is_moe:
-        return []
-    params = dict(model.named_parameters())
-    x = ids[:, :max_tokens].to(next(model.parameters()).device)
-
-    def by_layer(tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
-        out: dict[int, dict] = {}
-        for name, t in disk_layout(model, tensors).items():
-            info = arch.classify(name)
-            if info is None or info.layer is None:
-                continue
-            layer = out.setdefault(info.layer, {"experts": {}, "router": None})
-            if info.expert is not None:
-                layer["experts"].setdefault(info.expert, []).append((name, t))
-            elif info.role == R.MOE_ROUTER:
-                layer["router"] = t
-        return out
-
-    def distinct(experts: dict[int, list]) -> int:
-        groups: list[list[torch.Tensor]] = []
-        for e in sorted(experts):
-            ts = [t for _, t in sorted(experts[e], key=lambda nt: nt[0])]
-            if not any(all(torch.equal(a, b) for a, b in zip(ts, g)) for g in groups):
-                groups.append(ts)
-        return len(groups)
-
-    def router_grads() -> dict[int, float]:
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            model(input_ids=x, labels=x).loss.backward()
-        grads = by_layer({n: p.grad for n, p in params.items() if p.grad is not None})
-        return {i: float(v["router"].norm()) if v["router"] is not None else 0.0 for i, v in grads.items()}
-
-    before = by_layer({n: p.detach() for n, p in params.items()})
-    counts_before = {i: distinct(v["experts"]) for i, v in before.items()}
-    grad_before = router_grads()
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        with torch.no_grad():
-            for p in params.values():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        after = by_layer({n: p.detach() for n, p in params.items()})
-        counts_after = {i: distinct(v["experts"]) for i, v in after.items()}
-        grad_after = router_grads()
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        model.zero_grad(set_to_none=True)
-    return [{"layer": i, "experts": len(before[i]["experts"]), "distinct": counts_before[i],
-             "distinct_after_step": counts_after.get(i, 0), "router_grad": grad_before.get(i, 0.0),
-             "router_grad_after_step": grad_after.get(i, 0.0)} for i in sorted(before)]
 
 
 def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -601,13 +525,11 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
             ev = evaluate(evaluated, ids, device, dtype, progress, "evaluating output")
             cmp = compare(ref.evaluation, ev)
-            if streamable(evaluated.config) and not converted_on_load(evaluated.config):
+            if streamable(evaluated.config):
                 dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, progress=progress)
-            else:  # mixture of experts: run whole (transformers fuses the experts while loading)
-                model = WholeModel(evaluated, device, dtype).model
-                dead = whole_model_dead_slices(model, grad_ids, p.final.output_slices())
-                symmetry = expert_symmetry(model, ids)
-                del model
+                symmetry = expert_symmetry(evaluated, ids, device, dtype, progress=progress)
+            else:  # an encoder-decoder (T5) runs whole
+                dead = whole_model_dead_slices(WholeModel(evaluated, device, dtype).model, grad_ids, p.final.output_slices())
             verdict = judged(promise, cmp, ref.floor, evaluated, ev, "output", rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")

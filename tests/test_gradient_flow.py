@@ -33,3 +33,22 @@ def test_dead_check_leaves_the_weights_unchanged():
     before = {k: v.clone() for k, v in grown.state_dict().items()}
     dead_slices(grown, IDS, plan.final.new_slices)
     assert all(torch.equal(before[k], v) for k, v in grown.state_dict().items())
+
+
+def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_expert_slice_is_named():
+    """Experts fused in memory, slices named per stored expert tensor: the streamed check maps between them."""
+    from surgery.runner import disk_layout, model_from_tensors
+
+    model = make_model(make_config("mistral", intermediate=16), dtype=torch.float32)
+    moe, plan = api.transform(model, [{"op": "grow_mlp", "intermediate_size": "x2"}, {"op": "upcycle_moe", "num_experts": 4}])
+    slices = plan.final.new_slices
+    assert {s.tensor for s in slices} >= {f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)}
+    ids = torch.randint(0, 48, (1, 128), generator=torch.Generator().manual_seed(0))  # every expert gets tokens
+    assert dead_slices(moe, ids, slices) == []
+    tensors = disk_layout(moe, dict(moe.state_dict()))
+    new = next(s for s in slices if s.tensor == "model.layers.1.block_sparse_moe.experts.2.w2.weight").index
+    for w in ("w1", "w3"):  # expert 2's new neurons in layer 1 read nothing: their down columns never learn
+        tensors[f"model.layers.1.block_sparse_moe.experts.2.{w}.weight"][new] = 0
+    broken = model_from_tensors(moe.config.to_dict(), tensors, torch.float32, torch.device("cpu"))
+    dead = dead_slices(broken, ids, slices)
+    assert [(d["tensor"], d["dead"]) for d in dead] == [("model.layers.1.block_sparse_moe.experts.2.w2.weight", len(new))]
