@@ -227,15 +227,6 @@ def streamable(config: dict) -> bool:
     return decoder_only(config)
 
 
-def converted_on_load(config: dict) -> bool:
-    """Whether transformers renames or fuses this family's checkpoint tensors while loading (mixture of
-    experts): its in-memory parameters are then not the checkpoint's tensors one to one, so checks that
-    name checkpoint tensors (gradient flow of new slices, expert symmetry) run on the whole model."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return bool(get_checkpoint_conversion_mapping(config_object(config).model_type))
-
-
 def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Parameters (or their gradients), named in full, under the names and shapes a checkpoint holds on disk:
     transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, checkpoints store them per expert."""
