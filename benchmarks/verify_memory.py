@@ -65,20 +65,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the checkpoint's storage dtype")
     ap.add_argument("--code", default=str(ROOT), help="directory holding the surgery package to measure")
     ap.add_argument("--label", default="this tree")
+    ap.add_argument("--upcycle", type=int, default=0, metavar="E",
+                    help="measure upcycle_moe into E experts (Mixtral) instead of grow_mlp")
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(Path(args.code).resolve()))
     work = Path(tempfile.mkdtemp(prefix="surgery-verify-mem-"))
     try:
         size = build(work / "src", args.layers, args.hidden, args.intermediate, args.vocab, args.hidden // 64, args.dtype)
         recipe = work / "r.yaml"
-        recipe.write_text(f"name: m\nsource: {work / 'src'}\nops:\n  - op: grow_mlp\n    intermediate_size: x1.25\n"
-                          f"verify:\n  max_tokens: {args.tokens}\n")
+        op = (f"  - op: upcycle_moe\n    num_experts: {args.upcycle}\n    top_k: 2\n" if args.upcycle else
+              "  - op: grow_mlp\n    intermediate_size: x1.25\n")
+        what = f"upcycle_moe x{args.upcycle}" if args.upcycle else "grow_mlp"
+        recipe.write_text(f"name: m\nsource: {work / 'src'}\nops:\n{op}verify:\n  max_tokens: {args.tokens}\n")
         surgery = [sys.executable, "-m", "surgery"]
         rows = []
         peak, wall, _ = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--no-verify", "--force"], env, work)
-        rows.append(("`surgery run` grow_mlp, `--no-verify`", peak, wall, "-"))
+        out_gb = sum(f.stat().st_size for f in (work / "o").glob("*.safetensors")) / 1e9
+        rows.append((f"`surgery run` {what}, `--no-verify` (output {out_gb:.2f} GB)", peak, wall, "-"))
         peak, wall, rc = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--force"], env, work)
-        rows.append(("`surgery run` grow_mlp, verified", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+        rows.append((f"`surgery run` {what}, verified", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
         peak, wall, rc = measure(surgery + ["verify", str(work / "o"), "--against", str(work / "src"),
                                             "--max-tokens", str(args.tokens)], env, work)
         rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
