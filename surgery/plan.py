@@ -136,6 +136,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
+        promise.notes += nxt.spec.meta.pop("notes", [])  # what helpers shared by several ops have to say
         nxt.check_shapes(where=f"after ops[{i}] ({op.op}) [internal error]")
         _check_config(nxt.spec, loaded, i)
         promises.append(promise)

@@ -336,3 +336,18 @@ def test_reinit_hf_matches_a_freshly_constructed_transformers_model_gemma_norms_
             assert torch.equal(t, f), name
         else:
             assert abs(float(t.std()) / float(f.std()) - 1) < 0.2, name
+
+
+def test_a_bf16_gemma_whose_residual_grows_is_told_its_embedding_scale_rounds_in_bf16_execution(tmp_path):
+    from conftest import save_checkpoint
+
+    cfg = release_config("gemma2", heads=4, kv_heads=2, head_dim=8, vocab=512, tied=True, hidden=32)
+    src = save_checkpoint(make_model(cfg, seed=1, dtype=torch.bfloat16), tmp_path / "src")
+    plan = api.plan(_recipe_file(tmp_path, src, [{"op": "clone_width", "factor": 2}]))
+    assert any("sqrt(32) and sqrt(64) round differently" in n for n in plan.steps[0].promise.notes)
+
+
+def _recipe_file(tmp_path, src, ops):
+    p = tmp_path / "r.yaml"
+    p.write_text(recipe_text(src, ops))
+    return p

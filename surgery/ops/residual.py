@@ -90,6 +90,12 @@ def rescale_embedding(state: ModelState, width: int, new_width: int, op: str) ->
         return
     emb = arch.parameter_name(R.EMBED, "weight")
     f = embedding_factor(width, new_width)
+    half = str(state.tensors[emb].dtype).replace("torch.", "")
+    if half in ("bfloat16", "float16"):
+        spec.meta.setdefault("notes", []).append(
+            f"run in {half}, {arch.name} rounds its sqrt(hidden_size) embedding scale to {half}: sqrt({width}) and "
+            f"sqrt({new_width}) round differently, up to one {half} rounding of every embedding (verification runs in "
+            "float32, where the scale is exact)")
     state.tensors[emb] = scale(state.tensors[emb], f, f"{op}: embedding x sqrt({width}/{new_width}) (scaled by sqrt(hidden_size))")
     if spec.tied:
         for name, info, node in list(state.items(R.NORM_FINAL)):
