@@ -8,7 +8,6 @@ are standard safetensors (the tests read them back with `safe_open`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SurgeryError
+from ..finite import checkable, count_non_finite, tensor_non_finite
+from . import digest
 
 _ST_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -121,8 +122,8 @@ class ShardWriter:
     """One safetensors file whose layout (tensors sorted by name) is fixed up front.
 
     Tensors may arrive in any order; when they arrive in layout order (`layout_order`, as the
-    executor sends them) the file's SHA-256 is computed on the way: no second read for the report.
-    Hashing runs on two threads (per-tensor and whole-file SHA-256; hashlib releases the GIL) while
+    executor sends them) the file's digest is computed on the way: no second read for the report.
+    Hashing runs on two threads (per-tensor and whole-file BLAKE3, `io.digest`; it releases the GIL) while
     the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is copied by the
     kernel; its hashing thread reads the written bytes back from the page cache, hashes them and
     checks them finite (the check every other source tensor gets when it is read).
@@ -146,11 +147,11 @@ class ShardWriter:
         self._pwrite(memoryview(head), 0)
         self.f.truncate(self.data_start + offset)
         self.remaining = set(self.planned)
-        self.file_hash = hashlib.sha256(head)
+        self.file_hash = digest.new(head)
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
-        self.digests: dict[str, str] = {}  # tensor name -> SHA-256 of its bytes, complete after close()
-        self._tensor_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-tensor")
-        self._file_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-file")
+        self.digests: dict[str, str] = {}  # tensor name -> digest of its bytes, complete after close()
+        self._tensor_lane = ThreadPoolExecutor(1, thread_name_prefix="hash-tensor")
+        self._file_lane = ThreadPoolExecutor(1, thread_name_prefix="hash-file")
         self._unhashed: deque[tuple[str, Future, Future | None]] = deque()
 
     def _pwrite(self, view: memoryview, at: int) -> None:
@@ -159,7 +160,7 @@ class ShardWriter:
             done += os.pwrite(fd, view[done:], at + done)
 
     def write(self, name: str, data: "torch.Tensor | SourceBytes") -> None:
-        """Write one tensor's bytes at its offset; their SHA-256 lands in `digests` (recorded in the report)."""
+        """Write one tensor's bytes at its offset; their digest lands in `digests` (recorded in the report)."""
         p = self.planned[name]
         if tuple(data.shape) != p.shape or data.dtype != p.dtype:
             raise AssertionError(f"{name}: got {tuple(data.shape)} {data.dtype}, planned {p.shape} {p.dtype}")
@@ -169,13 +170,13 @@ class ShardWriter:
         if isinstance(data, SourceBytes):
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
-            tensor_job = self._tensor_lane.submit(lambda: self._hash_range(at, p.nbytes, hashlib.sha256(), finite).hexdigest())
+            tensor_job = self._tensor_lane.submit(lambda: self._hash_range(at, p.nbytes, digest.new(), finite).hexdigest())
             update = lambda h: self._hash_range(at, p.nbytes, h)  # noqa: E731
         else:
             t = data.detach().to("cpu").contiguous().reshape(-1)
             buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             self._pwrite(buf, at)
-            tensor_job = self._tensor_lane.submit(lambda: hashlib.sha256(buf).hexdigest())
+            tensor_job = self._tensor_lane.submit(digest.hexdigest, buf)
             update = lambda h: h.update(buf)  # noqa: E731
         file_job = None
         if self.hashed_to == self.offsets[name]:
@@ -217,7 +218,7 @@ class ShardWriter:
         return h
 
     def close(self) -> str | None:
-        """Finish the file; its SHA-256 when every tensor came in layout order."""
+        """Finish the file; its digest when every tensor came in layout order."""
         if self.remaining:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self.remaining)[:5]}")
         while self._unhashed:
@@ -244,11 +245,10 @@ class ShardWriter:
 
 
 def _non_finite(view: memoryview, dtype: torch.dtype) -> int:
-    """NaN/Inf count of raw bytes holding `dtype` values (min and max propagate NaN and reach +-Inf: one pass)."""
-    t = torch.frombuffer(view, dtype=dtype) if len(view) else None
-    if t is None or all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
-        return 0
-    return int((~torch.isfinite(t)).sum())
+    """NaN/Inf count of raw bytes holding `dtype` values."""
+    if checkable(dtype):
+        return count_non_finite(view, dtype)
+    return tensor_non_finite(torch.frombuffer(view, dtype=dtype)) if len(view) else 0
 
 
 def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
@@ -349,17 +349,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None) -> dict[str, str]:
-    """SHA-256 of every file of an output, read in 16 MiB blocks unless already `known`."""
+def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None,
+                 algorithm: str = digest.ALGORITHM) -> dict[str, str]:
+    """The digest of every file of an output (BLAKE3 unless told), read in 16 MiB blocks unless already `known`."""
     out = {}
     for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
         rel = str(f.relative_to(directory))
-        if known and rel in known:
-            out[rel] = known[rel]
-            continue
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        out[rel] = h.hexdigest()
+        out[rel] = known[rel] if known and rel in known else digest.file_hexdigest(f, algorithm)
     return out
