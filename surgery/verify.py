@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .errors import SurgeryError
 from .gradient_flow import dead_slices, dead_units as dead_units_of
@@ -266,6 +265,8 @@ def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor
 def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Parameters (or their gradients) under the names and shapes a checkpoint holds on disk:
     transformers 5 fuses Mixtral's and Qwen-MoE's experts in memory, slices name them per expert."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
     if not get_checkpoint_conversion_mapping(model.config.model_type):
         return tensors
     from transformers.core_model_loading import revert_weight_conversion

@@ -349,3 +349,15 @@ def test_inspect_plot_into_a_missing_directory_is_refused_before_any_work(tmp_pa
     captured = capsys.readouterr()
     assert captured.out == "" and "does not exist" in one_error_line(captured.err)
     assert not target.parent.exists()
+
+
+# --- start-up: the commands that read no weight load neither torch nor transformers ----------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "recipes/llama_grow_mlp.yaml"],
+                                  ["validate", "recipes/olmo2_grow_heads_mlp.yaml"]], ids=["help", "validate", "validate-2-ops"])
+def test_help_and_validate_import_neither_torch_nor_transformers(argv):
+    probe = ("import sys\nfrom surgery.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
