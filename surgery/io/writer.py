@@ -90,8 +90,8 @@ class SourceBytes:
     shape: tuple[int, ...]
 
 
-CHUNK = 16 << 20  # bytes a hashing thread reads back at a time
-MAX_UNHASHED = 2  # written tensors whose bytes wait for a hashing thread (bounds memory to ~2 tensors)
+CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffer it reuses
+MAX_UNHASHED = 2  # written tensors whose bytes wait for the hashing thread (bounds memory to ~2 tensors)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -123,10 +123,10 @@ class ShardWriter:
 
     Tensors may arrive in any order; when they arrive in layout order (`layout_order`, as the
     executor sends them) the file's digest is computed on the way: no second read for the report.
-    Hashing runs on two threads (per-tensor and whole-file BLAKE3, `io.digest`; it releases the GIL) while
-    the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is copied by the
-    kernel; its hashing thread reads the written bytes back from the page cache, hashes them and
-    checks them finite (the check every other source tensor gets when it is read).
+    One hashing thread computes the tensor's and the file's BLAKE3 (`io.digest`; it releases the
+    GIL) while the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is
+    copied by the kernel; the hashing thread reads the written bytes back from the page cache once,
+    feeds both digests and checks them finite (the check every other source tensor gets when it is read).
     """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
@@ -150,9 +150,9 @@ class ShardWriter:
         self.file_hash = digest.new(head)
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
         self.digests: dict[str, str] = {}  # tensor name -> digest of its bytes, complete after close()
-        self._tensor_lane = ThreadPoolExecutor(1, thread_name_prefix="hash-tensor")
-        self._file_lane = ThreadPoolExecutor(1, thread_name_prefix="hash-file")
-        self._unhashed: deque[tuple[str, Future, Future | None]] = deque()
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix="hash")  # FIFO: the file digest sees layout order
+        self._unhashed: deque[tuple[str, Future]] = deque()
+        self._chunk: memoryview | None = None  # the hashing thread's read-back buffer
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         fd, done = self.f.fileno(), 0
@@ -167,37 +167,34 @@ class ShardWriter:
         at = self.data_start + self.offsets[name]
         while len(self._unhashed) >= MAX_UNHASHED:
             self._settle_oldest()
+        file_hash = None
+        if self.hashed_to == self.offsets[name]:
+            file_hash = self.file_hash
+            self.hashed_to += p.nbytes
+        else:
+            self.hashed_to = None
         if isinstance(data, SourceBytes):
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
-            tensor_job = self._tensor_lane.submit(lambda: self._hash_range(at, p.nbytes, digest.new(), finite).hexdigest())
-            update = lambda h: self._hash_range(at, p.nbytes, h)  # noqa: E731
+            job = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite)
         else:
             t = data.detach().to("cpu").contiguous().reshape(-1)
             buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             self._pwrite(buf, at)
-            tensor_job = self._tensor_lane.submit(digest.hexdigest, buf)
-            update = lambda h: h.update(buf)  # noqa: E731
-        file_job = None
-        if self.hashed_to == self.offsets[name]:
-            file_job = self._file_lane.submit(update, self.file_hash)
-            self.hashed_to += p.nbytes
-        else:
-            self.hashed_to = None
-        self._unhashed.append((name, tensor_job, file_job))
+            job = self._lane.submit(_hash_buffer, buf, file_hash)
+        self._unhashed.append((name, job))
         self.remaining.discard(name)
 
     def _settle_oldest(self) -> None:
-        name, tensor_job, file_job = self._unhashed.popleft()
-        self.digests[name] = tensor_job.result()
-        if file_job is not None:
-            file_job.result()
+        name, job = self._unhashed.popleft()
+        self.digests[name] = job.result()
 
-    def _hash_range(self, at: int, n: int, h, finite: SourceBytes | None = None):
-        """Feed the written bytes [at, at + n) to `h`, checking them finite when `finite` names their source."""
-        buf = bytearray(min(n, CHUNK))
-        view = memoryview(buf)
-        bad = 0
+    def _hash_written(self, at: int, n: int, file_hash, finite: SourceBytes | None) -> str:
+        """The digest of the written bytes [at, at + n), read back once: they also feed `file_hash` (when
+        in layout order) and are checked finite when `finite` names their source."""
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(CHUNK))
+        view, h, bad = self._chunk, digest.new(), 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(at)
             done = 0
@@ -209,13 +206,15 @@ class ShardWriter:
                         raise SurgeryError("output shard shorter than planned", where=str(self.path))
                     got += k
                 h.update(view[:want])
+                if file_hash is not None:
+                    file_hash.update(view[:want])
                 if finite is not None:
                     bad += _non_finite(view[:want], finite.dtype)
                 done += want
         if bad:
             raise SurgeryError(f"tensor {finite.name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
                                where=str(finite.file.parent))
-        return h
+        return h.hexdigest()
 
     def close(self) -> str | None:
         """Finish the file; its digest when every tensor came in layout order."""
@@ -230,18 +229,22 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Stop hashing and close the file after a failure (the caller removes the output)."""
-        for _, job, file_job in self._unhashed:
+        for _, job in self._unhashed:
             job.cancel()
-            if file_job is not None:
-                file_job.cancel()
         self._unhashed.clear()
         self._shutdown()
         if not self.f.closed:
             self.f.close()
 
     def _shutdown(self) -> None:
-        self._tensor_lane.shutdown(wait=True)
-        self._file_lane.shutdown(wait=True)
+        self._lane.shutdown(wait=True)
+
+
+def _hash_buffer(buf: memoryview, file_hash) -> str:
+    """A tensor's digest; its bytes also feed `file_hash` when it arrived in layout order."""
+    if file_hash is not None:
+        file_hash.update(buf)
+    return digest.hexdigest(buf)
 
 
 def _non_finite(view: memoryview, dtype: torch.dtype) -> int:
