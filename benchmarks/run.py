@@ -367,7 +367,7 @@ def machine() -> dict:
         pass
     return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": psutil.virtual_memory().total / GiB,
             "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
-            "safetensors": ver("safetensors"), "surgery": ver("surgery"), "kernel": platform.release(),
+            "safetensors": ver("safetensors"), "surgery": ver("model-surgery"), "blake3": ver("blake3"), "kernel": platform.release(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "code": code_version()}
 
 
@@ -511,7 +511,7 @@ def render(results: list[dict], info: dict, args, notes: list[str], kept: str) -
         f"- {info['cpus']} cores ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, kernel {info['kernel']}",
         f"- disk of the work dir: {info['disk']}",
         f"- Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, safetensors {info['safetensors']}, "
-        f"surgery {info['surgery']}, mergekit {info.get('mergekit', 'absent')}",
+        f"surgery {info['surgery']}, blake3 {info.get('blake3', 'absent')}, mergekit {info.get('mergekit', 'absent')}",
         f"- code measured: {info['code']}" + ("" if info.get("code_end", info["code"]) == info["code"]
                                                else f" at the start, {info['code_end']} at the end"),
         f"- load average (1 min) at start {info['load_start']:.2f}, at end {info['load_end']:.2f}; "

@@ -24,7 +24,7 @@ def config_file(source_dir: Path) -> Path:
 def source_content_hash(source_dir: str | Path) -> str:
     """The source content hash a run records, computed by reading a checkpoint directory on its own.
 
-    Same value as the `# source content sha256` line of an output's surgery_recipe.yaml made from it:
+    Same value as the `# source content blake3` line of an output's surgery_recipe.yaml made from it:
     equal hashes mean the same config and the same bytes in every tensor.
     """
     from .io.resolve import open_checkpoint
@@ -43,7 +43,7 @@ def write_resolved_recipe(loaded: LoadedRecipe, p: Plan, out_dir: Path, source_h
     """`source_hash`: `SourceDigest.content_hash` of the reader the run wrote through (no second read)."""
     header = (
         f"# Resolved by surgery {__version__} from {loaded.file}\n"
-        f"# source content sha256 ({HASH_COVERS}): {source_hash}\n"
+        f"# source content blake3 ({HASH_COVERS}): {source_hash}\n"
     )
     body = yaml.safe_dump(resolved_recipe(loaded, p), sort_keys=False)
     (out_dir / "surgery_recipe.yaml").write_text(header + body)

@@ -153,9 +153,6 @@ def _recipes(args) -> int:
 
 
 def _run(args) -> int:
-    from . import api
-    from .plan import format_plan
-
     if args.command == "recipes":
         return _recipes(args)
     if args.command == "schema":
@@ -177,11 +174,17 @@ def _run(args) -> int:
     if handler is not None:
         return handler(args)
     kw = dict(sets=args.sets, source=args.source, output=args.output, libraries=args.library)
-    if args.command == "validate":
-        loaded = api.validate(args.recipe, **kw)
+    if args.command == "validate":  # api.validate's two steps, without importing the pipeline (torch) behind api
+        from .recipe.loader import check_paths, load_recipe
+
+        loaded = load_recipe(args.recipe, **kw)
+        check_paths(loaded)
         print(f"{loaded.file}: ok ({len(loaded.recipe.ops)} ops)")
         return 0
+    from . import api
+
     if args.command == "plan":
+        from .plan import format_plan
         from .runner import Progress
 
         loaded = api.load(args.recipe, **kw)

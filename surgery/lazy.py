@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
 
 
 class TensorReader(Protocol):
@@ -58,6 +59,7 @@ def stable_seed(*parts) -> int:
 
 
 def generator(*parts) -> torch.Generator:
+    import torch
     g = torch.Generator(device="cpu")
     g.manual_seed(stable_seed(*parts))
     return g
@@ -93,6 +95,7 @@ def storage_exact(node: LazyTensor, dtype: torch.dtype) -> bool:
 
 def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compute_dtype: torch.dtype) -> torch.Tensor:
     """Compute one tensor; each intermediate result is dropped as soon as its last consumer ran."""
+    import torch
     uses: dict[int, int] = {}
     stack, seen = [node], set()
     while stack:

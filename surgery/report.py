@@ -111,8 +111,8 @@ def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, w
     if report is not None:
         doc.update(json.loads(report.to_json()))
         doc["verify_seconds"] = round(report.seconds, 3)
-    doc["tensor_sha256"] = written.tensors
-    doc["files_sha256"] = file_digests(out_dir, skip=(REPORT,), known=written.files)
+    doc["tensor_blake3"] = written.tensors
+    doc["files_blake3"] = file_digests(out_dir, skip=(REPORT,), known=written.files)
     (out_dir / REPORT).write_text(json.dumps(doc, indent=2) + "\n")
 
 

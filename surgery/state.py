@@ -4,8 +4,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 from .arch import TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
@@ -63,6 +61,7 @@ class ModelState:
 
     def output(self) -> dict[str, LazyTensor]:
         """The tensors as the checkpoint stores them: parts of a fused tensor (Phi-3's qkv_proj) joined again."""
+        import torch
         arch = self.spec.arch
         if not arch.fused:
             return dict(self.tensors)

@@ -107,7 +107,10 @@ def check_tokenizers(ref_dir: Path, cand_dir: Path, data: str, ids: torch.Tensor
 
 
 def check_integrity(output: Path) -> list[str]:
-    """Files whose SHA-256 differs from the one the report recorded (missing files included)."""
+    """Files whose digest differs from the one the report recorded (missing files included).
+
+    Reports record BLAKE3 (`files_blake3`); those written before record SHA-256 (`files_sha256`).
+    """
     report = output / "surgery_report.json"
     if not report.is_file():
         raise SurgeryError("no surgery_report.json: not an output of surgery", where=str(output))
@@ -115,12 +118,13 @@ def check_integrity(output: Path) -> list[str]:
         doc = json.loads(report.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"not valid JSON ({e}); the report itself was changed", where=str(report)) from None
-    recorded = doc.get("files_sha256") if isinstance(doc, dict) else None
+    key = next((k for k in ("files_blake3", "files_sha256") if isinstance(doc, dict) and k in doc), None)
+    recorded = doc.get(key) if key else None
     if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
     from .io.writer import file_digests
 
-    now = file_digests(output, skip=("surgery_report.json",))
+    now = file_digests(output, skip=("surgery_report.json",), algorithm=key.removeprefix("files_"))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)
 
 
@@ -139,7 +143,7 @@ def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
-    p.add_argument("--integrity", action="store_true", help="re-check the SHA-256 of every file the report recorded")
+    p.add_argument("--integrity", action="store_true", help="re-check the hash (BLAKE3) of every file the report recorded")
     p.add_argument("--data", default="builtin:python-license",
                    help="evaluation text: builtin:python-license, a text file, a directory of .txt files, a saved "
                         "dataset, or random (seeded token ids) (default: %(default)s)")
@@ -161,7 +165,7 @@ def run_verify(args) -> int:
         if bad:
             print(f"integrity FAILED: {len(bad)} file(s) changed or missing: {', '.join(bad)}")
             return 1
-        print("integrity ok: every file matches its recorded SHA-256")
+        print("integrity ok: every file matches its recorded hash")
         if not args.against:
             return 0
     if not args.against:

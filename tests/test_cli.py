@@ -362,3 +362,23 @@ def test_force_never_replaces_an_output_by_one_whose_verification_failed(tmp_pat
     assert f"the output is kept at {out}.failed for inspection" in line and f"the previous output at {out} is untouched" in line
     assert (out / "model.safetensors").read_bytes() == before and json.loads((out / "surgery_report.json").read_text())["passed"]
     assert json.loads((tmp_path / "o.failed" / "surgery_report.json").read_text())["passed"] is False
+
+
+# --- start-up: the commands that read no weight load neither torch nor transformers ----------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "recipes/llama_grow_mlp.yaml"],
+                                  ["validate", "recipes/olmo2_grow_heads_mlp.yaml"]], ids=["help", "validate", "validate-2-ops"])
+def test_help_and_validate_import_neither_torch_nor_transformers(argv):
+    probe = ("import sys\nfrom surgery.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")], ids=["default-passive", "explicit-kept"])
+def test_torch_threads_sleep_while_waiting_unless_the_user_chose_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+    probe = "import os, surgery; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == expected, done.stderr

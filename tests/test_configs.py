@@ -275,7 +275,7 @@ def test_persisted_rotary_inv_freq_buffers_are_dropped_as_transformers_does_and_
 # --------------------------------------------------------------------------- source content hash
 def recorded_hash(out: Path) -> str:
     for line in (out / "surgery_recipe.yaml").read_text().splitlines():
-        if line.startswith("# source content sha256"):
+        if line.startswith("# source content blake3"):
             return line.rsplit(" ", 1)[1]
     raise AssertionError("no source hash recorded")
 

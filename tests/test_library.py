@@ -108,6 +108,6 @@ def test_resolved_recipe_reruns_to_bit_identical_tensors(tmp_path):
     api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "a"), verify=False)
     resolved = tmp_path / "a" / "surgery_recipe.yaml"
     data = yaml.safe_load(resolved.read_text())
-    assert data["source"]["path"].endswith("tiny-stablelm") and "sha256" in resolved.read_text()
+    assert data["source"]["path"].endswith("tiny-stablelm") and "blake3" in resolved.read_text()
     api.run(resolved, output=str(tmp_path / "b"), verify=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

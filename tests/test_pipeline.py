@@ -161,6 +161,6 @@ def test_gpu_run_writes_the_same_bits_as_the_cpu_run(tmp_path):
     api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "cpu"), device="cpu", verify=False)
     gpu = api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(tmp_path / "gpu"), device="cuda")
     assert gpu.report.passed
-    a = json.loads((tmp_path / "cpu" / "surgery_report.json").read_text())["tensor_sha256"]
-    b = json.loads((tmp_path / "gpu" / "surgery_report.json").read_text())["tensor_sha256"]
+    a = json.loads((tmp_path / "cpu" / "surgery_report.json").read_text())["tensor_blake3"]
+    b = json.loads((tmp_path / "gpu" / "surgery_report.json").read_text())["tensor_blake3"]
     assert a == b

@@ -49,6 +49,23 @@ def test_integrity_detects_a_changed_tensor_file(tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().out
 
 
+def test_integrity_checks_reports_written_before_blake3_with_their_sha256(tmp_path, capsys):
+    import hashlib
+    import json
+
+    out = tmp_path / "o"
+    api.run("stablelm_grow", source="builtin:tiny-stablelm", output=str(out), verify=False)
+    report = out / "surgery_report.json"
+    doc = json.loads(report.read_text())
+    files = doc.pop("files_blake3")
+    doc["files_sha256"] = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files}
+    report.write_text(json.dumps(doc))
+    assert main(["verify", "--integrity", str(out)]) == 0
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    assert main(["verify", "--integrity", str(out)]) == 1
+    assert "config.json" in capsys.readouterr().out
+
+
 def test_a_local_dataset_directory_is_verification_data(tmp_path):
     datasets = __import__("pytest").importorskip("datasets")
     text = (ASSETS / "python-license.txt").read_text()

@@ -1,5 +1,4 @@
 """The fast write path writes the bits of the plain computation: kernel copies, storage-dtype moves, async hashes."""
-import hashlib
 import json
 import os
 import struct
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 
 from conftest import save_checkpoint
 from factories import make_config, make_model
@@ -74,9 +74,9 @@ def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp
     if d == torch.bfloat16:
         assert in_storage >= 10, "grown tensors of a bf16 source are computed in bf16"
     report = json.loads((out / "surgery_report.json").read_text())
-    assert report["tensor_sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in written.items()}
+    assert report["tensor_blake3"] == {n: blake3(b).hexdigest() for n, b in written.items()}
     for f in out.glob("*.safetensors"):
-        assert report["files_sha256"][f.name] == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert report["files_blake3"][f.name] == blake3(f.read_bytes()).hexdigest()
     assert result.output == out or out.is_dir()
 
 
@@ -94,11 +94,11 @@ def test_untouched_tensors_are_the_source_bytes_whichever_kernel_call_copies_the
     assert out == src
     assert len(calls) == len(src), "every untouched tensor goes through the kernel copy"
     report = json.loads((tmp_path / "out" / "surgery_report.json").read_text())
-    assert report["tensor_sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in src.items()}
+    assert report["tensor_blake3"] == {n: blake3(b).hexdigest() for n, b in src.items()}
     shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
     assert len(shards) > 1
     for f in shards:
-        assert report["files_sha256"][f.name] == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert report["files_blake3"][f.name] == blake3(f.read_bytes()).hexdigest()
 
 
 def test_a_nan_in_a_kernel_copied_tensor_is_refused_and_nothing_is_written(tmp_path, capsys, monkeypatch):

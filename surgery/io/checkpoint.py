@@ -5,7 +5,6 @@ checkpoint is described without reading its weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -16,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import SurgeryError
+from . import digest
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -194,10 +194,10 @@ class InMemoryCheckpoint:
         return self._sd[name]
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes as stored (hashlib releases the GIL: writing goes on meanwhile)."""
+def tensor_digest(t: torch.Tensor) -> str:
+    """The digest (`io.digest`) of a tensor's bytes as stored; it releases the GIL: writing goes on meanwhile."""
     data = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
+    return digest.hexdigest(data.view(torch.uint8).numpy() if data.numel() else b"")
 
 
 class SourceDigest:
@@ -207,7 +207,7 @@ class SourceDigest:
     is hashed without a second read and overlapped with writing; `content_hash` reads only what the
     run never needed (a tied lm_head, dropped buffers, tensors an op replaced outright). Tensors
     written byte for byte (`copies`: source name -> output name) are not hashed twice: the writer's
-    SHA-256 of the output tensor is theirs (`adopt`).
+    digest of the output tensor is theirs (`adopt`).
     """
 
     def __init__(self, reader, copies: dict[str, str] | None = None):
@@ -221,19 +221,19 @@ class SourceDigest:
     def load(self, name: str) -> torch.Tensor:
         t = self.reader.load(name)
         if name not in self.digests and name not in self.copies:
-            self.digests[name] = tensor_sha256(t)
+            self.digests[name] = tensor_digest(t)
         return t
 
     def adopt(self, written: dict[str, str]) -> None:
-        """Take the digests of byte-for-byte copies from the writer's per-tensor SHA-256 (output name -> digest)."""
+        """Take the digests of byte-for-byte copies from the writer's per-tensor digests (output name -> digest)."""
         for src, out in self.copies.items():
             if src not in self.digests and out in written:
                 self.digests[src] = written[out]
         self.copies = {}
 
     def content_hash(self, config_file: Path) -> str:
-        """SHA-256 over the config file's bytes and every tensor's name, dtype, shape and SHA-256 of its bytes."""
-        h = hashlib.sha256(Path(config_file).read_bytes())
+        """BLAKE3 over the config file's bytes and every tensor's name, dtype, shape and the BLAKE3 of its bytes."""
+        h = digest.new(Path(config_file).read_bytes())
         for name, meta in sorted(self.reader.tensors.items()):
             if name not in self.digests:
                 self.load(name)

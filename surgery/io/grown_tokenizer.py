@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
 from ..errors import SurgeryError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -47,6 +45,8 @@ def load_tokenizer(folder: Path):
     folder = Path(folder)
     native = native_tokenizer_file(folder)
     hf = (folder / "tokenizer.json").is_file() or ((folder / "tokenizer_config.json").is_file() and not is_native(folder))
+    from transformers.utils import logging as hf_logging
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -476,7 +476,7 @@ class NativeCheckpoint:
 
 def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str = "auto",
                  progress: bool = False) -> dict[str, str]:
-    """consolidated.safetensors + params.json (+ tokenizer.model copied) for `state`; returns each tensor's SHA-256."""
+    """consolidated.safetensors + params.json (+ tokenizer.model copied) for `state`; returns each tensor's digest (`io.digest`)."""
     from tqdm import tqdm
 
     from ..arch import TensorRole as R

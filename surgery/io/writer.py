@@ -8,7 +8,6 @@ are standard safetensors (the tests read them back with `safe_open`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SurgeryError
+from ..finite import checkable, count_non_finite, tensor_non_finite
+from . import digest
 
 _ST_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -89,8 +90,8 @@ class SourceBytes:
     shape: tuple[int, ...]
 
 
-CHUNK = 16 << 20  # bytes a hashing thread reads back at a time
-MAX_UNHASHED = 2  # written tensors whose bytes wait for a hashing thread (bounds memory to ~2 tensors)
+CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffer it reuses
+MAX_UNHASHED = 2  # written tensors whose bytes wait for the hashing thread (bounds memory to ~2 tensors)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -121,11 +122,11 @@ class ShardWriter:
     """One safetensors file whose layout (tensors sorted by name) is fixed up front.
 
     Tensors may arrive in any order; when they arrive in layout order (`layout_order`, as the
-    executor sends them) the file's SHA-256 is computed on the way: no second read for the report.
-    Hashing runs on two threads (per-tensor and whole-file SHA-256; hashlib releases the GIL) while
-    the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is copied by the
-    kernel; its hashing thread reads the written bytes back from the page cache, hashes them and
-    checks them finite (the check every other source tensor gets when it is read).
+    executor sends them) the file's digest is computed on the way: no second read for the report.
+    One hashing thread computes the tensor's and the file's BLAKE3 (`io.digest`; it releases the
+    GIL) while the caller writes the next tensor. An untouched source tensor (`SourceBytes`) is
+    copied by the kernel; the hashing thread reads the written bytes back from the page cache once,
+    feeds both digests and checks them finite (the check every other source tensor gets when it is read).
     """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
@@ -146,12 +147,12 @@ class ShardWriter:
         self._pwrite(memoryview(head), 0)
         self.f.truncate(self.data_start + offset)
         self.remaining = set(self.planned)
-        self.file_hash = hashlib.sha256(head)
+        self.file_hash = digest.new(head)
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
-        self.digests: dict[str, str] = {}  # tensor name -> SHA-256 of its bytes, complete after close()
-        self._tensor_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-tensor")
-        self._file_lane = ThreadPoolExecutor(1, thread_name_prefix="sha256-file")
-        self._unhashed: deque[tuple[str, Future, Future | None]] = deque()
+        self.digests: dict[str, str] = {}  # tensor name -> digest of its bytes, complete after close()
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix="hash")  # FIFO: the file digest sees layout order
+        self._unhashed: deque[tuple[str, Future]] = deque()
+        self._chunk: memoryview | None = None  # the hashing thread's read-back buffer
 
     def _pwrite(self, view: memoryview, at: int) -> None:
         fd, done = self.f.fileno(), 0
@@ -159,44 +160,41 @@ class ShardWriter:
             done += os.pwrite(fd, view[done:], at + done)
 
     def write(self, name: str, data: "torch.Tensor | SourceBytes") -> None:
-        """Write one tensor's bytes at its offset; their SHA-256 lands in `digests` (recorded in the report)."""
+        """Write one tensor's bytes at its offset; their digest lands in `digests` (recorded in the report)."""
         p = self.planned[name]
         if tuple(data.shape) != p.shape or data.dtype != p.dtype:
             raise AssertionError(f"{name}: got {tuple(data.shape)} {data.dtype}, planned {p.shape} {p.dtype}")
         at = self.data_start + self.offsets[name]
         while len(self._unhashed) >= MAX_UNHASHED:
             self._settle_oldest()
+        file_hash = None
+        if self.hashed_to == self.offsets[name]:
+            file_hash = self.file_hash
+            self.hashed_to += p.nbytes
+        else:
+            self.hashed_to = None
         if isinstance(data, SourceBytes):
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
-            tensor_job = self._tensor_lane.submit(lambda: self._hash_range(at, p.nbytes, hashlib.sha256(), finite).hexdigest())
-            update = lambda h: self._hash_range(at, p.nbytes, h)  # noqa: E731
+            job = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite)
         else:
             t = data.detach().to("cpu").contiguous().reshape(-1)
             buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             self._pwrite(buf, at)
-            tensor_job = self._tensor_lane.submit(lambda: hashlib.sha256(buf).hexdigest())
-            update = lambda h: h.update(buf)  # noqa: E731
-        file_job = None
-        if self.hashed_to == self.offsets[name]:
-            file_job = self._file_lane.submit(update, self.file_hash)
-            self.hashed_to += p.nbytes
-        else:
-            self.hashed_to = None
-        self._unhashed.append((name, tensor_job, file_job))
+            job = self._lane.submit(_hash_buffer, buf, file_hash)
+        self._unhashed.append((name, job))
         self.remaining.discard(name)
 
     def _settle_oldest(self) -> None:
-        name, tensor_job, file_job = self._unhashed.popleft()
-        self.digests[name] = tensor_job.result()
-        if file_job is not None:
-            file_job.result()
+        name, job = self._unhashed.popleft()
+        self.digests[name] = job.result()
 
-    def _hash_range(self, at: int, n: int, h, finite: SourceBytes | None = None):
-        """Feed the written bytes [at, at + n) to `h`, checking them finite when `finite` names their source."""
-        buf = bytearray(min(n, CHUNK))
-        view = memoryview(buf)
-        bad = 0
+    def _hash_written(self, at: int, n: int, file_hash, finite: SourceBytes | None) -> str:
+        """The digest of the written bytes [at, at + n), read back once: they also feed `file_hash` (when
+        in layout order) and are checked finite when `finite` names their source."""
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(CHUNK))
+        view, h, bad = self._chunk, digest.new(), 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(at)
             done = 0
@@ -208,16 +206,18 @@ class ShardWriter:
                         raise SurgeryError("output shard shorter than planned", where=str(self.path))
                     got += k
                 h.update(view[:want])
+                if file_hash is not None:
+                    file_hash.update(view[:want])
                 if finite is not None:
                     bad += _non_finite(view[:want], finite.dtype)
                 done += want
         if bad:
             raise SurgeryError(f"tensor {finite.name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
                                where=str(finite.file.parent))
-        return h
+        return h.hexdigest()
 
     def close(self) -> str | None:
-        """Finish the file; its SHA-256 when every tensor came in layout order."""
+        """Finish the file; its digest when every tensor came in layout order."""
         if self.remaining:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(self.remaining)[:5]}")
         while self._unhashed:
@@ -229,26 +229,29 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Stop hashing and close the file after a failure (the caller removes the output)."""
-        for _, job, file_job in self._unhashed:
+        for _, job in self._unhashed:
             job.cancel()
-            if file_job is not None:
-                file_job.cancel()
         self._unhashed.clear()
         self._shutdown()
         if not self.f.closed:
             self.f.close()
 
     def _shutdown(self) -> None:
-        self._tensor_lane.shutdown(wait=True)
-        self._file_lane.shutdown(wait=True)
+        self._lane.shutdown(wait=True)
+
+
+def _hash_buffer(buf: memoryview, file_hash) -> str:
+    """A tensor's digest; its bytes also feed `file_hash` when it arrived in layout order."""
+    if file_hash is not None:
+        file_hash.update(buf)
+    return digest.hexdigest(buf)
 
 
 def _non_finite(view: memoryview, dtype: torch.dtype) -> int:
-    """NaN/Inf count of raw bytes holding `dtype` values (min and max propagate NaN and reach +-Inf: one pass)."""
-    t = torch.frombuffer(view, dtype=dtype) if len(view) else None
-    if t is None or all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
-        return 0
-    return int((~torch.isfinite(t)).sum())
+    """NaN/Inf count of raw bytes holding `dtype` values."""
+    if checkable(dtype):
+        return count_non_finite(view, dtype)
+    return tensor_non_finite(torch.frombuffer(view, dtype=dtype)) if len(view) else 0
 
 
 def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
@@ -358,17 +361,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None) -> dict[str, str]:
-    """SHA-256 of every file of an output, read in 16 MiB blocks unless already `known`."""
+def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None,
+                 algorithm: str = digest.ALGORITHM) -> dict[str, str]:
+    """The digest of every file of an output (BLAKE3 unless told), read in 16 MiB blocks unless already `known`."""
     out = {}
     for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
         rel = str(f.relative_to(directory))
-        if known and rel in known:
-            out[rel] = known[rel]
-            continue
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        out[rel] = h.hexdigest()
+        out[rel] = known[rel] if known and rel in known else digest.file_hexdigest(f, algorithm)
     return out

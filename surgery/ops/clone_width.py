@@ -19,9 +19,8 @@ blocks get perturbations that sum to zero over the k blocks (+n and -n for k = 2
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from ..arch import Axis, TensorRole as R
@@ -32,11 +31,15 @@ from .base import Exactness, Op, OpContext, Promise
 from .residual import rescale_embedding
 from .slices import scale_gain
 
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
+
 TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 
 
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
                   extra_scale: float) -> torch.Tensor:
+    import torch
     std = float(t.float().std()) if noise and t.numel() > 1 else 0.0
     own = False  # whether t is a tensor made here, so in-place arithmetic cannot touch an input
     for axis in tiled:
@@ -70,6 +73,7 @@ class CloneWidth(Op):
     summary = "replicate hidden size, heads and MLP k times (HyperCloning); exact in stock code, noise optional"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        import torch
         spec = state.spec
         k = self.factor
         if spec.live_width:

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
@@ -44,6 +42,9 @@ from ..state import ModelState
 from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
 from .residual import grow_residual
 from .slices import Fill, grow_axis, scale, scale_gain
+
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
 
 # rope types whose old inverse frequencies depend on rope_theta and head_dim only through
 # theta ** (-2i/head_dim) (llama3 and linear rescale each frequency by its own value).
@@ -92,6 +93,7 @@ class GrowHeadDim(Op):
     summary = "widen every attention head (per-head padding, q rescaled, rotary kept); grows the residual where head_dim is derived"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        import torch
         spec = state.spec
         arch = spec.arch
         h, g, d_h, d = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size

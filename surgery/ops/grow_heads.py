@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-import torch
-
 from ..arch import TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import constant
@@ -122,6 +120,7 @@ class GrowHeads(Op):
 
 def _move_head_norms(state: ModelState, role: R, positions: list[int], new_count: int, label: str) -> None:
     """Per-head q/k norms are separate tensors: rename old heads to their new index, add fresh ones."""
+    import torch
     arch, spec = state.spec.arch, state.spec
     moved = {}
     kinds = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 from pydantic import ConfigDict, Field
 
 from ..arch import WRITERS
@@ -76,6 +75,7 @@ class GrowLayers(Op):
     summary = "add decoder blocks (LLaMA Pro): zero o_proj/down_proj make each new block the identity"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        import torch
         spec, arch = state.spec, state.spec.arch
         old = spec.num_layers
         new = resolve_size(self.num_layers, old, "num_layers")

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..arch import Axis, TensorRole as R
@@ -28,6 +27,9 @@ from ..lazy import generator
 from ..state import ModelState, NewSlice
 from ..io.grown_tokenizer import RESERVED, has_tokenizer, load_tokenizer, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
+
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
 
 # transformers' _init_added_embeddings_weights_with_mean: covariance scaled by this before sampling
 HEWITT_SCALE = 1e-9
@@ -49,6 +51,7 @@ class TokenSpec(BaseModel):
 
 def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[int] | None], seed: tuple) -> torch.Tensor:
     """`count` new rows (axis 0) for a vocabulary-sized tensor; `pieces[i]` are token i's subword ids."""
+    import torch
     mean = old.mean(dim=0, dtype=torch.float64)
     shape = (count,) + tuple(old.shape[1:])
     if init == VocabInit.ZEROS:
@@ -78,6 +81,7 @@ def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[i
 
 
 def _grow(t: torch.Tensor, axis: int, init: VocabInit, count: int, pieces, seed) -> torch.Tensor:
+    import torch
     moved = t.movedim(axis, 0)
     return torch.cat([moved, new_rows(moved, init, count, pieces, seed)], dim=0).movedim(0, axis)
 

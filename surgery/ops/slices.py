@@ -7,11 +7,13 @@ differ only in the `dest` they compute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..lazy import LazyTensor, generator
 from ..state import ModelState, NewSlice
+
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Fill:
     value: float = 0.0  # for "const"
 
     def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+        import torch
         shape = list(old.shape)
         shape[axis] = n
         if self.kind == "zeros":
@@ -74,6 +77,7 @@ def _place(out: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tens
 
 
 def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor, fill: Fill) -> torch.Tensor:
+    import torch
     shape = list(old.shape)
     shape[axis] = new_size
     out = old.new_empty(shape)
@@ -108,6 +112,7 @@ def grow_axis(
     track: str | None = None,
 ) -> None:
     """Replace `state.tensors[name]` by its growth along `axis`; `track` records new slices."""
+    import torch
     node = state.tensors[name]
     assert len(dest) == node.shape[axis], (name, axis, len(dest), node.shape)
     if new_size == node.shape[axis] and dest == list(range(new_size)):

@@ -31,9 +31,8 @@ so experts are written one tensor at a time and no expert is held twice.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field
 
 from ..arch import ARCHITECTURES, MLP_ROLES, Architecture, Axis, TensorInfo, TensorRole as R
@@ -41,6 +40,9 @@ from ..errors import SurgeryError
 from ..lazy import LazyTensor, constant, generator
 from ..state import ModelState, NewSlice
 from .base import Exactness, Op, OpContext, Promise
+
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
 
 # Output family -> source families it upcycles, with the config fields it writes.
 INTO: dict[str, tuple[str, ...]] = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("qwen2",), "qwen3_moe": ("qwen3",)}
@@ -80,6 +82,7 @@ class UpcycleMoe(Op):
     summary = "dense MLP -> mixture of experts: every expert a copy of the MLP, plus a router (sparse upcycling)"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
+        import torch
         spec = state.spec
         src = spec.arch
         into = self.into or DEFAULT_INTO.get(src.name)
@@ -178,6 +181,7 @@ class UpcycleMoe(Op):
 
     def _expert(self, node: LazyTensor, info: TensorInfo, out: str, e: int, scale: float, inter: int, ctx: OpContext,
                 label: str) -> LazyTensor:
+        import torch
         noise, ratio = self.expert_noise, self.reinit_ratio
         if scale == 1.0 and not noise and not ratio:
             return node  # an exact copy: the same lazy node, read again for each expert as it is written
@@ -208,6 +212,7 @@ class UpcycleMoe(Op):
 
     def _router(self, name: str, layer: int, shape: tuple[int, int], dtype: torch.dtype, pre: ModelState, ctx: OpContext,
                 label: str) -> LazyTensor:
+        import torch
         if self.router == "zeros":
             return constant(shape, dtype, torch.zeros, f"{label}: router zeros")
         if self.router == "random":
