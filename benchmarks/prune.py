@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from verify_memory import ROOT, build, measure
+from verify_memory import ROOT, build, measure, print_rows
 
 CASES = [
     ("prune_mlp x0.75 (activation)", [{"op": "prune_mlp", "intermediate_size": "x0.75", "importance": "activation"}], False),
@@ -61,10 +61,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         print(f"Llama {args.layers} layers, hidden {args.hidden} ({args.hidden // 64} heads), MLP {args.intermediate}, "
               f"vocab {args.vocab}, {size:.2f} GB {args.dtype}, {args.tokens} calibration tokens; load at end {load:.1f}")
-        print("| command | peak RSS | wall time | result |")
-        print("|---|---|---|---|")
-        for what, peak, wall, res in rows:
-            print(f"| {what} | {f'{peak:,.0f} MB' if peak else '-'} | {wall:.1f} s | {res} |")
+        print_rows(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -39,6 +39,14 @@ def measure(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, int]:
     return peak, wall, out.returncode
 
 
+def print_rows(rows: list[tuple[str, float, float, str]]) -> None:
+    """(command, peak RSS in MB or 0 for none, wall seconds, result) as a markdown table."""
+    print("| command | peak RSS | wall time | result |")
+    print("|---|---|---|---|")
+    for what, peak, wall, res in rows:
+        print(f"| {what} | {f'{peak:,.0f} MB' if peak else '-'} | {wall:.1f} s | {res} |")
+
+
 def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int, dtype: str) -> float:
     import torch
     import transformers
@@ -89,10 +97,7 @@ def main() -> None:
         rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
         print(f"{args.label}: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
               f"{size:.2f} GB {args.dtype}, {args.tokens} tokens")
-        print("| command | peak RSS | wall time | result |")
-        print("|---|---|---|---|")
-        for what, peak, wall, res in rows:
-            print(f"| {what} | {peak:,.0f} MB | {wall:.1f} s | {res} |")
+        print_rows(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
