@@ -89,6 +89,7 @@ def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int
         for n, p in params.items():
             if grads[n] is not None:
                 p -= lr * grads[n]
+    del grads  # one gradient held at a time: a mixture-of-experts layer's is as large as its experts
     try:
         again = dead_units(layout(_local_gradients(module, run, prefix)), slices, list(dead), prefix)
     finally:
@@ -211,28 +212,33 @@ def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.devic
                 busy[0] = False
 
         def measure(mod, args, kwargs):
+            """Counts and norms are taken at once (plain numbers), and each gradient is dropped before the next:
+            at most the layer's parameters, one saved copy and one gradient are held."""
             params = dict(mod.named_parameters())
-            stored = lambda ts: disk_layout(sm.model, {prefix + n: t for n, t in ts.items() if t is not None})  # noqa: E731
             run = lambda: mod(*args, **kwargs)  # noqa: E731
-            experts, _ = by_expert(stored({n: p.detach() for n, p in params.items()}))
+
+            def counted(tensors) -> tuple[int, int, float]:
+                experts, router = by_expert(disk_layout(sm.model, {prefix + n: t for n, t in tensors.items() if t is not None}))
+                return len(experts), distinct(experts), 0.0 if router is None else float(router.norm())
+
+            n_experts, before, _ = counted({n: p.detach() for n, p in params.items()})
             grads = _local_gradients(mod, run, f"{prefix}symmetry")
-            _, router_grad = by_expert(stored(grads))
+            router_grad = counted(grads)[2]
             saved = {n: p.detach().clone() for n, p in params.items()}
             try:
                 with torch.no_grad():
                     for n, p in params.items():
                         if grads[n] is not None:
                             p -= lr * grads[n]
-                experts_after, _ = by_expert(stored({n: p.detach() for n, p in params.items()}))
-                _, router_after = by_expert(stored(_local_gradients(mod, run, f"{prefix}symmetry")))
+                del grads
+                after = counted({n: p.detach() for n, p in params.items()})[1]
+                router_after = counted(_local_gradients(mod, run, f"{prefix}symmetry"))[2]
             finally:
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(saved[n])
-            norm = lambda g: 0.0 if g is None else float(g.norm())  # noqa: E731
-            rows.append({"layer": i, "experts": len(experts), "distinct": distinct(experts),
-                         "distinct_after_step": distinct(experts_after), "router_grad": norm(router_grad),
-                         "router_grad_after_step": norm(router_after)})
+            rows.append({"layer": i, "experts": n_experts, "distinct": before, "distinct_after_step": after,
+                         "router_grad": router_grad, "router_grad_after_step": router_after})
         return [layer.register_forward_pre_hook(pre, with_kwargs=True)]
 
     sm.on_layer = on_layer
