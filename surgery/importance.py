@@ -40,9 +40,6 @@ class Importance(str, enum.Enum):
     RANDOM = "random"
 
 
-DATA_DRIVEN = (Importance.ACTIVATION, Importance.BLOCK_INFLUENCE, Importance.ANGULAR)
-
-
 @dataclass
 class Measurement:
     """Scores of one prune, as the report shows them: `scores[l]` per layer (neurons, heads), or one row over
@@ -83,25 +80,32 @@ def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Me
 
 # weights only --------------------------------------------------------------------------------
 
-def _weights(state, calib, role: R, layer: int, kind: str = "weight") -> torch.Tensor | None:
+def _norms(state, calib, role: R, layer: int, dim=None) -> torch.Tensor | None:
+    """Euclidean norms of `role`'s weight in `layer` along `dim` (None: the whole tensor), accumulated in float64
+    from the tensor evaluated in float32: one weight in memory at a time, never a float64 copy of it."""
     import torch
 
     from .lazy import evaluate
 
-    name = state.spec.arch.parameter_name(role, kind, layer)
-    node = state.tensors.get(name)
-    return None if node is None else evaluate(node, calib.reader, torch.device("cpu"), torch.float64)
+    node = state.tensors.get(state.spec.arch.parameter_name(role, "weight", layer))
+    if node is None:
+        return None
+    w = evaluate(node, calib.reader, torch.device("cpu"), torch.float32)
+    return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float64)
 
 
-def _weights_of(state, calib, role: R, layer: int) -> torch.Tensor:
-    """Every weight of `role` in `layer` (one per expert in a mixture of experts), flattened and joined."""
+def _writers_norm(state, calib, layer: int) -> torch.Tensor:
+    """sqrt of the summed squares of every writer of a layer: o_proj and each expert's down_proj (and a shared one)."""
     import torch
 
     from .lazy import evaluate
 
-    parts = [evaluate(node, calib.reader, torch.device("cpu"), torch.float64).flatten()
-             for name, info, node in state.items(role) if info.layer == layer and info.kind == "weight"]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for name, info, node in state.items(R.ATTN_O, R.MLP_DOWN, R.SHARED_DOWN):
+        if info.layer == layer and info.kind == "weight":
+            w = evaluate(node, calib.reader, torch.device("cpu"), torch.float32)
+            total += torch.linalg.vector_norm(w, dtype=torch.float64) ** 2
+    return total.sqrt()
 
 
 def _magnitude(state, unit: str, calib, block: int) -> torch.Tensor:
@@ -111,19 +115,18 @@ def _magnitude(state, unit: str, calib, block: int) -> torch.Tensor:
     rows = []
     for layer in range(spec.num_layers):
         if unit == "neuron":
-            s = _weights(state, calib, R.MLP_DOWN, layer).norm(dim=0)
+            s = _norms(state, calib, R.MLP_DOWN, layer, dim=0)
             for role in (R.MLP_GATE, R.MLP_UP):
-                w = _weights(state, calib, role, layer)
-                if w is not None:
-                    s = s * w.norm(dim=1)
+                n = _norms(state, calib, role, layer, dim=1)
+                if n is not None:
+                    s = s * n
         elif unit == "head":
             hd, h, k = spec.head_dim, spec.num_heads, spec.num_kv_heads
-            o = _weights(state, calib, R.ATTN_O, layer).reshape(-1, h, hd).square().sum(dim=(0, 2)).sqrt()
-            v = _weights(state, calib, R.ATTN_V, layer).reshape(k, hd, -1).square().sum(dim=(1, 2)).sqrt()
+            o = _norms(state, calib, R.ATTN_O, layer, dim=0).reshape(h, hd).square().sum(dim=1).sqrt()
+            v = _norms(state, calib, R.ATTN_V, layer, dim=1).reshape(k, hd).square().sum(dim=1).sqrt()
             s = o * v.repeat_interleave(h // k)
-        else:  # every writer of the layer: o_proj and each expert's down_proj in a mixture of experts
-            s = sum((_weights_of(state, calib, r, layer).square().sum() for r in (R.ATTN_O, R.MLP_DOWN, R.SHARED_DOWN)),
-                    torch.zeros((), dtype=torch.float64)).sqrt()
+        else:
+            s = _writers_norm(state, calib, layer)
         rows.append(s)
     out = torch.stack(rows)
     if unit == "block":  # what the block can write: its layers' together
