@@ -73,10 +73,11 @@ class Report:
         for r in self.pruning:
             b = r["random"]
             how = "the listed layers" if r["importance"] == "listed" else r["importance"]
+            who = "the listed choice" if r["importance"] == "listed" else how
             if r["dropped"] == b.get("dropped"):
                 verdict = "the random prune dropped the same units"
             else:
-                verdict = f"{how} {'beats' if r['beats_random'] else 'does NOT beat'} random"
+                verdict = f"{who} {'beats' if r['beats_random'] else 'does NOT beat'} random"
             out.append(f"{r['op']}: by {how}, loss {r['loss']:.4f} ({r['rel_change']:+.2%}); same sizes at random "
                        f"{b['loss']:.4f} ({b['rel_change']:+.2%}): {verdict}")
         return out
