@@ -1,8 +1,9 @@
 """Calibration data for ops that learn from activations (upcycle_moe's `router: hidden`).
 
-Nothing runs while planning: the first router tensor written materialises the model state before the
-op (one model in memory, float32, CPU), runs it once on the calibration tokens, keeps each layer's
-router rows (E x hidden) and frees the model.
+Nothing runs while planning: the first router tensor written runs the model state before the op once on
+the calibration tokens, one decoder layer at a time (`runner.StreamedModel`, float32, on the run's
+device), and keeps each layer's router rows (E x hidden), computed from that layer's MLP inputs while
+the layer is in memory: a 70B model's routers need one layer and one layer's activations, not the model.
 """
 from __future__ import annotations
 
@@ -74,28 +75,28 @@ class Calibration:
             self._ids = calibration_ids(self.source_dir, self.data, self.max_tokens, vocab, self.seed)
         return self._ids
 
-    def mlp_inputs(self, state) -> list[torch.Tensor]:
-        """What each layer's MLP reads (tokens x hidden) when `state`'s model runs on the calibration tokens."""
-        from .execute import materialize
-        from .runner import model_from_tensors
+    def hidden_routers(self, state, num_experts: int, seed: tuple) -> list[torch.Tensor]:
+        """Each layer's router rows from what its MLP reads when `state`'s model runs on the calibration tokens."""
+        from .runner import StateSource, StreamedModel
 
-        cpu = torch.device("cpu")
-        model = model_from_tensors(state.spec.config, materialize(state, self.reader, cpu, torch.float32), torch.float32, cpu)
-        seen: dict[int, torch.Tensor] = {}
-        hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
-                 for i, layer in enumerate(model.model.layers)]
-        try:
-            with torch.no_grad():
-                model(input_ids=self.ids())
-        finally:
-            for h in hooks:
-                h.remove()
-        del model
-        return [seen[i].reshape(-1, seen[i].shape[-1]) for i in range(len(seen))]
+        sm = StreamedModel(StateSource(state, self.reader, "the model before upcycle_moe"), self.device, torch.float32)
+        rows: dict[int, torch.Tensor] = {}
+
+        def on_layer(i: int, layer, prefix: str) -> list:
+            def hook(m, args):
+                x = args[0].detach()
+                rows[i] = router_from_states(x.reshape(-1, x.shape[-1]).cpu(), num_experts, (*seed, i))
+            return [layer.mlp.register_forward_pre_hook(hook)]
+
+        sm.on_layer = on_layer
+        with self.progress.phase("router: hidden, clustering each layer's MLP inputs", total=len(sm.layers)) as (bar, summary):
+            sm.hidden(self.ids(), bar)
+            summary.append(f"{len(rows)} layers, {self.ids().shape[1]} tokens")
+        return [rows[i] for i in range(len(rows))]
 
     def router_rows(self, state, key, layer: int, num_experts: int, seed: tuple) -> torch.Tensor:
         with self._lock:
             if (key, layer) not in self._rows:
-                for i, states in enumerate(self.mlp_inputs(state)):
-                    self._rows[(key, i)] = router_from_states(states, num_experts, (*seed, i))
+                for i, rows in enumerate(self.hidden_routers(state, num_experts, seed)):
+                    self._rows[(key, i)] = rows
             return self._rows[(key, layer)]

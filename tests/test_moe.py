@@ -360,3 +360,22 @@ def test_qwen3_with_sliding_window_layers_is_refused():
     cfg = release_config("qwen3", vocab=VOCAB, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     with pytest.raises(SurgeryError, match="sliding-window layers"):
         api.transform(make_model(cfg), [{"op": "upcycle_moe"}])
+
+
+def test_hidden_routers_from_the_layer_stream_are_those_of_the_whole_model_run():
+    """The routers are clustered from each layer's MLP inputs as the streamed model produces them: the same
+    states the whole stock model computes (so the same rows, to float32 rounding)."""
+    from surgery.calibration import router_from_states
+
+    model, x = dense("llama").float(), ids(3, 24)[:1]
+    new, plan = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4, "router": "hidden"}], calibration_ids=x)
+    seen = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=x)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(new.model.layers):
+        expected = router_from_states(seen[i].reshape(-1, seen[i].shape[-1]), 4, (0, 0, "hidden-router", i))
+        assert torch.allclose(layer.mlp.gate.weight.detach().float(), expected, atol=1e-5), i

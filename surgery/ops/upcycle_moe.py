@@ -235,8 +235,8 @@ class UpcycleMoe(Op):
             notes.append("router zeros: every token picks the same top-k experts and, with identical experts, the router "
                          "gets no gradient: training never separates the experts (use random or hidden)")
         if self.router == "hidden":
-            notes.append("router hidden: the model before this op runs once on the calibration data while the routers "
-                         "are written (it is held in memory meanwhile)")
+            notes.append("router hidden: the model before this op runs once on the calibration data, one layer at a time, "
+                         "when the first router is written")
         if into != "mixtral":
             notes.append("in bfloat16/float16 the routing weights are cast to the model dtype: exact to that rounding only")
         if into == "mixtral":
