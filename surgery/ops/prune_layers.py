@@ -29,60 +29,44 @@ class PruneLayers(PruneOp):
     summary = "remove decoder blocks: the least important (block influence, angular distance, magnitude) or listed ones"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
-        spec, arch = state.spec, state.spec.arch
+        spec = state.spec
         old = spec.num_layers
         if (self.num_layers is None) == (self.drop is None):
             raise SurgeryError("set either num_layers (how many remain) or drop (which layers go)", loc=("num_layers",))
-        m = None
+        unit, importance, m, dropped, count = self._choose(state, ctx)
+        # until the choice is made (planning only) the last layers stand in for it, for the names alone
+        kept = [j for j in range(old) if j not in set(dropped if dropped is not None else range(old - count, old))]
+        new = len(kept)
+        label = f"prune_layers: {old} -> {new} layers"
+        renumber(state, kept, label, chosen=dropped is not None)
+        spec.set_num_layers(new, origin=kept)
+        baseline = self.random_baseline() if importance is not None else {"op": self.op, "num_layers": new, "importance": "random"}
+        pruning = Pruning(unit, importance, dropped, new, old, m, baseline)
+        how = "listed" if importance is None else importance.value
+        return Promise(Exactness.PRUNED, f"{count} of {old} layers removed ({how})", pruning.describe(), pruning)
+
+    def _choose(self, state: ModelState, ctx: OpContext):
+        """(unit, importance, measurement, dropped layers or None until measured, how many go)."""
+        old = state.spec.num_layers
         if self.drop is not None:
             if self.importance is not None or self.block:
                 raise SurgeryError("drop lists the layers that go: importance and block choose them otherwise; set one",
                                    loc=("drop",))
             dropped = self._checked_drop(old)
-            importance, unit = None, "layer"
-        else:
-            new = resolve_size(self.num_layers, old, "num_layers")
-            refuse_growth(new, old, "num_layers", "num_layers", "grow_layers")
-            n = old - new
-            importance = Importance(self.importance or Importance.BLOCK_INFLUENCE)
-            unit = "block" if self.block and n > 1 else "layer"
-            m = self.measured(state, unit, ctx, importance, block=n if unit == "block" else 1)
-            if m is None:
-                dropped = None
-            elif unit == "block":
-                start = int(m.scores.argmin())  # ties: the earliest block
-                dropped = list(range(start, start + n))
-            else:
-                kept = top(m.scores, new)
-                dropped = [j for j in range(old) if j not in kept]
-        count = len(dropped) if dropped is not None else old - new
-        provisional = dropped is None
-        gone = set(dropped if dropped is not None else range(old - count, old))  # names only, until chosen
-        kept = [j for j in range(old) if j not in gone]
-        new = len(kept)
-        label = f"prune_layers: {old} -> {new} layers"
-        position = {j: p for p, j in enumerate(kept)}
-        rename, removed = {}, []
-        for name, info, node in list(state.items()):
-            if info.layer is None:
-                continue
-            if info.layer in gone:
-                removed.append(name)
-            else:
-                rename[name] = arch.parameter_name(info.role, info.kind, position[info.layer], info.head, info.expert)
-        for name in removed:
-            del state.tensors[name]
-        state.new_slices = [s for s in state.new_slices if s.tensor not in removed]
-        state.rename(rename)
-        if provisional:  # which layers stay is measured when the run starts: no tensor of a layer can be computed yet
-            for name in rename.values():
-                state.tensors[name] = deferred(state.tensors[name], state.tensors[name].shape, label)
-        spec.set_num_layers(new, origin=kept)
-        pruning = Pruning(unit, importance, None if provisional else sorted(gone), new, old, m,
-                          self.random_baseline() if importance is not None else
-                          {"op": self.op, "num_layers": new, "importance": Importance.RANDOM.value})
-        how = "listed" if importance is None else importance.value
-        return Promise(Exactness.PRUNED, f"{count} of {old} layers removed ({how})", pruning.describe(), pruning)
+            return "layer", None, None, dropped, len(dropped)
+        new = resolve_size(self.num_layers, old, "num_layers")
+        refuse_growth(new, old, "num_layers", "num_layers", "grow_layers")
+        n = old - new
+        importance = Importance(self.importance or Importance.BLOCK_INFLUENCE)
+        unit = "block" if self.block and n > 1 else "layer"
+        m = self.measured(state, unit, ctx, importance, block=n if unit == "block" else 1)
+        if m is None:
+            return unit, importance, None, None, n
+        if unit == "block":
+            start = int(m.scores.argmin())  # ties: the earliest block
+            return unit, importance, m, list(range(start, start + n)), n
+        kept = top(m.scores, new)
+        return unit, importance, m, [j for j in range(old) if j not in kept], n
 
     def _checked_drop(self, old: int) -> list[int]:
         seen: set[int] = set()
@@ -97,3 +81,25 @@ class PruneLayers(PruneOp):
         if len(seen) >= old:
             raise SurgeryError(f"dropping all {old} layers leaves no model; keep at least one", loc=("drop",))
         return sorted(seen)
+
+
+def renumber(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
+    """Only the `kept` layers remain, renumbered in order (per-head and per-expert tensors with them); with
+    `chosen` false the choice is made when the run starts, and no layer's tensor can be computed yet."""
+    arch = state.spec.arch
+    position = {j: p for p, j in enumerate(kept)}
+    rename, removed = {}, []
+    for name, info, node in list(state.items()):
+        if info.layer is None:
+            continue
+        if info.layer in position:
+            rename[name] = arch.parameter_name(info.role, info.kind, position[info.layer], info.head, info.expert)
+        else:
+            removed.append(name)
+    for name in removed:
+        del state.tensors[name]
+    state.new_slices = [s for s in state.new_slices if s.tensor not in removed]
+    state.rename(rename)
+    if not chosen:
+        for name in rename.values():
+            state.tensors[name] = deferred(state.tensors[name], state.tensors[name].shape, label)
