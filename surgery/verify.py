@@ -673,11 +673,14 @@ def _name(dtype: torch.dtype) -> str:
 
 def half_storage(p: Plan) -> torch.dtype | None:
     """The half-precision dtype the output rounds computed or cast tensors into (the coarser of
-    bfloat16 and float16 if both), else None."""
+    bfloat16 and float16 if both), else None. Tensors that only move stored values (copies, pads,
+    permutations, kept slices) or draw new ones from statistics round nothing that was computed:
+    `storage_exact` says so, and they are written in the storage dtype."""
     from .execute import output_tensors
+    from .lazy import storage_exact
 
     out = p.loaded.recipe.output_spec
     rounded = {target for _, node, target in output_tensors(p.final, out.dtype if out else "auto")
-               if target in HALF and (node.fn is not None or node.dtype != target)}
+               if target in HALF and (node.fn is not None or node.dtype != target) and not storage_exact(node, target)}
     return max(rounded, key=lambda d: torch.finfo(d).eps) if rounded else None
 
