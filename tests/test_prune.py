@@ -331,9 +331,10 @@ def test_measured_importance_without_a_tokenizer_says_to_set_verify_data_and_run
 def test_a_bf16_output_that_only_moves_stored_values_is_judged_without_storage_rounding(ops, tmp_path):
     """Kept slices, pads and zero fills of bf16 tensors are written as the source's bits: nothing computed is rounded,
     so an exact step is held to float32 noise alone (and no dithered reference pass is spent)."""
-    src = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(api.plan(_recipe(tmp_path, []), measure=False).source_dir,
-                                         dtype=torch.bfloat16).save_pretrained(src)
+    from conftest import save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(api.plan(_recipe(tmp_path, []), measure=False).source_dir, dtype=torch.bfloat16)
+    src = save_checkpoint(model, tmp_path / "bf16", tokenizer_from="tiny-llama")
     result = api.run(_recipe(tmp_path, ops, source=str(src)))
     assert result.report.passed and result.report.precision == "float32"
     assert result.report.noise_floor["storage"] is None
