@@ -268,6 +268,26 @@ def larger_noise(a: Comparison, b: Comparison) -> Comparison:
                    rel_change=a.rel_change if abs(a.rel_change) >= abs(b.rel_change) else b.rel_change)
 
 
+def judge_measured(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float, vocab_size: int,
+                   candidate: TensorSource, evaluation: Evaluation, ids: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype, progress: Progress = QUIET, label: str = "candidate", rounded: bool = False,
+                   prune_tolerance: float | None = None) -> Verdict:
+    """`judge`; an exact step beyond MARGIN x the reference's compute noise is judged again against the larger of
+    that and the candidate's own, measured: a model whose sums are wider (clone_width) rounds more than its
+    source, and the two may then differ by the sum of both roundings. The extra pass runs only on such a miss."""
+    verdict = judge(promise, cmp, floor, tolerance, vocab_size, rounded=rounded, prune_tolerance=prune_tolerance)
+    if verdict.passed is not False or promise.exactness not in EXACT_KINDS:
+        return verdict
+    probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
+    own = compare(evaluation, evaluate(candidate, ids, device, probe_dtype, progress, f"noise floor: {label} in {_name(probe_dtype)}"))
+    if not own.max_logit_diff > floor.compute.max_logit_diff:
+        return verdict
+    second = judge(promise, cmp, replace(floor, compute=larger_noise(floor.compute, own)), tolerance, vocab_size,
+                   rounded=rounded, prune_tolerance=prune_tolerance)
+    second.rule += f" (its own {_name(dtype)} noise, measured, exceeds the reference's)"
+    return second
+
+
 def judge_pruned(cmp: Comparison, vocab_size: int, prune_tolerance: float | None) -> Verdict:
     """A prune changes the function on purpose: its loss change is measured and set beside a random prune's
     (`random_baseline`), not bounded, unless the recipe bounds it (`verify.prune_tolerance`). The model must
@@ -481,23 +501,9 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     dead: list[dict] = []
     symmetry: list[dict] = []
     final = None
-    probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
-
     def judged(promise, cmp, floor, candidate: TensorSource, evaluation: Evaluation, label: str, rounded: bool = False) -> Verdict:
-        """The verdict; an exact step beyond MARGIN x the reference's compute noise is judged again against the
-        larger of that and the candidate's own, measured: a model whose sums are wider (clone_width) rounds more
-        than its source, and the two may then differ by the sum of both roundings."""
-        verdict = judge(promise, cmp, floor, v.tolerance, vocab, rounded=rounded, prune_tolerance=v.prune_tolerance)
-        if verdict.passed is not False or promise.exactness not in EXACT_KINDS:
-            return verdict
-        own = compare(evaluation, evaluate(candidate, ids, device, probe_dtype, progress,
-                                           f"noise floor: {label} in {_name(probe_dtype)}"))
-        if not own.max_logit_diff > floor.compute.max_logit_diff:
-            return verdict
-        second = judge(promise, cmp, replace(floor, compute=larger_noise(floor.compute, own)), v.tolerance, vocab,
-                       rounded=rounded, prune_tolerance=v.prune_tolerance)
-        second.rule += f" (its own {_name(dtype)} noise, measured, exceeds the reference's)"
-        return second
+        return judge_measured(promise, cmp, floor, v.tolerance, vocab, candidate, evaluation, ids, device, dtype, progress,
+                              label, rounded, v.prune_tolerance)
 
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1

@@ -58,7 +58,7 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     from .execute import pick_device
     from .ops import Exactness, Promise
     from .runner import Progress, StreamedModel, compare, evaluate, open_source
-    from .verify import HALF, calibration_ids, judge, measure_reference
+    from .verify import HALF, calibration_ids, judge_measured, measure_reference
 
     t0 = time.perf_counter()
     import torch
@@ -76,9 +76,11 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     half = {m.dtype for m in cand_src.reader.tensors.values() if m.dtype in HALF}
     storage = max(half, key=lambda d: torch.finfo(d).eps) if half else None
     ref = measure_reference("reference", ref_src, ids, dev, dt, storage, show)
-    cmp = compare(ref.evaluation, evaluate(cand_src, ids, dev, dt, show, "evaluating candidate"))
+    ev = evaluate(cand_src, ids, dev, dt, show, "evaluating candidate")
+    cmp = compare(ref.evaluation, ev)
     promise = Promise(Exactness.EXACT if tolerance is None else Exactness.APPROXIMATE, "surgery verify")
-    verdict = judge(promise, cmp, ref.floor, tolerance or 0.0, 0, rounded=storage is not None)
+    verdict = judge_measured(promise, cmp, ref.floor, tolerance or 0.0, 0, cand_src, ev, ids, dev, dt, show, "candidate",
+                             rounded=storage is not None)
     return PairReport(
         loss_reference=ref.evaluation.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
