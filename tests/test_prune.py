@@ -338,3 +338,21 @@ def test_a_bf16_output_that_only_moves_stored_values_is_judged_without_storage_r
     result = api.run(_recipe(tmp_path, ops, source=str(src)))
     assert result.report.passed and result.report.precision == "float32"
     assert result.report.noise_floor["storage"] is None
+
+
+@PROPERTY
+@given(case=models(), grow=st.sampled_from(["mlp", "layers", "heads"]))
+def test_a_pruned_model_grown_back_computes_the_pruned_function(case, grow):
+    """Prune, then grow: the growth's promise holds relative to the pruned model (its own reference)."""
+    family, model = case
+    pruned, _ = prune(model, [{"op": "prune_mlp", "intermediate_size": "x0.5", "importance": "random"}])
+    assume(grow != "heads" or family in HEAD_FAMILIES)
+    op = {"mlp": {"op": "grow_mlp", "intermediate_size": "x2"}, "layers": {"op": "grow_layers", "num_layers": "+1"},
+          "heads": {"op": "grow_heads", "num_heads": f"+{model.config.num_key_value_heads}", "residual": "keep"}}[grow]
+    try:
+        grown, plan = api.transform(pruned, [op])
+    except SurgeryError as e:
+        assume("is not a multiple of the number of attention heads" not in str(e))
+        raise
+    assert plan.steps[0].promise.exactness == Exactness.EXACT
+    assert_same_function(pruned, grown)
