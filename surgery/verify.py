@@ -268,6 +268,19 @@ def larger_noise(a: Comparison, b: Comparison) -> Comparison:
                    rel_change=a.rel_change if abs(a.rel_change) >= abs(b.rel_change) else b.rel_change)
 
 
+GRADIENT_TOKENS = 128
+TOKENS_PER_EXPERT = 16
+
+
+def gradient_tokens(spec) -> int:
+    """Tokens the gradient-flow check runs on: 128, or, in a mixture of experts, enough that each expert
+    expects 16 routed tokens (T k / E >= 16): an expert no token reaches gets no gradient on that batch,
+    which is the data's doing, not a dead unit's."""
+    if not spec.arch.is_moe:
+        return GRADIENT_TOKENS
+    return max(GRADIENT_TOKENS, -(-TOKENS_PER_EXPERT * spec.num_experts // spec.experts_per_token))
+
+
 def judge_measured(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float, vocab_size: int,
                    candidate: TensorSource, evaluation: Evaluation, ids: torch.Tensor, device: torch.device,
                    dtype: torch.dtype, progress: Progress = QUIET, label: str = "candidate", rounded: bool = False,
@@ -532,8 +545,10 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             ev = evaluate(evaluated, ids, device, dtype, progress, "evaluating output")
             cmp = compare(ref.evaluation, ev)
             if streamable(evaluated.config):
-                dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, progress=progress)
-                symmetry = expert_symmetry(evaluated, ids, device, dtype, progress=progress)
+                tokens = gradient_tokens(p.final.spec)
+                dead = dead_slices(evaluated, grad_ids, p.final.output_slices(), device, dtype, max_tokens=tokens,
+                                   progress=progress)
+                symmetry = expert_symmetry(evaluated, ids, device, dtype, max_tokens=tokens, progress=progress)
             else:  # an encoder-decoder (T5) runs whole
                 dead = whole_model_dead_slices(WholeModel(evaluated, device, dtype).model, grad_ids, p.final.output_slices())
             verdict = judged(promise, cmp, ref.floor, evaluated, ev, "output", rounded=storage is not None)
