@@ -52,3 +52,12 @@ def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_exper
     broken = model_from_tensors(moe.config.to_dict(), tensors, torch.float32, torch.device("cpu"))
     dead = dead_slices(broken, ids, slices)
     assert [(d["tensor"], d["dead"]) for d in dead] == [("model.layers.1.block_sparse_moe.experts.2.w2.weight", len(new))]
+
+
+def test_the_moe_gradient_check_runs_on_enough_tokens_for_every_expert_to_expect_sixteen(tmp_path):
+    from surgery.verify import gradient_tokens
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nsource: builtin:tiny-llama\nops:\n  - op: upcycle_moe\n    num_experts: 32\n    top_k: 2\n")
+    plan = api.plan(recipe)
+    assert gradient_tokens(plan.initial.spec) == 128 and gradient_tokens(plan.final.spec) == 256
