@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from verify_memory import ROOT, build, measure, print_rows
+from verify_memory import build, checkpoint_arguments, measure, print_rows, result
 
 CASES = [
     ("prune_mlp x0.75 (activation)", [{"op": "prune_mlp", "intermediate_size": "x0.75", "importance": "activation"}], False),
@@ -32,13 +32,7 @@ CASES = [
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=3584)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--code", default=str(ROOT), help="directory holding the surgery package to measure")
+    checkpoint_arguments(ap)
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(Path(args.code).resolve()))
     work = Path(tempfile.mkdtemp(prefix="surgery-prune-bench-"))
@@ -56,7 +50,7 @@ def main() -> None:
                                           "verify": {"max_tokens": args.tokens}}))
             cmd = [sys.executable, "-m", "surgery", "run", str(recipe), "--output", str(work / "o"), "--force"]
             peak, wall, rc = measure(cmd + ([] if verify else ["--no-verify"]), env, work)
-            rows.append((f"`surgery run` {what}", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+            rows.append((f"`surgery run` {what}", peak, wall, result(rc)))
             shutil.rmtree(work / "o", ignore_errors=True)
         load = os.getloadavg()[0]
         print(f"Llama {args.layers} layers, hidden {args.hidden} ({args.hidden // 64} heads), MLP {args.intermediate}, "

@@ -63,8 +63,8 @@ def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, heads: i
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def checkpoint_arguments(ap: argparse.ArgumentParser) -> None:
+    """The synthetic checkpoint's shape and the code measured (shared with prune.py)."""
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=3584)
@@ -72,6 +72,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the checkpoint's storage dtype")
     ap.add_argument("--code", default=str(ROOT), help="directory holding the surgery package to measure")
+
+
+def result(rc: int) -> str:
+    return "exit 0" if rc == 0 else f"exit {rc}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    checkpoint_arguments(ap)
     ap.add_argument("--label", default="this tree")
     ap.add_argument("--upcycle", type=int, default=0, metavar="E",
                     help="measure upcycle_moe into E experts (Mixtral) instead of grow_mlp")
@@ -91,10 +100,10 @@ def main() -> None:
         out_gb = sum(f.stat().st_size for f in (work / "o").glob("*.safetensors")) / 1e9
         rows.append((f"`surgery run` {what}, `--no-verify` (output {out_gb:.2f} GB)", peak, wall, "-"))
         peak, wall, rc = measure(surgery + ["run", str(recipe), "--output", str(work / "o"), "--force"], env, work)
-        rows.append((f"`surgery run` {what}, verified", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+        rows.append((f"`surgery run` {what}, verified", peak, wall, result(rc)))
         peak, wall, rc = measure(surgery + ["verify", str(work / "o"), "--against", str(work / "src"),
                                             "--max-tokens", str(args.tokens)], env, work)
-        rows.append(("`surgery verify OUT --against SRC`", peak, wall, "exit 0" if rc == 0 else f"exit {rc}"))
+        rows.append(("`surgery verify OUT --against SRC`", peak, wall, result(rc)))
         print(f"{args.label}: Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}, "
               f"{size:.2f} GB {args.dtype}, {args.tokens} tokens")
         print_rows(rows)
