@@ -35,6 +35,8 @@ The gradient norms reported are a random cotangent's (their scale is not the los
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -76,6 +78,43 @@ def _local_gradients(module: nn.Module, run, seed_name: str) -> dict[str, torch.
     return dict(zip(params, grads))
 
 
+@contextlib.contextmanager
+def one_sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor | None], lr: float):
+    """`params` moved by one SGD step on `grads` for the duration of the block, restored bit for bit after. No
+    reference to `grads` is kept once the step is taken: a caller that drops its own frees them before the
+    next backward (a mixture-of-experts layer's gradient is as large as its experts)."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                if grads.get(n) is not None:
+                    p -= lr * grads[n]
+        del grads
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def once_per_forward(fn):
+    """A forward pre-hook (with kwargs) that calls `fn(module, args, kwargs)`; `fn` may run the module itself,
+    and that inner run does not call it again."""
+    busy = False
+
+    def pre(mod, args, kwargs):
+        nonlocal busy
+        if busy:
+            return
+        busy = True
+        try:
+            fn(mod, args, kwargs)
+        finally:
+            busy = False
+
+    return pre
+
+
 def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int], lr: float, layout=None) -> dict[int, int]:
     """`layout` puts the module's gradients (named relative to it) under the checkpoint's names (fused experts)."""
     layout = layout or (lambda grads: grads)
@@ -83,19 +122,10 @@ def _judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int
     dead = dead_units(layout(grads), slices, indices, prefix)
     if not dead:
         return {}
-    params = dict(module.named_parameters())
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            if grads[n] is not None:
-                p -= lr * grads[n]
-    del grads  # one gradient held at a time: a mixture-of-experts layer's is as large as its experts
-    try:
+    step = one_sgd_step(dict(module.named_parameters()), grads, lr)
+    del grads
+    with step:
         again = dead_units(layout(_local_gradients(module, run, prefix)), slices, list(dead), prefix)
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
     return {i: n for i, n in again.items() if i in dead}
 
 
@@ -119,13 +149,12 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
     sm = StreamedModel(source, torch.device(device), dtype or torch.float32, attn)
     dead: dict[int, int] = {}
     placed: set[int] = set()
-    busy = [False]
 
     def check(module: nn.Module, prefix: str) -> list:
         names = {n for n, _ in module.named_parameters()}
         converted = bool(sm.conversion) and module in sm.layers  # fused experts: judged per stored expert tensor
         if converted:
-            names = names | {n[len(prefix):] for n in sm._stored_for_layer(prefix)}
+            names = names | {n[len(prefix):] for n in sm.stored_names(prefix)}
 
         def layout(grads):
             if not converted:
@@ -137,16 +166,10 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
             return []
         placed.update(mine)
 
-        def pre(mod, args, kwargs):
-            if busy[0]:
-                return
-            busy[0] = True
-            try:
-                dead.update(_judge_module(mod, lambda: mod(*args, **kwargs), prefix, slices, mine, lr, layout))
-            finally:
-                busy[0] = False
+        def judge(mod, args, kwargs):
+            dead.update(_judge_module(mod, lambda: mod(*args, **kwargs), prefix, slices, mine, lr, layout))
 
-        return [module.register_forward_pre_hook(pre, with_kwargs=True)]
+        return [module.register_forward_pre_hook(once_per_forward(judge), with_kwargs=True)]
 
     sm.on_layer = lambda i, layer, prefix: check(layer, prefix)
     sm.on_module = check
@@ -199,18 +222,7 @@ def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.devic
                 groups.append(experts[e])
         return len(groups)
 
-    busy = [False]
-
     def on_layer(i: int, layer: nn.Module, prefix: str) -> list:
-        def pre(mod, args, kwargs):
-            if busy[0]:  # the layer run from inside this hook
-                return
-            busy[0] = True
-            try:
-                measure(mod, args, kwargs)
-            finally:
-                busy[0] = False
-
         def measure(mod, args, kwargs):
             """Counts and norms are taken at once (plain numbers), and each gradient is dropped before the next:
             at most the layer's parameters, one saved copy and one gradient are held."""
@@ -224,22 +236,14 @@ def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.devic
             n_experts, before, _ = counted({n: p.detach() for n, p in params.items()})
             grads = _local_gradients(mod, run, f"{prefix}symmetry")
             router_grad = counted(grads)[2]
-            saved = {n: p.detach().clone() for n, p in params.items()}
-            try:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        if grads[n] is not None:
-                            p -= lr * grads[n]
-                del grads
+            step = one_sgd_step(params, grads, lr)
+            del grads
+            with step:
                 after = counted({n: p.detach() for n, p in params.items()})[1]
                 router_after = counted(_local_gradients(mod, run, f"{prefix}symmetry"))[2]
-            finally:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.copy_(saved[n])
             rows.append({"layer": i, "experts": n_experts, "distinct": before, "distinct_after_step": after,
                          "router_grad": router_grad, "router_grad_after_step": router_after})
-        return [layer.register_forward_pre_hook(pre, with_kwargs=True)]
+        return [layer.register_forward_pre_hook(once_per_forward(measure), with_kwargs=True)]
 
     sm.on_layer = on_layer
     with progress.phase("expert symmetry", total=len(sm.layers)) as (bar, summary):

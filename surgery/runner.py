@@ -422,7 +422,7 @@ class StreamedModel:
             raise SurgeryError(f"does not load cleanly with transformers ({'; '.join(parts)})", where=self.source.where)
         self._present = names
 
-    def _stored_for_layer(self, prefix: str) -> list[str]:
+    def stored_names(self, prefix: str) -> list[str]:
         """The checkpoint's names of the tensors one layer loads from (per-expert tensors of fused parameters)."""
         return [s for full, stored in self._stored_for.items() if full.startswith(prefix) for s in stored]
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import SurgeryError
-from .gradient_flow import dead_slices, dead_units as dead_units_of, expert_symmetry
+from .gradient_flow import dead_slices, dead_units as dead_units_of, expert_symmetry, one_sgd_step
 from .lazy import generator
 from .importance import Importance
 from .ops import RESETS, Exactness, Promise
@@ -389,15 +389,8 @@ def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 
 
     dead = dead_units()
     if dead:
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for p in params.values():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        dead = {i: n for i, n in dead_units().items() if i in dead}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
+        with one_sgd_step(params, {n: p.grad for n, p in params.items()}, lr):
+            dead = {i: n for i, n in dead_units().items() if i in dead}
     model.zero_grad(set_to_none=True)
     return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
 
