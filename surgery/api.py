@@ -99,7 +99,7 @@ def run(
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     if any(s.promise.pruning is not None for s in p.steps):  # which units go: measured now, before any weight is written
-        p = plan(loaded, measure=True, device=dev, calibration_ids=ids, progress=show)
+        p = compile_plan(loaded, p.source_dir, p.checkpoint, ids, measure=True, device=dev, progress=show)
     atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir)
     with atomic as tmp:
         t0 = time.perf_counter()
@@ -161,8 +161,8 @@ def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibr
     loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
     ckpt = InMemoryCheckpoint(config, disk_layout(model, dict(model.state_dict())))
-    p = compile_plan(loaded, Path("<memory>"), ckpt, calibration_ids, measure=True, device=pick_device(device))
     dev = pick_device(device)
+    p = compile_plan(loaded, Path("<memory>"), ckpt, calibration_ids, measure=True, device=dev)
     dtype = compute_dtype_for(p.final)
     new = model_from_tensors(p.final.spec.config, materialize(p.final, ckpt, dev, dtype), dtype, dev,
                              attn_implementation=model.config._attn_implementation)
