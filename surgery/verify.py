@@ -226,6 +226,12 @@ class Verdict:
     bound: Bound | None = None
 
 
+def language_model_bound(vocab_size: int) -> float:
+    """2 ln(vocab): the loss a model that still predicts stays under after a re-initialisation or a prune (a
+    uniform guess scores ln(vocab))."""
+    return 2 * math.log(vocab_size)
+
+
 def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float, vocab_size: int,
           rounded: bool = False, prune_tolerance: float | None = None) -> Verdict:
     """Which rule applies to a step, and whether it held; `rounded`: the step's weights were
@@ -233,7 +239,7 @@ def judge(promise: Promise, cmp: Comparison, floor: NoiseFloor, tolerance: float
     if promise.exactness == Exactness.PRUNED:
         return judge_pruned(cmp, vocab_size, prune_tolerance)
     if promise.exactness == Exactness.REINIT:
-        bound = 2 * math.log(vocab_size)
+        bound = language_model_bound(vocab_size)
         ok = cmp.loss <= bound
         return Verdict(ok, f"re-initialised: initial loss <= 2 ln(vocab) = {bound:.3f}",
                        [] if ok else [f"initial loss {cmp.loss:.3f} > {bound:.3f}"])
@@ -305,7 +311,7 @@ def judge_pruned(cmp: Comparison, vocab_size: int, prune_tolerance: float | None
     """A prune changes the function on purpose: its loss change is measured and set beside a random prune's
     (`random_baseline`), not bounded, unless the recipe bounds it (`verify.prune_tolerance`). The model must
     still be a language model: its loss at most 2 ln(vocab), as after a re-initialisation."""
-    bound = 2 * math.log(vocab_size)
+    bound = language_model_bound(vocab_size)
     failed = [] if cmp.loss <= bound else [f"loss {cmp.loss:.3f} > 2 ln(vocab) = {bound:.3f}"]
     if prune_tolerance is not None and not cmp.rel_change <= prune_tolerance:
         failed.append(f"rel change {cmp.rel_change:+.3g} > {prune_tolerance:g}")
@@ -318,7 +324,7 @@ def judge_pruned(cmp: Comparison, vocab_size: int, prune_tolerance: float | None
 def pruned_rule(vocab_size: int, prune_tolerance: float | None) -> str:
     return ("pruned: loss change measured" + (f", rel change <= {prune_tolerance:g}" if prune_tolerance is not None
                                               else " (not bounded: verify.prune_tolerance unset)")
-            + f"; loss <= 2 ln(vocab) = {2 * math.log(vocab_size):.3f}")
+            + f"; loss <= 2 ln(vocab) = {language_model_bound(vocab_size):.3f}")
 
 
 def random_baseline(p: "Plan", step) -> tuple["ModelState", list]:
@@ -337,12 +343,9 @@ def random_baseline(p: "Plan", step) -> tuple["ModelState", list]:
 MAX_REPORTED_SCORES = 200_000
 
 
-def _scores(pruning) -> torch.Tensor | None:
-    return pruning.measurement.scores if pruning.measurement is not None else None
-
-
 def baseline_row(pruning, cmp: Comparison, base: Comparison) -> dict:
     """A prune beside its random baseline, for the report."""
+    m = pruning.measurement.scores if pruning.measurement is not None else None
     return {
         "importance": pruning.importance.value if pruning.importance else "listed",
         "unit": pruning.unit, "kept_per_layer": pruning.kept_per_layer, "of": pruning.of,
@@ -354,7 +357,7 @@ def baseline_row(pruning, cmp: Comparison, base: Comparison) -> dict:
                    "top1_agreement": base.top1_agreement, "max_logit_diff": base.max_logit_diff},
         "beats_random": cmp.loss < base.loss,
         # every score for the plot, up to MAX_REPORTED_SCORES numbers (a 70B model's 2.3M neuron scores: per layer min/median/max)
-        "scores": (m.tolist() if m.numel() <= MAX_REPORTED_SCORES else None) if (m := _scores(pruning)) is not None else None,
+        "scores": m.tolist() if m is not None and m.numel() <= MAX_REPORTED_SCORES else None,
         "score_summary": [[float(r.min()), float(r.median()), float(r.max())] for r in m] if m is not None and m.dim() == 2 else None,
     }
 
@@ -613,7 +616,7 @@ def planned_rule(p: Plan) -> str:
     promise, parts = p.promise, []
     for r in resets:
         if r.promise.exactness == Exactness.REINIT:
-            parts.append(f"ops[{r.index}] reinit: initial loss <= 2 ln(vocab) = {2 * math.log(p.initial.spec.vocab_size):.3f}")
+            parts.append(f"ops[{r.index}] reinit: initial loss <= 2 ln(vocab) = {language_model_bound(p.initial.spec.vocab_size):.3f}")
         else:
             parts.append(f"ops[{r.index}] {r.op.op}: " + pruned_rule(p.initial.spec.vocab_size, v.prune_tolerance)
                          + (", beside the same prune with importance: random" if r.op.model_dump().get("importance") != "random"
