@@ -87,8 +87,10 @@ class PruneOp(Op):
         return {**self.model_dump(mode="json", by_alias=True), "importance": Importance.RANDOM.value}
 
 
-def refuse_growth(new: int, old: int, what: str, field_name: str, grow_op: str) -> None:
-    if new == old:
-        raise SurgeryError(f"{what} is already {old}: nothing to prune", loc=(field_name,))
+def refuse_growth(new: int, old: int, field_name: str, grow_op: str, unchanged_too: bool = True) -> None:
+    """A prune op asked to grow (or, with `unchanged_too`, to keep the size) is refused in one line."""
     if new > old:
-        raise SurgeryError(f"{what} would grow from {old} to {new}; prune ops only remove ({grow_op} adds)", loc=(field_name,))
+        raise SurgeryError(f"{field_name} would grow from {old} to {new}; prune ops only remove ({grow_op} adds)",
+                           loc=(field_name,))
+    if unchanged_too and new == old:
+        raise SurgeryError(f"{field_name} is already {old}: nothing to prune", loc=(field_name,))

@@ -15,7 +15,7 @@ from ..errors import SurgeryError
 from ..importance import Importance, choose_heads
 from ..state import ModelState
 from .base import Exactness, OpContext, Promise, SizeValue, resolve_size
-from .prune import PruneOp, Pruning, keep_axis
+from .prune import PruneOp, Pruning, keep_axis, refuse_growth
 
 
 def pruned_layout(h: int, k: int, num_heads, num_kv_heads) -> tuple[int, int]:
@@ -27,11 +27,8 @@ def pruned_layout(h: int, k: int, num_heads, num_kv_heads) -> tuple[int, int]:
         new_h = new_k * (h // k)
     if new_k is None:
         new_k = new_h if k == h else k
-    if new_h > h:
-        raise SurgeryError(f"num_heads would grow from {h} to {new_h}; prune ops only remove (grow_heads adds)", loc=("num_heads",))
-    if new_k > k:
-        raise SurgeryError(f"num_kv_heads would grow from {k} to {new_k}; prune ops only remove (grow_heads adds)",
-                           loc=("num_kv_heads",))
+    refuse_growth(new_h, h, "num_heads", "grow_heads", unchanged_too=False)
+    refuse_growth(new_k, k, "num_kv_heads", "grow_heads", unchanged_too=False)
     if (new_h, new_k) == (h, k):
         raise SurgeryError(f"num_heads is already {h} ({k} kv): nothing to prune", loc=("num_heads",))
     if new_h % new_k:
@@ -81,8 +78,6 @@ class PruneHeads(PruneOp):
                 size = (new_h if ax == Axis.Q else new_k) * hd
                 keep = None if chosen is None else elements(chosen[info.layer][0 if ax == Axis.Q else 1])
                 keep_axis(state, name, axis, keep, size, label)
-        if spec.qk_norm and arch.qk_norm == "head_tensors":  # per-head norm tensors: never reached (head_dim derived)
-            raise AssertionError("per-head q/k norm tensors with an explicit head_dim")
         spec.set_heads(new_h, new_k)
         dropped = None if chosen is None else [sorted(set(range(h)) - set(q)) for q, _ in chosen]
         pruning = Pruning("head", importance, dropped, new_h, h, m, self.random_baseline())

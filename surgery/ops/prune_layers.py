@@ -55,7 +55,7 @@ class PruneLayers(PruneOp):
             dropped = self._checked_drop(old)
             return "layer", None, None, dropped, len(dropped)
         new = resolve_size(self.num_layers, old, "num_layers")
-        refuse_growth(new, old, "num_layers", "num_layers", "grow_layers")
+        refuse_growth(new, old, "num_layers", "grow_layers")
         n = old - new
         importance = Importance(self.importance or Importance.BLOCK_INFLUENCE)
         unit = "block" if self.block and n > 1 else "layer"

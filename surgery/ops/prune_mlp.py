@@ -10,11 +10,10 @@ from typing import Literal
 
 from ..arch import Axis
 from ..errors import SurgeryError
-from ..importance import Importance
+from ..importance import Importance, top
 from ..state import ModelState
 from .base import Exactness, OpContext, Promise, SizeValue, resolve_size
 from .prune import PruneOp, Pruning, keep_axis, refuse_growth
-from ..importance import top
 
 
 class PruneMlp(PruneOp):
@@ -33,7 +32,7 @@ class PruneMlp(PruneOp):
                                "(pruning experts' neurons is not supported)", loc=("op",))
         old = spec.intermediate_size
         new = resolve_size(self.intermediate_size, old, "intermediate_size")
-        refuse_growth(new, old, "intermediate_size", "intermediate_size", "grow_mlp")
+        refuse_growth(new, old, "intermediate_size", "grow_mlp")
         importance = Importance(self.importance)
         m = self.measured(state, "neuron", ctx, importance)
         keep = None if m is None else [top(m.scores[layer], new) for layer in range(spec.num_layers)]
