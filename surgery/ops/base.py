@@ -85,6 +85,19 @@ def resolve_size(value: int | str, current: int, field_name: str) -> int:
     return new
 
 
+def checked_indices(values: list[int], upper: int, field_name: str, outside: str, noun: str | None = None) -> list[int]:
+    """`values`, each in 0..upper-1 (else `outside`, formatted with {value} and {last}, located at the entry) and,
+    with a `noun`, each listed once ("{noun} {value} is listed twice")."""
+    seen: set[int] = set()
+    for i, v in enumerate(values):
+        if not 0 <= v < upper:
+            raise SurgeryError(outside.format(value=v, last=upper - 1), loc=(field_name, i))
+        if noun is not None and v in seen:
+            raise SurgeryError(f"{noun} {v} is listed twice", loc=(field_name, i))
+        seen.add(v)
+    return list(values)
+
+
 def _size_value(v):
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise ValueError("must be an integer or a relative size like 'x1.25' or '+8'")

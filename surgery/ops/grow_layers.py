@@ -25,10 +25,11 @@ from ..arch import TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import constant
 from ..state import ModelState, NewSlice
-from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
+from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, checked_indices, resolve_size
 from .slices import Fill
 
 _HEAD_NORMS = (R.ATTN_Q_NORM, R.ATTN_K_NORM)
+SOURCE_LAYER = "layer {value} is not a layer of the source (0..{last})"
 
 
 def spread_positions(old: int, count: int) -> list[int]:
@@ -149,14 +150,8 @@ class GrowLayers(Op):
                 f"{len(self.positions)} position(s) for {count} new layer(s) ({old} -> {new}); list one output index per new layer",
                 loc=("positions",),
             )
-        seen: set[int] = set()
-        for i, p in enumerate(self.positions):
-            if not 0 <= p < new:
-                raise SurgeryError(f"position {p} is outside the output model's layers 0..{new - 1}", loc=("positions", i))
-            if p in seen:
-                raise SurgeryError(f"position {p} is listed twice", loc=("positions", i))
-            seen.add(p)
-        return list(self.positions)
+        return checked_indices(self.positions, new, "positions", "position {value} is outside the output model's layers 0..{last}",
+                               noun="position")
 
     def _from_layers(self, old: int, count: int) -> list[int] | None:
         if self.from_layers is None:
@@ -164,7 +159,4 @@ class GrowLayers(Op):
         if len(self.from_layers) != count:
             raise SurgeryError(f"{len(self.from_layers)} layer(s) for {count} new layer(s); list one source layer per new layer",
                                loc=("from_layers",))
-        for i, j in enumerate(self.from_layers):
-            if not 0 <= j < old:
-                raise SurgeryError(f"layer {j} is not a layer of the source (0..{old - 1})", loc=("from_layers", i))
-        return list(self.from_layers)
+        return checked_indices(self.from_layers, old, "from_layers", SOURCE_LAYER)

@@ -13,7 +13,8 @@ from typing import Literal, Optional
 from ..errors import SurgeryError
 from ..importance import Importance, top
 from ..state import ModelState
-from .base import Exactness, OpContext, Promise, SizeValue, resolve_size
+from .base import Exactness, OpContext, Promise, SizeValue, checked_indices, resolve_size
+from .grow_layers import SOURCE_LAYER
 from .prune import PruneOp, Pruning, deferred, refuse_growth
 
 
@@ -69,13 +70,7 @@ class PruneLayers(PruneOp):
         return unit, importance, m, [j for j in range(old) if j not in kept], n
 
     def _checked_drop(self, old: int) -> list[int]:
-        seen: set[int] = set()
-        for i, j in enumerate(self.drop):
-            if not 0 <= j < old:
-                raise SurgeryError(f"layer {j} is not a layer of the source (0..{old - 1})", loc=("drop", i))
-            if j in seen:
-                raise SurgeryError(f"layer {j} is listed twice", loc=("drop", i))
-            seen.add(j)
+        seen = set(checked_indices(self.drop, old, "drop", SOURCE_LAYER, noun="layer"))
         if not self.drop:
             raise SurgeryError("drop lists no layer: nothing to prune", loc=("drop",))
         if len(seen) >= old:
