@@ -124,19 +124,9 @@ def make_config(name: str):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
             tie_word_embeddings=False,
         )
-    if name == "tiny-llama":
+    if name in ("tiny-llama", "tiny-llama-deep"):  # the deep one: the same model with 8 layers
         return LlamaConfig(
-            **COMMON,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-5,
-            hidden_act="silu",
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            tie_word_embeddings=False,
-        )
-    if name == "tiny-llama-deep":
-        return LlamaConfig(
-            **{**COMMON, "num_hidden_layers": 8},
+            **{**COMMON, **({"num_hidden_layers": 8} if name == "tiny-llama-deep" else {})},
             num_key_value_heads=2,
             head_dim=16,
             rms_norm_eps=1e-5,
