@@ -174,27 +174,27 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
             w = down.weight.double() * (1 if post is None else post[0][:, None])
             col = w.norm(dim=0).cpu()
 
-            def neuron_hook(m, args):
+            def neuron_hook(m, args, out):
                 a = args[0].reshape(-1, args[0].shape[-1]).double()
                 if post is not None:  # what reaches the residual is the output over its RMS: weigh each token so
-                    a = a / _rms(torch.nn.functional.linear(a, m.weight.double()), post[1])[:, None]
+                    a = a / _rms(out.reshape(a.shape[0], -1).double(), post[1])[:, None]
                 acc[i] += a.abs().mean(dim=0).cpu() * col
-            return [down.register_forward_pre_hook(neuron_hook)]
+            return [down.register_forward_hook(neuron_hook)]
         if unit == "head":
             o = _module(layer, prefix, arch, R.ATTN_O, i)
             post = _post_norm(layer, prefix, arch, R.NORM_ATTN_OUT, i)
             h, hd = spec.num_heads, spec.head_dim
 
-            def head_hook(m, args):
+            def head_hook(m, args, out):
                 a = args[0].reshape(-1, h, hd).double()
                 w = m.weight.double().reshape(m.weight.shape[0], h, hd)
                 scale = 1.0
-                if post is not None:
+                if post is not None:  # as for neurons: the written output over its RMS, times the norm's gain
                     w = w * post[0][:, None, None]
-                    scale = 1 / _rms(torch.nn.functional.linear(a.reshape(a.shape[0], -1), m.weight.double()), post[1])
+                    scale = 1 / _rms(out.reshape(a.shape[0], -1).double(), post[1])
                 for j in range(h):
                     acc[i, j] += float((torch.nn.functional.linear(a[:, j], w[:, j]).norm(dim=-1) * scale).mean())
-            return [o.register_forward_pre_hook(head_hook)]
+            return [o.register_forward_hook(head_hook)]
 
         def layer_hook(m, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
