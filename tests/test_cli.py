@@ -367,7 +367,9 @@ def test_force_never_replaces_an_output_by_one_whose_verification_failed(tmp_pat
 # --- start-up: the commands that read no weight load neither torch nor transformers ----------------
 
 @pytest.mark.parametrize("argv", [["--help"], ["validate", "recipes/llama_grow_mlp.yaml"],
-                                  ["validate", "recipes/olmo2_grow_heads_mlp.yaml"]], ids=["help", "validate", "validate-2-ops"])
+                                  ["validate", "recipes/olmo2_grow_heads_mlp.yaml"],
+                                  ["validate", "recipes/llama_grow_mlp.yaml", "--set", "output.shard_size=2GB"]],
+                         ids=["help", "validate", "validate-2-ops", "validate-shard-size"])
 def test_help_and_validate_import_neither_torch_nor_transformers(argv):
     probe = ("import sys\nfrom surgery.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")

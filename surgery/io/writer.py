@@ -16,18 +16,17 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SurgeryError
 from ..finite import checkable, count_non_finite, tensor_non_finite
 from . import digest
 
-_ST_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+if TYPE_CHECKING:  # torch loads where tensors are written: the schema's size check (`parse_size`) starts without it
+    import torch
+
+_ST_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+             "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}  # torch dtype name -> safetensors'
 
 TMP_PREFIX = ".surgery-tmp-"
 
@@ -136,7 +135,7 @@ class ShardWriter:
         offset = 0
         self.offsets: dict[str, int] = {}
         for t in layout_order(tensors):
-            header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {"dtype": _ST_NAMES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             self.offsets[t.name] = offset
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -178,6 +177,8 @@ class ShardWriter:
             finite = data if data.dtype.is_floating_point else None
             job = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite)
         else:
+            import torch
+
             t = data.detach().to("cpu").contiguous().reshape(-1)
             buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             self._pwrite(buf, at)
@@ -251,6 +252,8 @@ def _non_finite(view: memoryview, dtype: torch.dtype) -> int:
     """NaN/Inf count of raw bytes holding `dtype` values."""
     if checkable(dtype):
         return count_non_finite(view, dtype)
+    import torch
+
     return tensor_non_finite(torch.frombuffer(view, dtype=dtype)) if len(view) else 0
 
 
