@@ -7,10 +7,12 @@ written, so reading, transforming and writing overlap.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +106,25 @@ def source_bytes(reader, name: str) -> SourceBytes | None:
     return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
 
 
+@contextmanager
+def streaming_threads(busy: int):
+    """torch's CPU threads while a checkpoint streams: the cores the writer's own `busy` threads leave.
+
+    The writer and the hashing thread keep cores busy themselves; torch's threads waking on every
+    element-wise op beside them cost more than they gave: on 2 cores a bf16 grow_heads spent 7.3 s of
+    system CPU and 12.8 s with two threads, 2.9 s and 8.8 s with one (benchmarks/RESULTS.md).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(before, cores - busy)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a state in memory (for verifying intermediate steps of small models)."""
     cd = dtype or compute_dtype_for(state)
@@ -134,7 +155,7 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     files: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool, streaming_threads(busy=2):  # the writing and hashing threads
         for shard, fname in zip(shards, names):
             writer = ShardWriter(out_dir / fname, shard)
             shard = layout_order(shard)

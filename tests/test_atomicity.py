@@ -162,8 +162,8 @@ def test_killed_runs_leave_the_source_identical_and_the_target_absent_or_complet
     kills = [r for r in runs if r.sig == signal.SIGKILL]
     assert sum(r.signalled_while_writing for r in kills) >= 2, "too few kills landed while writing"
     for r in kills:
-        if r.signalled:
-            assert r.returncode == -signal.SIGKILL, r.stderr
+        if r.signalled:  # once its output is in place a run exits at once: the kill may come after it ended
+            assert r.returncode in ((-signal.SIGKILL, 0) if r.at_target else (-signal.SIGKILL,)), r.stderr
         else:  # it finished before its moment came
             assert r.returncode == 0, r.stderr
         if r.out.exists():

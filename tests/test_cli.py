@@ -42,7 +42,7 @@ def test_distribution_is_published_as_model_surgery_with_the_surgery_command():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == surgery.DISTRIBUTION == "model-surgery"
-    assert project["scripts"] == {"surgery": "surgery.cli:main"}
+    assert project["scripts"] == {"surgery": "surgery.cli:entry"}
     assert {"plot", "native", "test"} <= set(project["optional-dependencies"])
 
 

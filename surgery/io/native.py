@@ -480,7 +480,7 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
     from tqdm import tqdm
 
     from ..arch import TensorRole as R
-    from ..execute import FiniteReader, compute_dtype_for, output_tensors
+    from ..execute import FiniteReader, compute_dtype_for, output_tensors, streaming_threads
     from ..lazy import evaluate
     from .writer import PlannedTensor, ShardWriter
 
@@ -509,13 +509,14 @@ def write_native(state, reader, out_dir: Path, device: torch.device, dtype: str 
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     try:
-        for p in planned:
-            node, d, heads = jobs[p.name]
-            t = evaluate(node, finite, device, cd)
-            if heads is not None:
-                t = to_native_rotary(t, heads, spec.head_dim)
-            writer.write(p.name, t.to(dtype=d) if t.is_floating_point() else t)
-            bar.update(p.nbytes)
+        with streaming_threads(busy=1):  # the hashing thread
+            for p in planned:
+                node, d, heads = jobs[p.name]
+                t = evaluate(node, finite, device, cd)
+                if heads is not None:
+                    t = to_native_rotary(t, heads, spec.head_dim)
+                writer.write(p.name, t.to(dtype=d) if t.is_floating_point() else t)
+                bar.update(p.nbytes)
         writer.close()
         digests.update(writer.digests)
     finally:

@@ -8,9 +8,11 @@ are standard safetensors (the tests read them back with `safe_open`).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,7 +92,8 @@ class SourceBytes:
 
 
 CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffer it reuses
-MAX_UNHASHED = 2  # written tensors whose bytes wait for the hashing thread (bounds memory to ~2 tensors)
+MAX_UNHASHED = 2  # written tensors whose buffers wait for the hashing thread (bounds memory to ~2 tensors)
+WRITEBACK = 64 << 20  # bytes written before the kernel is told to start putting them on disk
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -150,7 +153,9 @@ class ShardWriter:
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
         self.digests: dict[str, str] = {}  # tensor name -> digest of its bytes, complete after close()
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="hash")  # FIFO: the file digest sees layout order
-        self._unhashed: deque[tuple[str, Future]] = deque()
+        self._unhashed: deque[tuple[str, Future, bool]] = deque()  # (name, digest job, holds a buffer)
+        self._buffers = 0  # jobs in `_unhashed` holding a tensor's memory; kernel copies hold none
+        self._flushed_to = self.data_start  # writeback started for the bytes before this offset
         self._chunk: memoryview | None = None  # the hashing thread's read-back buffer
 
     def _pwrite(self, view: memoryview, at: int) -> None:
@@ -164,7 +169,7 @@ class ShardWriter:
         if tuple(data.shape) != p.shape or data.dtype != p.dtype:
             raise AssertionError(f"{name}: got {tuple(data.shape)} {data.dtype}, planned {p.shape} {p.dtype}")
         at = self.data_start + self.offsets[name]
-        while len(self._unhashed) >= MAX_UNHASHED:
+        while self._buffers >= MAX_UNHASHED:
             self._settle_oldest()
         file_hash = None
         if self.hashed_to == self.offsets[name]:
@@ -175,19 +180,24 @@ class ShardWriter:
         if isinstance(data, SourceBytes):
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
-            job = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite)
+            job, holds = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite), False
         else:
             import torch
 
             t = data.detach().to("cpu").contiguous().reshape(-1)
             buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
             self._pwrite(buf, at)
-            job = self._lane.submit(_hash_buffer, buf, file_hash)
-        self._unhashed.append((name, job))
+            job, holds = self._lane.submit(_hash_buffer, buf, file_hash), True
+        self._unhashed.append((name, job, holds))
+        self._buffers += holds
         self.remaining.discard(name)
+        if at + p.nbytes - self._flushed_to >= WRITEBACK:
+            start_writeback(self.f.fileno(), self._flushed_to, at + p.nbytes - self._flushed_to)
+            self._flushed_to = at + p.nbytes
 
     def _settle_oldest(self) -> None:
-        name, job = self._unhashed.popleft()
+        name, job, holds = self._unhashed.popleft()
+        self._buffers -= holds
         self.digests[name] = job.result()
 
     def _hash_written(self, at: int, n: int, file_hash, finite: SourceBytes | None) -> str:
@@ -230,7 +240,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Stop hashing and close the file after a failure (the caller removes the output)."""
-        for _, job in self._unhashed:
+        for _, job, _ in self._unhashed:
             job.cancel()
         self._unhashed.clear()
         self._shutdown()
@@ -239,6 +249,34 @@ class ShardWriter:
 
     def _shutdown(self) -> None:
         self._lane.shutdown(wait=True)
+
+
+@functools.cache
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # a libc without it
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to start writing a byte range to disk now, without waiting (Linux's sync_file_range).
+
+    The disk then works while the next tensors are computed, and the fsync that ends each shard waits
+    only for the last few: a shard's writeback no longer starts when it is complete. Elsewhere a no-op.
+    """
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, n, _SYNC_FILE_RANGE_WRITE)  # advisory: an error leaves it to fsync
 
 
 def _hash_buffer(buf: memoryview, file_hash) -> str:
