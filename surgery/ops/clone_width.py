@@ -40,23 +40,21 @@ TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
                   extra_scale: float) -> torch.Tensor:
     import torch
-    std = float(t.float().std()) if noise and t.numel() > 1 else 0.0
-    own = False  # whether t is a tensor made here, so in-place arithmetic cannot touch an input
-    for axis in tiled:
-        t, own = torch.cat([t] * k, dim=axis), True
+    std = float(t.float().std()) if noise and input_axis is not None and t.numel() > 1 else 0.0
     if input_axis is not None:
-        t = t.div_(k) if own else t / k
-        own = True
-        if noise and std > 0:
-            shape = list(t.shape)
-            n = shape[input_axis] // k
-            blocks = shape[:input_axis] + [k, n] + shape[input_axis + 1:]
-            z = torch.randn(blocks, generator=generator(*seed), dtype=torch.float32).to(device=t.device, dtype=t.dtype)
-            z.sub_(z.mean(dim=input_axis, keepdim=True)).mul_(noise * std)  # sums to zero over the k blocks
-            t.add_(z.reshape(shape))
-            del z
+        t = t / k  # before tiling: k times fewer divisions, the same values
+    reps = [k if i in tiled else 1 for i in range(t.dim())]
+    t = t.repeat(reps)  # made here: the in-place arithmetic below touches no input
+    if input_axis is not None and noise and std > 0:
+        shape = list(t.shape)
+        n = shape[input_axis] // k
+        blocks = shape[:input_axis] + [k, n] + shape[input_axis + 1:]
+        z = torch.randn(blocks, generator=generator(*seed), dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        z.sub_(z.mean(dim=input_axis, keepdim=True)).mul_(noise * std)  # sums to zero over the k blocks
+        t.add_(z.reshape(shape))
+        del z
     if extra_scale != 1.0:
-        t = t.mul_(extra_scale) if own else t * extra_scale
+        t.mul_(extra_scale)
     return t
 
 
@@ -111,7 +109,7 @@ class CloneWidth(Op):
             seed = ctx.seed_parts(name, "clone")
             state.tensors[name] = node.map(
                 lambda t, tiled=tiled, ia=input_axis, seed=seed, extra=extra: _clone_tensor(t, tiled, ia, k, self.noise, seed, extra),
-                shape, label,
+                shape, label, kind="move" if input_axis is None and extra == 1.0 else None,  # a tiling only: any dtype
             )
             if gain_scale != 1.0:
                 state.tensors[name] = scale_gain(state.tensors[name], gain_scale, spec.arch, label)
