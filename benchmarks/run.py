@@ -496,6 +496,40 @@ def headline(results: list[dict]) -> list[str]:
     return out
 
 
+def scaling(results: list[dict], project_to: float = 140e9) -> list[str]:
+    """Each method's time as a start-up cost plus a streaming rate: a least-squares line through its
+    runs at every size (time over bytes read + written). The rate is what a 140 GB checkpoint pays;
+    the start-up is what dominates the small sizes."""
+    lines = []
+    for dtype in sorted({r["dtype"] for r in results}):
+        fits = {}
+        for m in METHODS:
+            pts = [(r["read_bytes"] + r["written_bytes"], r["total"], r["size"]) for r in results
+                   if r["dtype"] == dtype and r["method"] == m and r["rc"] == 0]
+            if len({p[2] for p in pts}) < 2:
+                continue
+            n = len(pts)
+            mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
+            moved_per_byte = max(pts, key=lambda p: p[2])
+            fits[m] = (my - slope * mx, slope, moved_per_byte[0] / moved_per_byte[2])
+        if "cp" not in fits:
+            continue
+        cp_slope = fits["cp"][1]
+        for m, (fixed, slope, moved) in fits.items():
+            at = project_to * moved
+            lines.append(f"| {dtype} | {LABELS[m]} | {fixed:.2f} | {slope * 1e9:.3f} | {f2(ratio(slope, cp_slope))} | "
+                         f"{(fixed + slope * at) / 60:.1f} | {cp_slope * at / 60:.1f} |")
+    if not lines:
+        return []
+    return ["## Start-up and streaming rate", "",
+            "A line through each method's runs at every size: time = start-up + bytes moved (read + written) x seconds per GB. "
+            "`rate / cp's` compares the slopes (what a large checkpoint pays per byte); the last columns project both lines to "
+            f"a {project_to / 1e9:.0f} GB checkpoint (bytes moved scaled as at the largest size measured).", "",
+            "| dtype | method | start-up (s) | s per GB moved | rate / cp's | 140 GB (min) | cp, same bytes (min) |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
+
+
 HEADER = ("| checkpoint | method | wall + sync (s) | read+written (GB) | MB/s | time / cp | time / cp, same bytes "
           "| peak RSS (MiB) | peak anon RSS (MiB) | naive peak / this | CPU s (user+sys) | CPU | load |")
 SEP = "|" + "---|" * 13
@@ -540,6 +574,7 @@ def render(results: list[dict], info: dict, args, notes: list[str], kept: str) -
         f"cp is run {args.cp_repeat} times and its median kept (its time varies with the page cache's state); "
         "every other row is one run.", "",
         HEADER, SEP, *rows, "",
+        *scaling(results),
         "## Headline", "", *headline(results), "",
         f"## Targets ({met} of {len(checks)} checks met)", "",
         "| target | case | measured | met |", "|---|---|---|---|",

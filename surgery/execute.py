@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,9 +107,14 @@ def source_bytes(reader, name: str) -> SourceBytes | None:
     return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextmanager
-def streaming_threads(busy: int):
-    """torch's CPU threads while a checkpoint streams: the cores the writer's own `busy` threads leave.
+def streaming_threads(busy: int, workers: int = 1):
+    """torch's CPU threads while a checkpoint streams: the cores the writer's own `busy` threads leave,
+    shared by the `workers` that compute tensors side by side.
 
     The writer and the hashing thread keep cores busy themselves; torch's threads waking on every
     element-wise op beside them cost more than they gave: on 2 cores a bf16 grow_heads spent 7.3 s of
@@ -117,12 +123,41 @@ def streaming_threads(busy: int):
     import torch
 
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(before, cores - busy)))
+    torch.set_num_threads(max(1, min(before, (cpu_cores() - busy) // workers)))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def computed_in_order(pool: ThreadPoolExecutor, compute, tensors: list[PlannedTensor], cost, workers: int, budget: int):
+    """(tensor, compute(tensor's name)) in the order given, with up to `workers` tensors computing ahead
+    of the one being consumed, as long as the tensors held (computing or being written) cost at most
+    `budget` bytes; one is always computing, whatever its cost."""
+    queue, pending = deque(tensors), deque()
+    held = 0
+
+    def submit(at_least_one: bool) -> None:
+        nonlocal held
+        while queue and len(pending) < workers:
+            c = cost(queue[0].name)
+            if held + c > budget and not (at_least_one and not pending):
+                break
+            p = queue.popleft()
+            held += c
+            pending.append((p, pool.submit(compute, p.name)))
+
+    submit(True)
+    try:
+        while pending:
+            p, fut = pending.popleft()
+            submit(False)  # computing while p is written
+            yield p, fut.result()
+            held -= cost(p.name)
+            submit(True)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
 
 
 def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -151,28 +186,27 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
+    # CPU-bound growths use both cores: two tensors computed side by side while the tensors held (computing
+    # or being written) add up to no more than the largest one alone; copies hold nothing.
+    workers = 2 if device.type == "cpu" and cpu_cores() >= 2 else 1
+    costs = {n: 0 if n in copies else node.numel * max(cd.itemsize, d.itemsize) for n, (node, d) in nodes.items()}
+    budget = max(costs.values(), default=0)
     digests: dict[str, str] = {}
     files: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
-    with ThreadPoolExecutor(max_workers=1) as pool, streaming_threads(busy=2):  # the writing and hashing threads
+    with ThreadPoolExecutor(max_workers=workers) as pool, streaming_threads(busy=2, workers=workers):
         for shard, fname in zip(shards, names):
             writer = ShardWriter(out_dir / fname, shard)
-            shard = layout_order(shard)
-            pending = [(p, pool.submit(compute, p.name)) for p in shard[:1]]  # one tensor computed ahead
-            queue = list(shard[1:])
+            stream = computed_in_order(pool, compute, layout_order(shard), costs.__getitem__, workers, budget)
             try:
-                while pending:
-                    p, fut = pending.pop(0)
-                    if queue:
-                        nxt = queue.pop(0)
-                        pending.append((nxt, pool.submit(compute, nxt.name)))
-                    writer.write(p.name, fut.result())
+                for p, data in stream:
+                    writer.write(p.name, data)
+                    del data
                     bar.update(p.nbytes)
                 file_digest = writer.close()
             except BaseException:
-                for _, fut in pending:
-                    fut.cancel()
+                stream.close()
                 writer.abort()
                 raise
             digests.update(writer.digests)
