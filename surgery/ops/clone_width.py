@@ -27,6 +27,7 @@ from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
+from . import moments
 from .base import Exactness, Op, OpContext, Promise
 from .residual import rescale_embedding
 from .slices import scale_gain
@@ -40,7 +41,7 @@ TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
                   extra_scale: float) -> torch.Tensor:
     import torch
-    std = float(t.float().std()) if noise and input_axis is not None and t.numel() > 1 else 0.0
+    std = moments.std_mean(t)[0] if noise and input_axis is not None and t.numel() > 1 else 0.0
     if input_axis is not None:
         t = t / k  # before tiling: k times fewer divisions, the same values
     reps = [k if i in tiled else 1 for i in range(t.dim())]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..lazy import LazyTensor, generator
+from . import moments
 from ..state import ModelState, NewSlice
 
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
@@ -43,12 +44,9 @@ class Fill:
         if self.kind == "mean":
             return old.mean(dim=axis, keepdim=True).expand(shape).clone()
         if self.kind == "const_mean":
-            return old.new_full(shape, float(old.float().mean()) if old.numel() else 1.0)
+            return old.new_full(shape, moments.mean(old) if old.numel() else 1.0)
         if self.kind == "random":
-            f = old.float()  # one float32 copy for both statistics (none when old is float32)
-            std = float(f.std()) if old.numel() > 1 else 0.02
-            mean = float(f.mean()) if old.numel() else 0.0
-            del f
+            std, mean = moments.std_mean(old) if old.numel() > 1 else (0.02, moments.mean(old) if old.numel() else 0.0)
             if not std > 0:
                 std = 0.02
             draw = torch.randn(shape, generator=generator(*self.seed), dtype=torch.float32)

@@ -39,6 +39,7 @@ from ..arch import ARCHITECTURES, MLP_ROLES, Architecture, Axis, TensorInfo, Ten
 from ..errors import SurgeryError
 from ..lazy import LazyTensor, constant, generator
 from ..state import ModelState, NewSlice
+from . import moments
 from .base import Exactness, Op, OpContext, Promise
 
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
@@ -191,8 +192,7 @@ class UpcycleMoe(Op):
         n_drop = round(ratio * inter)
 
         def make(t: torch.Tensor) -> torch.Tensor:
-            std = float(t.float().std()) if t.numel() > 1 else 0.0
-            mean = float(t.float().mean())
+            std, mean = moments.std_mean(t) if t.numel() > 1 else (0.0, moments.mean(t))
             y = t * scale  # a new tensor, in the compute dtype: copied neurons keep every bit
             if n_drop:
                 idx = torch.randperm(inter, generator=generator(*drop_seed))[:n_drop].to(t.device)
