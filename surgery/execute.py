@@ -131,30 +131,31 @@ def streaming_threads(busy: int, workers: int = 1):
 
 
 def computed_in_order(pool: ThreadPoolExecutor, compute, tensors: list[PlannedTensor], cost, workers: int, budget: int):
-    """(tensor, compute(tensor's name)) in the order given, with up to `workers` tensors computing ahead
-    of the one being consumed, as long as the tensors held (computing or being written) cost at most
-    `budget` bytes; one is always computing, whatever its cost."""
+    """(tensor, compute(tensor's name)) in the order given, computed ahead of the one being consumed by up
+    to `workers` threads. One tensor always computes while the previous is consumed, as a single worker
+    did; more compute beside it only while the costs of those computing add up to at most `budget`."""
     queue, pending = deque(tensors), deque()
-    held = 0
+    computing = 0
 
-    def submit(at_least_one: bool) -> None:
-        nonlocal held
+    def submit() -> None:
+        nonlocal computing
         while queue and len(pending) < workers:
             c = cost(queue[0].name)
-            if held + c > budget and not (at_least_one and not pending):
+            if pending and computing + c > budget:
                 break
             p = queue.popleft()
-            held += c
+            computing += c
             pending.append((p, pool.submit(compute, p.name)))
 
-    submit(True)
+    submit()
     try:
         while pending:
             p, fut = pending.popleft()
-            submit(False)  # computing while p is written
-            yield p, fut.result()
-            held -= cost(p.name)
-            submit(True)
+            data = fut.result()
+            computing -= cost(p.name)
+            submit()  # the next ones compute while this one is written
+            yield p, data
+            del data
     finally:
         for _, fut in pending:
             fut.cancel()
@@ -186,8 +187,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
 
-    # CPU-bound growths use both cores: two tensors computed side by side while the tensors held (computing
-    # or being written) add up to no more than the largest one alone; copies hold nothing.
+    # CPU-bound growths use both cores: a second tensor computes beside the first while the two cost no
+    # more than the largest tensor alone (memory stays the single worker's); copies cost nothing.
     workers = 2 if device.type == "cpu" and cpu_cores() >= 2 else 1
     costs = {n: 0 if n in copies else node.numel * max(cd.itemsize, d.itemsize) for n, (node, d) in nodes.items()}
     budget = max(costs.values(), default=0)
