@@ -120,3 +120,33 @@ def test_a_nan_in_a_kernel_copied_tensor_is_refused_and_nothing_is_written(tmp_p
     assert "'model.layers.1.mlp.down_proj.weight' holds 2 NaN/Inf value(s)" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and copied, "the tensor was copied by the kernel, checked from its bytes"
 
+
+
+def test_tensors_computed_ahead_arrive_in_order_within_the_worker_and_memory_budget():
+    """Two workers compute side by side only while their costs fit the budget; one always computes
+    while the previous tensor is consumed; the order is the layout's."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgery.execute import computed_in_order
+
+    costs = {"a": 10, "b": 4, "c": 4, "d": 10, "e": 1, "f": 1, "g": 1}
+    planned = [writer.PlannedTensor(n, (costs[n],), torch.float32) for n in costs]
+    lock, running, seen = threading.Lock(), set(), []
+
+    def compute(name):
+        with lock:
+            running.add(name)
+            seen.append(set(running))
+        time.sleep(0.02)
+        with lock:
+            running.discard(name)
+        return name.upper()
+
+    with ThreadPoolExecutor(2) as pool:
+        out = [(p.name, data) for p, data in computed_in_order(pool, compute, planned, costs.__getitem__, 2, 10)]
+    assert out == [(n, n.upper()) for n in costs]
+    assert all(len(s) <= 2 for s in seen)
+    assert all(sum(costs[n] for n in s) <= 10 or len(s) == 1 for s in seen)  # a lone tensor may exceed it
+    assert any(len(s) == 2 for s in seen)  # b with c, e with f: side by side
