@@ -150,3 +150,22 @@ def test_tensors_computed_ahead_arrive_in_order_within_the_worker_and_memory_bud
     assert all(len(s) <= 2 for s in seen)
     assert all(sum(costs[n] for n in s) <= 10 or len(s) == 1 for s in seen)  # a lone tensor may exceed it
     assert any(len(s) == 2 for s in seen)  # b with c, e with f: side by side
+
+
+def test_writeback_is_started_over_the_written_bytes_in_order_and_the_shard_reads_back(tmp_path, monkeypatch):
+    calls = []
+    real = writer.start_writeback
+    monkeypatch.setattr(writer, "WRITEBACK", 4096)
+    monkeypatch.setattr(writer, "start_writeback", lambda fd, at, n: (calls.append((at, n)), real(fd, at, n)))
+    tensors = {f"t{i}": torch.randn(300 + 7 * i) for i in range(12)}
+    planned = [writer.PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    w = writer.ShardWriter(tmp_path / "model.safetensors", planned)
+    for p in writer.layout_order(planned):
+        w.write(p.name, tensors[p.name])
+    w.close()
+    assert calls and calls[0][0] == w.data_start
+    assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))  # contiguous, ascending, each range once
+    assert calls[-1][0] + calls[-1][1] <= (tmp_path / "model.safetensors").stat().st_size
+    from safetensors.torch import load_file
+    back = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(back[n], t) for n, t in tensors.items())
