@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -498,7 +499,7 @@ def headline(results: list[dict]) -> list[str]:
 
 def scaling(results: list[dict], project_to: float = 140e9) -> list[str]:
     """Each method's time as a start-up cost plus a streaming rate: a least-squares line through its
-    runs at every size (time over bytes read + written). The rate is what a 140 GB checkpoint pays;
+    runs at every size (time over bytes read + written). The rate is what a large checkpoint pays;
     the start-up is what dominates the small sizes."""
     lines = []
     for dtype in sorted({r["dtype"] for r in results}):
@@ -508,11 +509,9 @@ def scaling(results: list[dict], project_to: float = 140e9) -> list[str]:
                    if r["dtype"] == dtype and r["method"] == m and r["rc"] == 0]
             if len({p[2] for p in pts}) < 2:
                 continue
-            n = len(pts)
-            mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
-            moved_per_byte = max(pts, key=lambda p: p[2])
-            fits[m] = (my - slope * mx, slope, moved_per_byte[0] / moved_per_byte[2])
+            slope, start_up = statistics.linear_regression([p[0] for p in pts], [p[1] for p in pts])
+            moved, _, size = max(pts, key=lambda p: p[2])
+            fits[m] = (start_up, slope, moved / size)
         if "cp" not in fits:
             continue
         cp_slope = fits["cp"][1]
@@ -526,7 +525,7 @@ def scaling(results: list[dict], project_to: float = 140e9) -> list[str]:
             "A line through each method's runs at every size: time = start-up + bytes moved (read + written) x seconds per GB. "
             "`rate / cp's` compares the slopes (what a large checkpoint pays per byte); the last columns project both lines to "
             f"a {project_to / 1e9:.0f} GB checkpoint (bytes moved scaled as at the largest size measured).", "",
-            "| dtype | method | start-up (s) | s per GB moved | rate / cp's | 140 GB (min) | cp, same bytes (min) |",
+            f"| dtype | method | start-up (s) | s per GB moved | rate / cp's | {project_to / 1e9:.0f} GB (min) | cp, same bytes (min) |",
             "|---|---|---|---|---|---|---|", *lines, ""]
 
 

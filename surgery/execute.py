@@ -112,6 +112,18 @@ def cpu_cores() -> int:
 
 
 @contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to `n` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def streaming_threads(busy: int, workers: int = 1):
     """torch's CPU threads while a checkpoint streams: the cores the writer's own `busy` threads leave,
     shared by the `workers` that compute tensors side by side.
@@ -122,12 +134,7 @@ def streaming_threads(busy: int, workers: int = 1):
     """
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (cpu_cores() - busy) // workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(max(1, min(torch.get_num_threads(), (cpu_cores() - busy) // workers)))
 
 
 def computed_in_order(pool: ThreadPoolExecutor, compute, tensors: list[PlannedTensor], cost, workers: int, budget: int):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from surgery.execute import torch_threads
 from surgery.ops import moments
 from surgery.ops.slices import Fill, scatter_axis
 
@@ -11,12 +12,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def with_threads(n: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(n):
         return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 @st.composite

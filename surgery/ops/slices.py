@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..lazy import LazyTensor, generator
-from . import moments
 from ..state import ModelState, NewSlice
+from . import moments
 
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
