@@ -110,7 +110,7 @@ def run(
             copies = {src: out for out, src in byte_copies(p.final, out_spec.dtype).items()}
             reader = SourceDigest(p.checkpoint, copies)
             written = write_weights(p.final, reader, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-            reader.adopt(written.tensors)
+            reader.adopt(written.tensors, written.sources)
             write_config(p.final, tmp, out_spec.dtype)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)

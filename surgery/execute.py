@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from .finite import tensor_non_finite
 from .lazy import LazyTensor, evaluate, storage_exact
-from .io.writer import PlannedTensor, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names, write_index
+from .io.writer import (PlannedTensor, Pieces, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names,
+                        write_index)
 from .modeling import MODELING_FILE, patched_output_config
 from .state import ModelState
 
@@ -36,6 +37,7 @@ NOT_COPIED = {"config.json", "README.md", ".gitattributes", "surgery_report.json
 class Written:
     tensors: dict[str, str]  # tensor name -> digest of its bytes (`io.digest`)
     files: dict[str, str] = field(default_factory=dict)  # file -> digest, where computed while writing
+    sources: dict[str, str] = field(default_factory=dict)  # source tensor -> digest, for those only copied in pieces
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,6 +107,78 @@ def source_bytes(reader, name: str) -> SourceBytes | None:
     for s in meta.shape:
         n *= s
     return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
+
+
+MIN_PIECE = 8 << 10  # kept runs shorter than this (bytes, on average) are moved through memory: a kernel call each costs more
+
+
+@dataclass(frozen=True)
+class KeptLayout:
+    """Where a growth's kept entries and new entries lie in its output's bytes (`Pieces` once the fill is computed)."""
+    source: SourceBytes
+    copies: list[tuple[int, int, int]]  # (offset in the source tensor, offset in the output, bytes)
+    new: list[tuple[int, int, int, int]]  # (outer block, first new entry, offset in the output, entries)
+    unit: int  # bytes of one entry along the axis
+
+
+def kept_layout(node: LazyTensor, d: torch.dtype, reader) -> KeptLayout | None:
+    """The byte layout of a growth of a stored tensor kept in its dtype (`AxisGrowth` over a read of it),
+    or None where it must be computed: another op in between, a dtype change, reordered entries, short runs."""
+    g = node.growth
+    if g is None or len(node.inputs) != 1 or node.inputs[0].fn is not None or node.inputs[0].dtype != d:
+        return None
+    src = node.inputs[0]
+    if any(b <= a for a, b in zip(g.dest, g.dest[1:])):
+        return None
+    sb = source_bytes(reader, src.source)
+    if sb is None or sb.dtype != d or not sb.nbytes:
+        return None
+    outer, unit = 1, d.itemsize
+    for s in src.shape[:g.axis]:
+        outer *= s
+    for s in src.shape[g.axis + 1:]:
+        unit *= s
+    old_n, new_n = src.shape[g.axis], g.new_size
+    runs: list[tuple[bool, int, int, int]] = []  # (kept, first old entry or first new entry, position, length)
+    i = pos = made = 0
+    while pos < new_n:
+        if i < old_n and g.dest[i] == pos:
+            j = i
+            while j + 1 < old_n and g.dest[j + 1] == g.dest[j] + 1:
+                j += 1
+            runs.append((True, i, pos, j - i + 1))
+            i, pos = j + 1, pos + j - i + 1
+        else:
+            end = g.dest[i] if i < old_n else new_n
+            runs.append((False, made, pos, end - pos))
+            made, pos = made + end - pos, end
+    kept = [r for r in runs if r[0]]
+    if sb.nbytes < MIN_PIECE * outer * len(kept):
+        return None
+    copies = [(o * old_n * unit + i * unit, o * new_n * unit + p * unit, n * unit) for o in range(outer) for _, i, p, n in kept]
+    new = [(o, k, o * new_n * unit + p * unit, n) for o in range(outer) for is_kept, k, p, n in runs if not is_kept]
+    return KeptLayout(sb, copies, new, unit)
+
+
+def grown_pieces(node: LazyTensor, layout: KeptLayout, reader, device: torch.device, cd: torch.dtype, d: torch.dtype) -> Pieces:
+    """A growth written as its source's bytes plus the new entries, computed exactly as `evaluate` computes
+    them (same device and dtype); a zero fill is left to the file, which reads zero where never written."""
+    g = node.growth
+    src = node.inputs[0]
+    data: list[tuple[int, memoryview]] = []
+    if g.fill.kind != "zeros":
+        cdt = d if storage_exact(node, d) else cd
+        shape = list(src.shape)
+        shape[g.axis] = g.new_size - len(g.dest)
+        if g.fill.reads_values:  # read through the run's reader: checked finite and hashed there
+            vals = g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis])
+        else:
+            vals = g.fill.constant(shape, cdt, device)
+        vals = vals.to(dtype=cdt).to(dtype=d).to("cpu").contiguous()
+        flat = memoryview(vals.reshape(-1).view(torch.uint8).numpy())
+        block = shape[g.axis] * layout.unit  # one outer block's new entries
+        data = [(at, flat[o * block + k * layout.unit:o * block + (k + n) * layout.unit]) for o, k, at, n in layout.new]
+    return Pieces(layout.source, node.shape, d, layout.copies, data, checked=g.fill.reads_values)
 
 
 def cpu_cores() -> int:
@@ -186,10 +260,15 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     nodes = {n: (node, d) for n, node, d in tensors}
     copies = byte_copies(state, dtype)
 
-    def compute(name: str) -> torch.Tensor | SourceBytes:
+    layouts = {n: kept_layout(node, d, reader.reader) for n, (node, d) in nodes.items() if n not in copies}
+    layouts = {n: lay for n, lay in layouts.items() if lay is not None}
+
+    def compute(name: str) -> torch.Tensor | SourceBytes | Pieces:
         node, d = nodes[name]
         if name in copies:  # untouched tensor: the kernel copies its bytes where the source has them in a file
             return source_bytes(reader.reader, node.source) or reader.load(node.source)
+        if name in layouts:  # a growth: the kernel copies the kept entries, only the new ones are computed
+            return grown_pieces(node, layouts[name], reader, device, cd, d)
         # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
         t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
         return t.to(dtype=d) if t.is_floating_point() else t
@@ -198,9 +277,13 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     # more than the largest tensor alone (memory stays the single worker's); copies cost nothing.
     workers = 2 if device.type == "cpu" and cpu_cores() >= 2 else 1
     costs = {n: 0 if n in copies else node.numel * max(cd.itemsize, d.itemsize) for n, (node, d) in nodes.items()}
+    for n, lay in layouts.items():  # what a growth written in pieces holds: its new entries, and its source if read
+        node, d = nodes[n]
+        costs[n] = (node.numel - node.inputs[0].numel) * max(cd.itemsize, d.itemsize) + lay.source.nbytes * node.growth.fill.reads_values
     budget = max(costs.values(), default=0)
     digests: dict[str, str] = {}
     files: dict[str, str] = {}
+    sources: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool, streaming_threads(busy=2, workers=workers):
@@ -218,11 +301,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
                 writer.abort()
                 raise
             digests.update(writer.digests)
+            sources.update(writer.source_digests)
             if file_digest:
                 files[fname] = file_digest
     bar.close()
     write_index(out_dir, shards, names)
-    return Written(digests, files)
+    return Written(digests, files, sources)
 
 
 def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:

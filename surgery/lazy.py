@@ -31,6 +31,9 @@ class LazyTensor:
     # input elements and fixed values (0, 1) only; "stats_fill" also fills from fp32 statistics of
     # its input, rounded once; None: arithmetic, evaluated in the compute dtype.
     kind: str | None = field(default=None, repr=False)
+    # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.AxisGrowth`):
+    # the writer then copies the kept elements' bytes from the source file instead of computing them.
+    growth: object | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:

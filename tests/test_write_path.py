@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from blake3 import blake3
+from hypothesis import given, settings, strategies as st
 
 from conftest import save_checkpoint
 from factories import make_config, make_model
-from surgery import api
+from surgery import api, execute
+from surgery.card import HASH_COVERS, source_content_hash
 from surgery.execute import compute_dtype_for, output_tensors
 from surgery.io import writer
 from surgery.io.checkpoint import read_safetensors_header
 from surgery.lazy import evaluate, storage_exact
+from surgery.ops.slices import Fill
 
 GROWTHS = """\
 name: grow
@@ -56,11 +59,18 @@ def source(request, tmp_path) -> Path:
     return save_checkpoint(model.to(request.param), tmp_path / "src")
 
 
-def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp_path):
-    """Every output tensor equals evaluating its graph in the compute dtype and rounding once; hashes match."""
+@pytest.mark.parametrize("pieces", [False, True], ids=["computed", "in-pieces"])
+def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp_path, monkeypatch, pieces):
+    """Every output tensor equals evaluating its graph in the compute dtype and rounding once; hashes match.
+    In pieces: growths of stored tensors are written as kernel copies of the kept bytes plus the new entries."""
+    used = []
+    real = execute.grown_pieces
+    monkeypatch.setattr(execute, "grown_pieces", lambda node, *a: used.append(node) or real(node, *a))
+    monkeypatch.setattr(execute, "MIN_PIECE", 0 if pieces else 1 << 60)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GROWTHS.format(src=source, out=tmp_path / "out"))
     result = api.run(recipe, verify=False)
+    assert len(used) >= 8 if pieces else not used
     out = tmp_path / "out"
     p = api.plan(recipe)
     cd = compute_dtype_for(p.final)
@@ -77,6 +87,7 @@ def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp
     assert report["tensor_blake3"] == {n: blake3(b).hexdigest() for n, b in written.items()}
     for f in out.glob("*.safetensors"):
         assert report["files_blake3"][f.name] == blake3(f.read_bytes()).hexdigest()
+    assert f"# source content blake3 ({HASH_COVERS}): {source_content_hash(source)}" in (out / "surgery_recipe.yaml").read_text()
     assert result.output == out or out.is_dir()
 
 
@@ -119,6 +130,29 @@ def test_a_nan_in_a_kernel_copied_tensor_is_refused_and_nothing_is_written(tmp_p
     err = capsys.readouterr().err
     assert "'model.layers.1.mlp.down_proj.weight' holds 2 NaN/Inf value(s)" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and copied, "the tensor was copied by the kernel, checked from its bytes"
+
+
+@pytest.mark.parametrize("tensor", ["down_proj", "gate_proj"])
+def test_a_nan_in_a_growth_written_in_pieces_is_refused_by_name(tmp_path, capsys, monkeypatch, tensor):
+    """down_proj's zero fill never reads the source: the read-back checks its copied bytes; gate_proj's
+    random fill reads it, checked as it is read."""
+    from surgery.cli import main
+
+    model = make_model(make_config("llama", vocab=96, hidden_heads=4, kv_heads=2, head_dim=8), dtype=torch.float32)
+    with torch.no_grad():
+        getattr(model.model.layers[1].mlp, tensor).weight[3, 5] = float("nan")
+    src = save_checkpoint(model, tmp_path / "src")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: grow\nsource: {src}\nops:\n  - op: grow_mlp\n    intermediate_size: x2\n")
+    used = []
+    real = execute.grown_pieces
+    monkeypatch.setattr(execute, "grown_pieces", lambda node, *a: used.append(node) or real(node, *a))
+    monkeypatch.setattr(execute, "MIN_PIECE", 0)
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"'model.layers.1.mlp.{tensor}.weight' holds 1 NaN/Inf value(s)" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and used
 
 
 
@@ -169,3 +203,62 @@ def test_writeback_is_started_over_the_written_bytes_in_order_and_the_shard_read
     from safetensors.torch import load_file
     back = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(back[n], t) for n, t in tensors.items())
+
+
+@st.composite
+def growths(draw):
+    """A stored tensor, an axis, ascending old positions with gaps anywhere, and a fill."""
+    rank = draw(st.integers(1, 3))
+    shape = [draw(st.integers(1, 6)) for _ in range(rank)]
+    axis = draw(st.integers(0, rank - 1))
+    new_size = shape[axis] + draw(st.integers(1, 5))
+    dest = sorted(draw(st.permutations(range(new_size)))[:shape[axis]])
+    fill = draw(st.sampled_from([Fill("zeros"), Fill("ones"), Fill("const", value=0.3), Fill("random", ("t", 1)),
+                                 Fill("mean"), Fill("const_mean")]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31)))).to(dtype)
+    return values, axis, new_size, dest, fill
+
+
+@given(growths())
+@settings(max_examples=60, deadline=None)
+def test_a_growth_written_in_pieces_holds_the_bytes_of_its_computation_and_its_source_digest(tmp_path_factory, case):
+    """Kernel-copied kept entries + computed new entries (zeros left to the file) = evaluating the growth;
+    where the fill never read the source, the read-back digests its bytes and checks them."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.lazy import read
+    from surgery.ops.slices import grow_axis
+
+    values, axis, new_size, dest, fill = case
+    d = values.dtype
+    tmp = tmp_path_factory.mktemp("pieces")
+    save_file({"pad": torch.zeros(3, dtype=torch.int8), "w": values}, tmp / "model.safetensors")
+    (tmp / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp)
+    state = SimpleNamespace(tensors={"w": read("w", values.shape, d)}, new_slices=[])
+    grow_axis(state, "w", axis, new_size, dest, fill, "grow")
+    node = state.tensors["w"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(execute, "MIN_PIECE", 0)  # these tensors are tiny: every run is "short"
+        layout = execute.kept_layout(node, d, ckpt)
+    assert layout is not None and sum(n for *_, n in layout.copies) == values.numel() * d.itemsize
+    pieces = execute.grown_pieces(node, layout, ckpt, torch.device("cpu"), torch.float32, d)
+    w = writer.ShardWriter(tmp / "out.safetensors", [writer.PlannedTensor("w", node.shape, d)])
+    w.write("w", pieces)
+    w.close()
+    expected = evaluate(node, ckpt, torch.device("cpu"), d if storage_exact(node, d) else torch.float32).to(d)
+    got = tensor_bytes_of(tmp / "out.safetensors")["w"]
+    assert got == as_bytes(expected)
+    assert w.digests["w"] == blake3(got).hexdigest()
+    assert w.source_digests == ({} if fill.reads_values else {"w": blake3(as_bytes(values)).hexdigest()})
+
+
+def tensor_bytes_of(file: Path) -> dict[str, bytes]:
+    header = read_safetensors_header(file)
+    raw = file.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    return {n: raw[start + i["data_offsets"][0]:start + i["data_offsets"][1]] for n, i in header.items() if n != "__metadata__"}

@@ -224,11 +224,14 @@ class SourceDigest:
             self.digests[name] = tensor_digest(t)
         return t
 
-    def adopt(self, written: dict[str, str]) -> None:
-        """Take the digests of byte-for-byte copies from the writer's per-tensor digests (output name -> digest)."""
+    def adopt(self, written: dict[str, str], sources: dict[str, str] | None = None) -> None:
+        """Take the digests of byte-for-byte copies from the writer's per-tensor digests (output name -> digest),
+        and those of sources it copied in pieces and hashed from the written bytes (source name -> digest)."""
         for src, out in self.copies.items():
             if src not in self.digests and out in written:
                 self.digests[src] = written[out]
+        for src, d in (sources or {}).items():
+            self.digests.setdefault(src, d)
         self.copies = {}
 
     def content_hash(self, config_file: Path) -> str:

@@ -91,6 +91,24 @@ class SourceBytes:
     shape: tuple[int, ...]
 
 
+@dataclass
+class Pieces:
+    """A tensor written as byte ranges: its source's kept bytes copied by the kernel, new values from memory.
+
+    `copies` are (offset in the source tensor, offset in this tensor, length), ascending in both;
+    `data` are (offset in this tensor, bytes) and cover the rest, except ranges left to hold zeros
+    (a shard is created at its full size, so bytes never written read as zeros). `checked`: the
+    source was read, checked finite and hashed on the way (its values fed the fill); otherwise the
+    read-back that digests the tensor also digests and checks the copied ranges, as for a whole copy.
+    """
+    source: SourceBytes
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    copies: list[tuple[int, int, int]]
+    data: list[tuple[int, memoryview]]
+    checked: bool
+
+
 CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffer it reuses
 MAX_UNHASHED = 2  # written tensors whose buffers wait for the hashing thread (bounds memory to ~2 tensors)
 WRITEBACK = 64 << 20  # bytes written before the kernel is told to start putting them on disk
@@ -100,24 +118,29 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, n: int) -> None:
     """Copy n bytes of `src` into `dst_fd` at `dst_offset` inside the kernel (copy_file_range), else with sendfile."""
     with open(src, "rb", buffering=0) as f:
-        fd, done = f.fileno(), 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                while done < n:
-                    k = os.copy_file_range(fd, dst_fd, n - done, src_offset + done, dst_offset + done)
-                    if not k:
-                        raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
-                    done += k
-                return
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
-        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
-        while done < n:
-            k = os.sendfile(dst_fd, fd, src_offset + done, n - done)
-            if not k:
-                raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
-            done += k
+        copy_fd_range(f.fileno(), src, src_offset, dst_fd, dst_offset, n)
+
+
+def copy_fd_range(fd: int, src: Path, src_offset: int, dst_fd: int, dst_offset: int, n: int) -> None:
+    """`copy_range` from an open source file `fd` (`src` names it in errors)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < n:
+                k = os.copy_file_range(fd, dst_fd, n - done, src_offset + done, dst_offset + done)
+                if not k:
+                    raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+                done += k
+            return
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+    while done < n:
+        k = os.sendfile(dst_fd, fd, src_offset + done, n - done)
+        if not k:
+            raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+        done += k
 
 
 class ShardWriter:
@@ -152,6 +175,7 @@ class ShardWriter:
         self.file_hash = digest.new(head)
         self.hashed_to = 0  # data bytes hashed so far, in order; None once a tensor arrived out of order
         self.digests: dict[str, str] = {}  # tensor name -> digest of its bytes, complete after close()
+        self.source_digests: dict[str, str] = {}  # source tensor name -> digest, for sources written in `Pieces`
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="hash")  # FIFO: the file digest sees layout order
         self._unhashed: deque[tuple[str, Future, bool]] = deque()  # (name, digest job, holds a buffer)
         self._buffers = 0  # jobs in `_unhashed` holding a tensor's memory; kernel copies hold none
@@ -163,7 +187,7 @@ class ShardWriter:
         while done < len(view):
             done += os.pwrite(fd, view[done:], at + done)
 
-    def write(self, name: str, data: "torch.Tensor | SourceBytes") -> None:
+    def write(self, name: str, data: "torch.Tensor | SourceBytes | Pieces") -> None:
         """Write one tensor's bytes at its offset; their digest lands in `digests` (recorded in the report)."""
         p = self.planned[name]
         if tuple(data.shape) != p.shape or data.dtype != p.dtype:
@@ -181,6 +205,15 @@ class ShardWriter:
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
             job, holds = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite), False
+        elif isinstance(data, Pieces):
+            src = data.source
+            with open(src.file, "rb", buffering=0) as f:
+                for s_at, t_at, n in data.copies:
+                    copy_fd_range(f.fileno(), src.file, src.offset + s_at, self.f.fileno(), at + t_at, n)
+            for t_at, view in data.data:
+                self._pwrite(view, at + t_at)
+            kept = None if data.checked else [(at + t_at, at + t_at + n) for _, t_at, n in data.copies]
+            job, holds = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, None if data.checked else src, kept), False
         else:
             import torch
 
@@ -200,12 +233,17 @@ class ShardWriter:
         self._buffers -= holds
         self.digests[name] = job.result()
 
-    def _hash_written(self, at: int, n: int, file_hash, finite: SourceBytes | None) -> str:
+    def _hash_written(self, at: int, n: int, file_hash, finite: SourceBytes | None,
+                      kept: list[tuple[int, int]] | None = None) -> str:
         """The digest of the written bytes [at, at + n), read back once: they also feed `file_hash` (when
-        in layout order) and are checked finite when `finite` names their source."""
+        in layout order) and are checked finite when `finite` names their source: all of them, or only
+        the `kept` file ranges (ascending) that hold the source's bytes, whose own digest is then recorded
+        as the source tensor's."""
         if self._chunk is None:
             self._chunk = memoryview(bytearray(CHUNK))
         view, h, bad = self._chunk, digest.new(), 0
+        source_hash = digest.new() if kept is not None else None
+        kept = deque(kept or ())
         with open(self.path, "rb", buffering=0) as f:
             f.seek(at)
             done = 0
@@ -219,12 +257,25 @@ class ShardWriter:
                 h.update(view[:want])
                 if file_hash is not None:
                     file_hash.update(view[:want])
-                if finite is not None:
+                if source_hash is not None:
+                    lo = at + done
+                    while kept and kept[0][0] < lo + want:
+                        a, b = kept[0]
+                        part = view[max(a, lo) - lo:min(b, lo + want) - lo]
+                        source_hash.update(part)
+                        if finite.dtype.is_floating_point:
+                            bad += _non_finite(part, finite.dtype)
+                        if b > lo + want:
+                            break
+                        kept.popleft()
+                elif finite is not None:
                     bad += _non_finite(view[:want], finite.dtype)
                 done += want
         if bad:
             raise SurgeryError(f"tensor {finite.name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
                                where=str(finite.file.parent))
+        if source_hash is not None:
+            self.source_digests[finite.name] = source_hash.hexdigest()
         return h.hexdigest()
 
     def close(self) -> str | None:

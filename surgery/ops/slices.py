@@ -31,16 +31,21 @@ class Fill:
     seed: tuple = ()
     value: float = 0.0  # for "const"
 
+    @property
+    def reads_values(self) -> bool:
+        """Whether the fill depends on the old entries' values (else only on shape and dtype)."""
+        return self.kind not in CONSTANT_FILLS
+
+    def constant(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        import torch
+        return torch.full(tuple(shape), {"zeros": 0.0, "ones": 1.0}.get(self.kind, self.value), dtype=dtype, device=device)
+
     def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
         import torch
         shape = list(old.shape)
         shape[axis] = n
-        if self.kind == "zeros":
-            return old.new_zeros(shape)
-        if self.kind == "ones":
-            return old.new_ones(shape)
-        if self.kind == "const":
-            return old.new_full(shape, self.value)
+        if not self.reads_values:
+            return self.constant(shape, old.dtype, old.device)
         if self.kind == "mean":
             return old.mean(dim=axis, keepdim=True).expand(shape).clone()
         if self.kind == "const_mean":
@@ -54,6 +59,7 @@ class Fill:
         raise ValueError(self.kind)
 
 
+CONSTANT_FILLS = ("zeros", "ones", "const")
 MOVES = ("zeros", "ones")  # fills of fixed values: exact in any dtype
 STATS_FILLS = ("random",)  # drawn in float32 from the input's float32 statistics, rounded once
 
@@ -89,6 +95,17 @@ def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor
     return out
 
 
+@dataclass(frozen=True)
+class AxisGrowth:
+    """What `scatter_axis` does to a tensor, as data: old entry i goes to position dest[i] of an axis
+    of new_size, the rest take `fill`. The writer reads it to copy the old entries' bytes by kernel."""
+
+    axis: int
+    new_size: int
+    dest: tuple[int, ...]
+    fill: Fill
+
+
 def fill_kind(fill: Fill) -> str | None:
     """The `LazyTensor.kind` of a growth with this fill (None: evaluated in the compute dtype)."""
     return "move" if fill.kind in MOVES else "stats_fill" if fill.kind in STATS_FILLS else None
@@ -118,8 +135,9 @@ def grow_axis(
     shape = list(node.shape)
     shape[axis] = new_size
     dest_t = torch.tensor(dest, dtype=torch.long)
-    state.tensors[name] = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label,
-                                   kind=fill_kind(fill))
+    grown = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label, kind=fill_kind(fill))
+    grown.growth = AxisGrowth(axis, new_size, tuple(dest), fill)
+    state.tensors[name] = grown
     for s in state.new_slices:
         if s.tensor == name and s.axis == axis:
             s.index = [dest[i] for i in s.index]
