@@ -130,9 +130,6 @@ def kept_layout(node: LazyTensor, d: torch.dtype, reader) -> KeptLayout | None:
     src = node.inputs[0]
     if any(b <= a for a, b in zip(g.dest, g.dest[1:])):
         return None
-    sb = source_bytes(reader, src.source)
-    if sb is None or sb.dtype != d or not sb.nbytes:
-        return None
     outer, unit = 1, d.itemsize
     for s in src.shape[:g.axis]:
         outer *= s
@@ -153,7 +150,10 @@ def kept_layout(node: LazyTensor, d: torch.dtype, reader) -> KeptLayout | None:
             runs.append((False, made, pos, end - pos))
             made, pos = made + end - pos, end
     kept = [r for r in runs if r[0]]
-    if sb.nbytes < MIN_PIECE * outer * len(kept):
+    if not src.numel or src.numel * d.itemsize < MIN_PIECE * outer * len(kept):
+        return None
+    sb = source_bytes(reader, src.source)
+    if sb is None or sb.dtype != d:
         return None
     copies = [(o * old_n * unit + i * unit, o * new_n * unit + p * unit, n * unit) for o in range(outer) for _, i, p, n in kept]
     new = [(o, k, o * new_n * unit + p * unit, n) for o in range(outer) for is_kept, k, p, n in runs if not is_kept]

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import save_checkpoint
 from factories import make_config, make_model
 from surgery import api
+from surgery.card import source_content_hash
 from surgery.cli import main
 from surgery.verify import license_text
 
@@ -283,8 +284,6 @@ def recorded_hash(out: Path) -> str:
 @pytest.mark.parametrize("dtype,flags", [("float32", ()), ("bfloat16", ("--set", "output.dtype=float32"))],
                          ids=["copies-adopt-the-writer-digest", "converted-hashed-as-read"])
 def test_source_hash_changes_when_one_weight_byte_changes_and_equals_a_fresh_hash(tmp_path, dtype, flags):
-    from surgery.card import source_content_hash
-
     src = source(tmp_path, "llama")
     if dtype != "float32":
         sd = {k: v.to(getattr(torch, dtype)) for k, v in load_file(src / "model.safetensors").items()}
@@ -301,7 +300,10 @@ def test_source_hash_changes_when_one_weight_byte_changes_and_equals_a_fresh_has
     assert code == 0 and recorded_hash(out) != first
 
 
-def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pieces", [False, True], ids=["computed", "in-pieces"])
+def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypatch, pieces):
+    """Each source tensor is read at most once; kernel-copied ones are hashed from the output's bytes.
+    In pieces, grow_mlp's gate/up are read once (their fill draws from them) and copied; down_proj only copied."""
     from surgery.io import checkpoint
 
     src = source(tmp_path, "llama", tied=True)
@@ -321,9 +323,16 @@ def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypat
     kernel: set[str] = set()  # untouched tensors: copied by the kernel, hashed from the output's bytes
     real_bytes = execute.source_bytes
     monkeypatch.setattr(execute, "source_bytes", lambda r, name: kernel.add(name) or real_bytes(r, name))
+    monkeypatch.setattr(execute, "MIN_PIECE", 0 if pieces else 1 << 60)
     code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
     assert code == 0
-    assert reads and max(reads.values()) == 1 and kernel and not kernel & set(reads) and set(reads) | kernel == set(sd)
+    assert reads and max(reads.values()) == 1 and kernel and set(reads) | kernel == set(sd)
+    mlp, grown = {n for n in sd if ".mlp." in n}, set(reads) - {"lm_head.weight"}  # lm_head: read by the hash alone
+    if pieces:
+        assert mlp <= kernel and grown == {n for n in mlp if "down_proj" not in n}
+    else:
+        assert not kernel & set(reads) and grown == mlp
+    assert recorded_hash(out) == source_content_hash(src)
 
 
 # ------------------------------------------------------------------ property: every form, every family
