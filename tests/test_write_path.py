@@ -1,4 +1,5 @@
 """The fast write path writes the bits of the plain computation: kernel copies, storage-dtype moves, async hashes."""
+import errno
 import json
 import os
 import struct
@@ -91,10 +92,15 @@ def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp
     assert result.output == out or out.is_dir()
 
 
-@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile"])
+@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "buffer"])
 def test_untouched_tensors_are_the_source_bytes_whichever_kernel_call_copies_them(source, tmp_path, monkeypatch, kernel):
-    if kernel == "sendfile":
+    """`buffer`: neither kernel call copies between files (macOS's sendfile writes to sockets only)."""
+    if kernel != "copy_file_range":
         monkeypatch.delattr(os, "copy_file_range", raising=False)
+    if kernel == "buffer":
+        def to_sockets_only(*a):
+            raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+        monkeypatch.setattr(os, "sendfile", to_sockets_only)
     calls = []
     real = writer.copy_range
     monkeypatch.setattr(writer, "copy_range", lambda *a: calls.append(a[0]) or real(*a))

@@ -116,7 +116,8 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 
 
 def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, n: int) -> None:
-    """Copy n bytes of `src` into `dst_fd` at `dst_offset` inside the kernel (copy_file_range), else with sendfile."""
+    """Copy n bytes of `src` into `dst_fd` at `dst_offset` inside the kernel (copy_file_range, else sendfile),
+    else through a buffer (where neither copies between files: macOS's sendfile writes to sockets only)."""
     with open(src, "rb", buffering=0) as f:
         copy_fd_range(f.fileno(), src, src_offset, dst_fd, dst_offset, n)
 
@@ -135,12 +136,26 @@ def copy_fd_range(fd: int, src: Path, src_offset: int, dst_fd: int, dst_offset: 
         except OSError as e:
             if e.errno not in _NO_KERNEL_COPY:
                 raise
-    os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
-    while done < n:
-        k = os.sendfile(dst_fd, fd, src_offset + done, n - done)
-        if not k:
-            raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
-        done += k
+    try:
+        if not hasattr(os, "sendfile"):
+            raise OSError(errno.ENOSYS, "no sendfile")
+        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+        while done < n:
+            k = os.sendfile(dst_fd, fd, src_offset + done, n - done)
+            if not k:
+                raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+            done += k
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY and e.errno != errno.ENOTSOCK:
+            raise
+        while done < n:
+            block = os.pread(fd, min(n - done, CHUNK), src_offset + done)
+            if not block:
+                raise SurgeryError("file ends inside tensor data (truncated?)", where=str(src))
+            written = 0
+            while written < len(block):
+                written += os.pwrite(dst_fd, block[written:], dst_offset + done + written)
+            done += len(block)
 
 
 class ShardWriter:
