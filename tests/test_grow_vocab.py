@@ -314,10 +314,12 @@ def test_errors_are_one_line_with_where(tmp_path, write_recipe, capsys):
 @pytest.mark.parametrize("init", ["mean", "hewitt", "subword", "zeros"])
 def test_a_vocabulary_sized_bias_grows_with_its_rows(init):
     """No family here has an lm_head bias; the op grows any tensor with a vocabulary axis, biases too."""
-    from surgery.ops.grow_vocab import VocabInit, _grow
+    from surgery.ops.grow_vocab import VocabInit, VocabRows
+    from surgery.ops.slices import append_dest, scatter_axis
 
     bias = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
-    grown = _grow(bias, 0, VocabInit(init), 3, [[1, 2], None, None], (0, 0, "b"))
+    rows = VocabRows("vocab", (0, 0, "b"), init=VocabInit(init), pieces=((1, 2), None, None))
+    grown = scatter_axis(bias, 0, 13, torch.tensor(append_dest(10)), rows)
     assert grown.shape == (13,) and torch.equal(grown[:10], bias)
     want = {"mean": bias.mean(), "hewitt": bias.mean(), "subword": bias[[1, 2]].mean(), "zeros": 0.0}[init]
     assert torch.allclose(grown[10], torch.as_tensor(want, dtype=torch.float64), atol=1e-3 * float(bias.std()))

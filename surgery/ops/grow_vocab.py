@@ -16,6 +16,7 @@ seeded; `subword` the mean of the rows of the pieces the old tokenizer splits th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
@@ -27,6 +28,7 @@ from ..lazy import generator
 from ..state import ModelState, NewSlice
 from ..io.grown_tokenizer import RESERVED, has_tokenizer, load_tokenizer, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
+from .slices import Fill, append_dest, grow_axis
 
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
@@ -80,10 +82,16 @@ def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[i
     return rows.to(old.dtype)
 
 
-def _grow(t: torch.Tensor, axis: int, init: VocabInit, count: int, pieces, seed) -> torch.Tensor:
-    import torch
-    moved = t.movedim(axis, 0)
-    return torch.cat([moved, new_rows(moved, init, count, pieces, seed)], dim=0).movedim(0, axis)
+@dataclass(frozen=True)
+class VocabRows(Fill):
+    """The new rows of a vocabulary-sized tensor by `init` (`new_rows`), appended along its vocabulary
+    axis by `grow_axis`: the old rows stay where they are (and are copied by the writer as they are)."""
+
+    init: VocabInit = VocabInit.MEAN
+    pieces: tuple = ()  # per new row: the subword ids it averages (init: subword), or None
+
+    def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+        return new_rows(old.movedim(axis, 0), self.init, n, list(self.pieces), self.seed).movedim(0, axis)
 
 
 class GrowVocab(Op):
@@ -175,10 +183,9 @@ class GrowVocab(Op):
             for axis, ax in enumerate(info.axes):
                 if ax != Axis.VOCAB:
                     continue
-                seed = ctx.seed_parts(name, "vocab")
-                shape = tuple(new if i == axis else s for i, s in enumerate(node.shape))
-                state.tensors[name] = node.map(
-                    lambda t, axis=axis, seed=seed: _grow(t, axis, self.init, count, pieces, seed), shape, label)
+                rows = VocabRows("vocab", ctx.seed_parts(name, "vocab"), init=self.init,
+                                 pieces=tuple(tuple(p) if p else None for p in pieces))
+                grow_axis(state, name, axis, new, append_dest(old), rows, label)
                 # Gradient check: output rows get gradient from the softmax whatever the text; input rows
                 # of added tokens get it where the token occurs (verification feeds them in). Padding
                 # rows of an embedding are reached by no token (tied, the check runs the embedding alone).
