@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
 
+    from .ops.slices import AxisGrowth
+
 
 class TensorReader(Protocol):
     def load(self, name: str) -> torch.Tensor: ...
@@ -33,7 +35,7 @@ class LazyTensor:
     kind: str | None = field(default=None, repr=False)
     # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.AxisGrowth`):
     # the writer then copies the kept elements' bytes from the source file instead of computing them.
-    growth: object | None = field(default=None, repr=False)
+    growth: AxisGrowth | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
