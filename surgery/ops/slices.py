@@ -95,14 +95,14 @@ def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AxisGrowth:
     """What `scatter_axis` does to a tensor, as data: old entry i goes to position dest[i] of an axis
     of new_size, the rest take `fill`. The writer reads it to copy the old entries' bytes by kernel."""
 
     axis: int
     new_size: int
-    dest: tuple[int, ...]
+    dest: torch.Tensor  # int64, one per old entry: the tensor `scatter_axis` is given, not a copy
     fill: Fill
 
 
@@ -136,7 +136,7 @@ def grow_axis(
     shape[axis] = new_size
     dest_t = torch.tensor(dest, dtype=torch.long)
     grown = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label, kind=fill_kind(fill))
-    grown.growth = AxisGrowth(axis, new_size, tuple(dest), fill)
+    grown.growth = AxisGrowth(axis, new_size, dest_t, fill)
     state.tensors[name] = grown
     for s in state.new_slices:
         if s.tensor == name and s.axis == axis:
