@@ -1,5 +1,7 @@
 """Interrupted runs: the source stays byte-identical and the target is absent or complete.
 
+Also what `--force` may replace (only an output surgery wrote), and the modes outputs get.
+
 Real `surgery run` processes are killed (SIGKILL) or interrupted (SIGINT, Ctrl-C) at random moments
 (a fixed seed) while they write a checkpoint of many small shards. A moment is drawn as a number
 of files in the run's temporary directory (so it falls inside the write whatever the machine's
@@ -268,9 +270,7 @@ TINY = "name: t\nsource: builtin:tiny-llama\nops:\n  - op: grow_mlp\n    interme
 
 
 def surgery_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    return subprocess.run([sys.executable, "-m", "surgery", *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "surgery", *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def refused(capsys, *argv: str) -> str:
@@ -401,7 +401,8 @@ def test_a_file_put_into_the_target_during_the_run_is_never_deleted(tmp_path, mo
     assert main(["verify", "--integrity", str(out)]) == 1  # the previous output, plus the stranger
 
 
-@pytest.mark.parametrize("umask, directory, file", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)])
+@pytest.mark.parametrize("umask, directory, file", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)],
+                         ids=["022", "027", "077"])
 def test_output_modes_follow_the_umask_like_save_pretrained(tmp_path, umask, directory, file):
     (tmp_path / "r.yaml").write_text(TINY)
     old = os.umask(umask)
