@@ -11,9 +11,9 @@ import errno
 import functools
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -400,9 +400,8 @@ def not_a_surgery_output(directory: Path) -> str | None:
 
 def _make_temporary(parent: Path, prefix: str) -> Path:
     """mkdtemp's unique name with a plain mkdir's mode (0777 less the umask, as save_pretrained's), not 0700."""
-    names = tempfile._get_candidate_names()
-    for _ in range(tempfile.TMP_MAX):
-        path = parent / f"{prefix}{next(names)}"
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
         try:
             os.mkdir(path, 0o777)
         except FileExistsError:
