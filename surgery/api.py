@@ -100,7 +100,7 @@ def run(
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     if any(s.promise.pruning is not None for s in p.steps):  # which units go: measured now, before any weight is written
         p = compile_plan(loaded, p.source_dir, p.checkpoint, ids, measure=True, device=dev, progress=show)
-    atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir)
+    atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir, run_inputs(loaded, verify))
     with atomic as tmp:
         t0 = time.perf_counter()
         if out_spec.format == "mistral":
@@ -131,6 +131,14 @@ def run(
         write_report(tmp, report, surgery_seconds, written)
         atomic.keep_previous = report is not None and not report.passed  # --force never replaces an output by a failed one
     return RunResult(atomic.written_to, p, report)
+
+
+def run_inputs(loaded: LoadedRecipe, verify: bool) -> tuple[tuple[str, Path], ...]:
+    """The local files a run reads besides the source: an output containing one of them is refused."""
+    found = [("the recipe", Path(loaded.file))]
+    if verify:
+        found.append(("the verification data", Path(loaded.recipe.verify.data)))
+    return tuple((f"{what} {path.resolve()}", path) for what, path in found if path.exists())
 
 
 def prepare_verification(p: Plan):

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="execute a recipe and verify the result")
     _overrides(p)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true", help="replace a previous output of surgery (a directory holding only what surgery wrote)")
     p.add_argument("--no-verify", action="store_true", help="skip the loss and logit checks")
 
     p = sub.add_parser("plan", help="print what a recipe will do, without reading any weight")

@@ -31,7 +31,7 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf", "mistral"], help="hf: transformers layout; mistral: native release layout")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="output dtype")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true", help="replace a previous output of surgery (a directory holding only what surgery wrote)")
     p.add_argument("--no-verify", action="store_true", help="skip the loss and logit checks")
     p.set_defaults(func=run_convert)
     return p

@@ -6,10 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .io.writer import file_digests
+from .io.writer import REPORT, file_digests
 from .text_table import text_table
-
-REPORT = "surgery_report.json"
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Interrupted runs: the source stays byte-identical and the target is absent or complete.
 
+Also what `--force` may replace (only an output surgery wrote), and the modes outputs get.
+
 Real `surgery run` processes are killed (SIGKILL) or interrupted (SIGINT, Ctrl-C) at random moments
 (a fixed seed) while they write a checkpoint of many small shards. A moment is drawn as a number
 of files in the run's temporary directory (so it falls inside the write whatever the machine's
@@ -260,3 +262,154 @@ def test_force_replaces_a_complete_output_only_when_the_new_one_is_complete(sour
     with pytest.raises(RuntimeError):
         api.run(recipe, verify=False, force=True)
     assert tree_digest(out) == first and not temporaries(tmp_path)
+
+
+# --- what --force may replace: only an output surgery wrote, never the user's files ------------------
+
+TINY = "name: t\nsource: builtin:tiny-llama\nops:\n  - op: grow_mlp\n    intermediate_size: +8\n"
+
+
+def surgery_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "surgery", *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def refused(capsys, *argv: str) -> str:
+    """The one error line of a refused run (exit 2)."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.rstrip("\n")
+
+
+def test_force_refuses_a_directory_surgery_did_not_write_and_its_files_survive(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "sub" / "data.csv").write_text("1,2\n")
+    (tmp_path / "r.yaml").write_text(TINY)
+    before = tree_digest(mine)
+    proc = surgery_cli("run", "r.yaml", "--output", "mine", "--no-verify", "--force", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {mine}: "), proc.stderr
+    assert "--force replaces only an output surgery wrote" in proc.stderr and "surgery_report.json" in proc.stderr
+    assert tree_digest(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "r.yaml"]
+
+
+def test_force_refuses_a_surgery_output_holding_a_file_surgery_did_not_write(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "r.yaml").write_text(TINY)
+    run = ["run", str(tmp_path / "r.yaml"), "--output", str(out), "--no-verify"]
+    assert main(run) == 0
+    (out / "my_notes.txt").write_text("keep me")
+    before = tree_digest(out)
+    capsys.readouterr()
+    line = refused(capsys, *run, "--force")
+    assert line.startswith(f"error: {out}: ") and "it holds my_notes.txt, which surgery did not write" in line
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("output", ["..", "../.."])
+def test_force_refuses_an_output_containing_the_current_directory(tmp_path, monkeypatch, capsys, output):
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    (work / "r.yaml").write_text(TINY)
+    monkeypatch.chdir(work)
+    before = tree_digest(tmp_path)
+    line = refused(capsys, "run", "r.yaml", "--output", output, "--no-verify", "--force")
+    assert line == f"error: {(work / output).resolve()}: output must not contain the current directory"
+    assert tree_digest(tmp_path) == before
+
+
+def test_force_refuses_an_output_containing_the_recipe(tmp_path, monkeypatch, capsys):
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(TINY)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    line = refused(capsys, "run", str(recipe), "--output", str(tmp_path / "recipes"), "--no-verify", "--force")
+    assert line == f"error: {tmp_path / 'recipes'}: output must not contain the recipe {recipe}"
+    assert recipe.read_text() == TINY
+
+
+def test_force_refuses_an_output_containing_the_verification_data(tmp_path, capsys):
+    data = tmp_path / "corpus" / "eval.txt"
+    data.parent.mkdir()
+    data.write_text((Path(__file__).resolve().parent.parent / "surgery" / "assets" / "python-license.txt").read_text())
+    (tmp_path / "r.yaml").write_text(TINY + f"verify:\n  data: {data}\n")
+    line = refused(capsys, "run", str(tmp_path / "r.yaml"), "--output", str(data.parent), "--force")
+    assert line == f"error: {data.parent}: output must not contain the verification data {data}" and data.is_file()
+
+
+@pytest.mark.parametrize("where", ["source", "parent of the source", "inside the source"])
+def test_force_refuses_the_source_its_parents_and_its_inside(source, tmp_path, capsys, where):
+    target = {"source": source, "parent of the source": source.parent, "inside the source": source / "out"}[where]
+    (tmp_path / "r.yaml").write_text(RECIPE.format(src=source, out=tmp_path / "unused"))
+    before = tree_digest(source.parent)
+    line = refused(capsys, "run", str(tmp_path / "r.yaml"), "--output", str(target), "--no-verify", "--force")
+    assert line.startswith(f"error: {target}: output must not ")
+    assert tree_digest(source.parent) == before
+
+
+@pytest.mark.parametrize("command", [["run", "{recipe}", "--output", "{out}", "--no-verify"],
+                                     ["run", "{recipe}", "--output", "{out}", *("--set", "verify.max_tokens=64")],
+                                     ["convert", "builtin:tiny-mistral", "{out}", "--to", "mistral", "--no-verify"],
+                                     ["convert", "builtin:tiny-mistral", "{out}", "--to", "hf", "--no-verify"]],
+                         ids=["run-no-verify", "run-verified", "convert-native", "convert-hf"])
+def test_force_replaces_a_previous_surgery_output(tmp_path, capsys, command):
+    out = tmp_path / "out"
+    (tmp_path / "r.yaml").write_text(TINY)
+    argv = [a.replace("{recipe}", str(tmp_path / "r.yaml")).replace("{out}", str(out)) for a in command]
+    assert main(argv) == 0
+    before = (out / "surgery_report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert "pass --force to replace it" in refused(capsys, *argv)
+    assert main([*argv, "--force"]) == 0
+    assert (out / "surgery_report.json").stat().st_mtime_ns != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
+
+
+def test_force_refuses_when_a_failed_verification_would_replace_a_foreign_dot_failed_directory(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "r.yaml").write_text(TINY)
+    run = ["run", str(tmp_path / "r.yaml"), "--output", str(out), "--no-verify"]
+    assert main(run) == 0
+    (tmp_path / "out.failed").mkdir()
+    (tmp_path / "out.failed" / "mine.txt").write_text("keep me")
+    capsys.readouterr()
+    line = refused(capsys, *run, "--force")
+    assert line.startswith(f"error: {tmp_path / 'out.failed'}: a failed verification of {out} would be written here")
+    assert (tmp_path / "out.failed" / "mine.txt").read_text() == "keep me"
+
+
+def test_a_file_put_into_the_target_during_the_run_is_never_deleted(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "r.yaml").write_text(TINY)
+    run = ["run", str(tmp_path / "r.yaml"), "--output", str(out), "--no-verify", "--force"]
+    assert main(run) == 0
+    real = api.write_model_card
+
+    def meanwhile(*a, **k):
+        (out / "notes.txt").write_text("written while surgery ran")
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "write_model_card", meanwhile)
+    capsys.readouterr()
+    assert main(run) == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # after the line saying the weights were written
+    assert f"error: {out}: changed during the run: it holds notes.txt, which surgery did not write; nothing was replaced" in line
+    assert (out / "notes.txt").read_text() == "written while surgery ran" and not temporaries(tmp_path)
+    assert main(["verify", "--integrity", str(out)]) == 1  # the previous output, plus the stranger
+
+
+@pytest.mark.parametrize("umask, directory, file", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)],
+                         ids=["022", "027", "077"])
+def test_output_modes_follow_the_umask_like_save_pretrained(tmp_path, umask, directory, file):
+    (tmp_path / "r.yaml").write_text(TINY)
+    old = os.umask(umask)
+    try:
+        result = api.run(tmp_path / "r.yaml", output=str(tmp_path / "out"), verify=False)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(result.output)): p.stat().st_mode & 0o777 for p in result.output.rglob("*")}
+    assert result.output.stat().st_mode & 0o777 == directory
+    assert modes and set(modes.values()) == {file}, modes

@@ -98,7 +98,7 @@ SETUP = {
     "empty": lambda src, d, arg: (shutil.rmtree(src), src.mkdir()),
     "make_file": lambda src, d, arg: (shutil.rmtree(src), src.write_text("not a checkpoint")),
     "write": lambda src, d, files: [(src / k).write_text(v) for k, v in files.items()],
-    "write_beside": lambda src, d, files: [(d / k).write_text(v) for k, v in files.items()],
+    "write_beside": lambda src, d, files: [((d / k).parent.mkdir(exist_ok=True), (d / k).write_text(v)) for k, v in files.items()],
     "remove": lambda src, d, pattern: [p.unlink() for p in src.glob(pattern)],
     "config": lambda src, d, changes: _config(src, changes),
     "drop_tensor": lambda src, d, name: _edit_weights(src, lambda sd: sd.pop(name)),

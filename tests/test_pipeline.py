@@ -109,8 +109,8 @@ def test_non_empty_output_is_refused_without_force(llama_dir, write_recipe, tmp_
     recipe = write_recipe(GROW.replace("SOURCE", str(llama_dir)))
     assert main(["run", str(recipe), "--output", str(out), "--no-verify"]) == 2
     assert "--force" in capsys.readouterr().err and (out / "keep.txt").is_file()
-    assert main(["run", str(recipe), "--output", str(out), "--no-verify", "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert main(["run", str(recipe), "--output", str(out), "--no-verify", "--force"]) == 2  # not an output of surgery
+    assert "it holds no surgery_report.json" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
 
 
 def test_output_inside_the_source_is_refused(llama_dir, write_recipe, capsys):

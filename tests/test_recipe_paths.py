@@ -121,8 +121,9 @@ def test_convert_output_named_relatively_is_where_its_resolved_recipe_reruns(tmp
     out = tmp_path / "converted"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    shutil.copyfile(out / "surgery_recipe.yaml", tmp_path / "again.yaml")  # --force never replaces the recipe it runs
     monkeypatch.chdir(elsewhere)
-    assert main(["run", str(out / "surgery_recipe.yaml"), "--force", "--no-verify"]) == 0
+    assert main(["run", str(tmp_path / "again.yaml"), "--force", "--no-verify"]) == 0
     assert (out / "model.safetensors").is_file() and not list(elsewhere.iterdir())
 
 
