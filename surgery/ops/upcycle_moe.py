@@ -37,7 +37,7 @@ from pydantic import Field
 
 from ..arch import ARCHITECTURES, MLP_ROLES, Architecture, Axis, TensorInfo, TensorRole as R
 from ..errors import SurgeryError
-from ..lazy import LazyTensor, constant, generator
+from ..lazy import LazyTensor, constant, full, generator
 from ..state import ModelState, NewSlice
 from . import moments
 from .base import Exactness, Op, OpContext, Promise
@@ -83,7 +83,6 @@ class UpcycleMoe(Op):
     summary = "dense MLP -> mixture of experts: every expert a copy of the MLP, plus a router (sparse upcycling)"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
-        import torch
         spec = state.spec
         src = spec.arch
         into = self.into or DEFAULT_INTO.get(src.name)
@@ -140,8 +139,8 @@ class UpcycleMoe(Op):
             if self.router != "zeros":
                 state.new_slices.append(NewSlice(name, 0, list(range(E)), "upcycle_moe"))
             if shared:
-                tensors[dst.parameter_name(R.SHARED_ROUTER, "weight", layer)] = constant(
-                    (1, d), dtype, torch.zeros, f"{label}: shared expert gate 0 (sigmoid 1/2)")
+                tensors[dst.parameter_name(R.SHARED_ROUTER, "weight", layer)] = full(
+                    (1, d), dtype, 0.0, f"{label}: shared expert gate 0 (sigmoid 1/2)")
         state.tensors = tensors
         spec.arch = dst
         spec.config = self._config(spec.config, into, I, share, normalise)
@@ -214,7 +213,7 @@ class UpcycleMoe(Op):
                 label: str) -> LazyTensor:
         import torch
         if self.router == "zeros":
-            return constant(shape, dtype, torch.zeros, f"{label}: router zeros")
+            return full(shape, dtype, 0.0, f"{label}: router zeros")
         if self.router == "random":
             seed, std = ctx.seed_parts(name, "router"), self.router_std
             return constant(shape, dtype, lambda s: torch.randn(s, generator=generator(*seed)) * std,
