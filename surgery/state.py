@@ -134,7 +134,7 @@ class ModelState:
             Axis.REL_BUCKETS: s.config.get("relative_attention_num_buckets", 32),
         }
         for axis, field in s.arch.axis_fields.items():
-            sizes[axis] = s.config[field]
+            sizes[axis] = s.config[s.key(field)]
         return tuple(sizes[a] for a in info.axes)
 
     def check_shapes(self, where: str = "source") -> None:

@@ -39,6 +39,7 @@ from ..arch import ARCHITECTURES, MLP_ROLES, Architecture, Axis, TensorInfo, Ten
 from ..errors import SurgeryError
 from ..lazy import LazyTensor, constant, full, generator
 from ..state import ModelState, NewSlice
+from ..spec import config_key
 from . import moments
 from .base import Exactness, Op, OpContext, Promise
 
@@ -162,8 +163,8 @@ class UpcycleMoe(Op):
         out["model_type"] = into
         out["architectures"] = [CLASSES[into]]
         dst = ARCHITECTURES[into]
-        out[dst.axis_fields[Axis.EXPERT]] = self.num_experts
-        out[dst.experts_per_token_field] = self.top_k
+        out[config_key(dst, dst.axis_fields[Axis.EXPERT])] = self.num_experts
+        out[config_key(dst, dst.experts_per_token_field)] = self.top_k
         out["output_router_logits"] = False
         if into == "mixtral":
             out["router_aux_loss_coef"] = 0.02  # Mixtral-8x7B's release
