@@ -110,7 +110,8 @@ class ModelSpec:
             for key in (arch.inter_field, arch.experts_per_token_field, *arch.axis_fields.values()):
                 key = config_key(arch, key)
                 if not isinstance(config.get(key), int) or config[key] <= 0:
-                    raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}",
+                    also = "".join(f" (or {old!r})" for old, new in attribute_map(arch.model_types[0]).items() if new == key)
+                    raise SurgeryError(f"config.json field {key!r}{also} must be a positive integer, got {config.get(key)!r}",
                                        where=where)
             if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
                 raise SurgeryError("dense MLP layers between the sparse ones (mlp_only_layers, decoder_sparse_step) "
