@@ -7,6 +7,7 @@ at a time, so memory holds one tensor's chain of work, never the model.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -30,9 +31,13 @@ class LazyTensor:
     source: str | None = None
     deterministic_seed: int | None = field(default=None, repr=False)
     # What `fn` does to values, for evaluating in the storage dtype (`storage_exact`): "move" places
-    # input elements and fixed values (0, 1) only; "stats_fill" also fills from fp32 statistics of
-    # its input, rounded once; None: arithmetic, evaluated in the compute dtype.
+    # input elements and the `fixed` values only (a constant is a move without inputs); "stats_fill"
+    # also fills from fp32 statistics of its input, rounded once; None: arithmetic, evaluated in the
+    # compute dtype.
     kind: str | None = field(default=None, repr=False)
+    # The values a "move" writes besides its inputs' elements (a pad's 0, a norm's 1): it moves
+    # exactly into a dtype only where each of them is representable there (0.1 is not, in bfloat16).
+    fixed: tuple[float, ...] = field(default=(), repr=False)
     # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.AxisGrowth`):
     # the writer then copies the kept elements' bytes from the source file instead of computing them.
     growth: AxisGrowth | None = field(default=None, repr=False)
@@ -45,8 +50,9 @@ class LazyTensor:
         return n
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "",
-            kind: str | None = None) -> "LazyTensor":
-        return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label, kind=kind)
+            kind: str | None = None, fixed: tuple[float, ...] = ()) -> "LazyTensor":
+        return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label, kind=kind,
+                          fixed=tuple(fixed))
 
 
 def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
@@ -54,7 +60,23 @@ def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
 
 
 def constant(shape, dtype: torch.dtype, fill: Callable[[tuple[int, ...]], torch.Tensor], label: str) -> LazyTensor:
+    """A tensor computed from nothing (a random draw, a calibrated router): evaluated in the compute dtype."""
     return LazyTensor(tuple(shape), dtype, lambda: fill(tuple(shape)), (), label)
+
+
+def full(shape, dtype: torch.dtype, value: float, label: str) -> LazyTensor:
+    """A tensor of one fixed value (zero writers, unit norms): a move, exact in any dtype that represents `value`."""
+    def fill():
+        import torch
+        return torch.full(tuple(shape), value, dtype=torch.float32 if representable(value, torch.float32) else torch.float64)
+
+    return LazyTensor(tuple(shape), dtype, fill, (), label, kind="move", fixed=(float(value),))
+
+
+def representable(value: float, dtype: torch.dtype) -> bool:
+    """Whether `dtype` holds `value` exactly (0.1 rounds in every binary format; 0, 1, -1, 0.5 do not)."""
+    import torch
+    return math.isfinite(value) and float(torch.tensor(value, dtype=torch.float64).to(dtype)) == value
 
 
 def stable_seed(*parts) -> int:
@@ -74,10 +96,10 @@ def storage_exact(node: LazyTensor, dtype: torch.dtype) -> bool:
     """Whether evaluating `node` in `dtype` (its sources' storage dtype) gives the bits of evaluating it
     in float32 and rounding once to `dtype`.
 
-    True when every source is stored in `dtype` and every op only moves elements or writes fixed
-    values, so each value is exact in both; a fill drawn from statistics of its input is allowed
-    only where that input holds no earlier drawn values (float32 holds them unrounded, `dtype`
-    rounded, and their statistics would differ).
+    True when every source is stored in `dtype` and every op only moves elements (copies, slices,
+    concatenations) or writes fixed values `dtype` represents, so each value is exact in both; a
+    fill drawn from statistics of its input is allowed only where that input holds no earlier drawn
+    values (float32 holds them unrounded, `dtype` rounded, and their statistics would differ).
     """
     if not dtype.is_floating_point:
         return False
@@ -85,7 +107,10 @@ def storage_exact(node: LazyTensor, dtype: torch.dtype) -> bool:
     def ok(n: LazyTensor) -> tuple[bool, bool]:  # (exact, holds drawn values)
         if n.fn is None:
             return n.dtype == dtype, False
-        if n.kind not in ("move", "stats_fill") or not n.inputs:
+        if n.kind == "move":
+            if not (n.inputs or n.fixed) or not all(representable(v, dtype) for v in n.fixed):
+                return False, False
+        elif n.kind != "stats_fill" or not n.inputs:
             return False, False
         parts = [ok(i) for i in n.inputs]
         if not all(e for e, _ in parts):

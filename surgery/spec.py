@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .arch import Architecture, Axis, architecture_for, ARCHITECTURES
 from .errors import SurgeryError
@@ -31,6 +32,38 @@ def hf_config(config: dict):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if k != "auto_map"}))
+
+
+@lru_cache(maxsize=None)
+def attribute_map(model_type: str) -> dict[str, str]:
+    """The older spellings transformers still reads for a family's config fields, each to the key it saves
+    (transformers 5's Qwen3-MoE and Mixtral: num_experts -> num_local_experts)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {})) if model_type in CONFIG_MAPPING else {}
+
+
+def config_key(arch: Architecture, name: str) -> str:
+    """The config.json key of the field surgery calls `name`, as transformers 5 saves it: the family's own name
+    (T5's d_model), resolved through transformers' attribute_map."""
+    name = arch.config_aliases.get(name, name)
+    return attribute_map(arch.model_types[0]).get(name, name)
+
+
+def saved_spellings(config: dict, arch: Architecture) -> list[str]:
+    """Fields under an older spelling renamed in place to the key transformers saves them under; where both
+    are present the saved one wins, as it does in transformers."""
+    notes = []
+    for old, new in attribute_map(arch.model_types[0]).items():
+        if old not in config:
+            continue
+        value = config.pop(old)
+        if new not in config:
+            config[new] = value
+            notes.append(f"{old} written as {new}, the key transformers 5 saves it under")
+        elif config[new] != value:
+            notes.append(f"{old} ({value!r}) dropped: transformers reads {new} ({config[new]!r})")
+    return notes
 
 
 def config_errors() -> tuple[type[Exception], ...]:
@@ -67,24 +100,28 @@ class ModelSpec:
             raise SurgeryError(
                 f"model_type {config.get('model_type')!r} is not supported; supported: {known}", where=where
             )
+        config = copy.deepcopy(config)
+        renamed = saved_spellings(config, arch)
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-            key = arch.config_aliases.get(key, key)
+            key = config_key(arch, key)
             if not isinstance(config.get(key), int) or config[key] <= 0:
                 raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}", where=where)
         if arch.is_moe:
             for key in (arch.inter_field, arch.experts_per_token_field, *arch.axis_fields.values()):
+                key = config_key(arch, key)
                 if not isinstance(config.get(key), int) or config[key] <= 0:
-                    raise SurgeryError(f"config.json field {key!r} must be a positive integer, got {config.get(key)!r}",
+                    also = "".join(f" (or {old!r})" for old, new in attribute_map(arch.model_types[0]).items() if new == key)
+                    raise SurgeryError(f"config.json field {key!r}{also} must be a positive integer, got {config.get(key)!r}",
                                        where=where)
             if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
                 raise SurgeryError("dense MLP layers between the sparse ones (mlp_only_layers, decoder_sparse_step) "
                                    "are not supported; every layer must be a mixture of experts", where=where)
-        spec = cls(arch=arch, config=copy.deepcopy(config))
+        spec = cls(arch=arch, config=config)
         if spec.config.get("model_type") in PATCHED_MODEL_TYPES:  # an output of patch_layernorm, read back
             spec.config["model_type"] = PATCHED_MODEL_TYPES[spec.config["model_type"]]
             spec.config.pop("auto_map", None)
             spec.config.pop("architectures", None)
-        spec.meta["standardised"] = spec._standardise(where)
+        spec.meta["standardised"] = renamed + spec._standardise(where)
         if "tie_word_embeddings" not in spec.config:  # 4.x configs leave the class default out (Gemma, T5: tied)
             spec.config["tie_word_embeddings"] = bool(hf_config(spec.config).tie_word_embeddings)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)
@@ -121,14 +158,18 @@ class ModelSpec:
     def copy(self) -> "ModelSpec":
         return ModelSpec(self.arch, copy.deepcopy(self.config), self.norm_width, self.residual_fill, copy.deepcopy(self.meta))
 
+    def key(self, name: str) -> str:
+        """The config key of the field surgery calls `name` (`config_key`)."""
+        return config_key(self.arch, name)
+
     # sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return self.config[self.arch.config_aliases.get("hidden_size", "hidden_size")]
+        return self.config[self.key("hidden_size")]
 
     @property
     def num_heads(self) -> int:
-        return self.config[self.arch.config_aliases.get("num_attention_heads", "num_attention_heads")]
+        return self.config[self.key("num_attention_heads")]
 
     @property
     def num_kv_heads(self) -> int:
@@ -143,22 +184,22 @@ class ModelSpec:
     @property
     def intermediate_size(self) -> int:
         """The MLP's width; in a mixture-of-experts family, each routed expert's."""
-        return self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)]
+        return self.config[self.key(self.arch.inter_field)]
 
     @property
     def num_experts(self) -> int:
         """Routed experts per layer (1 for a dense MLP)."""
         field = self.arch.axis_fields.get(Axis.EXPERT)
-        return self.config[field] if field else 1
+        return self.config[self.key(field)] if field else 1
 
     @property
     def experts_per_token(self) -> int:
         f = self.arch.experts_per_token_field
-        return self.config[f] if f else 1
+        return self.config[self.key(f)] if f else 1
 
     @property
     def num_layers(self) -> int:
-        return self.config[self.arch.config_aliases.get("num_hidden_layers", "num_hidden_layers")]
+        return self.config[self.key("num_hidden_layers")]
 
     @property
     def vocab_size(self) -> int:
@@ -199,7 +240,7 @@ class ModelSpec:
             f"{self.arch.name}: hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads} kv, "
             f"head_dim {self.head_dim}, mlp {self.intermediate_size}"
             + (f" x {self.num_experts} experts (top-{self.experts_per_token})" if self.arch.is_moe else "")
-            + (f" + shared {self.config[self.arch.axis_fields[Axis.SHARED_INTER]]}"
+            + (f" + shared {self.config[self.key(self.arch.axis_fields[Axis.SHARED_INTER])]}"
                if Axis.SHARED_INTER in self.arch.axis_fields else "")
             + f", layers {self.num_layers}, vocab {self.vocab_size}"
         )
@@ -227,7 +268,7 @@ class ModelSpec:
         self.config["hidden_size"] = hidden
 
     def set_intermediate_size(self, size: int) -> None:
-        self.config[self.arch.config_aliases.get(self.arch.inter_field, self.arch.inter_field)] = size
+        self.config[self.key(self.arch.inter_field)] = size
 
     def set_eps(self, eps: float) -> None:
         self.config[self.arch.eps_field] = eps

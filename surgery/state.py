@@ -80,7 +80,8 @@ class ModelState:
         for fused, parts in groups.items():
             nodes = [n for _, n in sorted(parts, key=lambda p: p[0])]
             shape = (sum(n.shape[0] for n in nodes), *nodes[0].shape[1:])
-            out[fused] = LazyTensor(shape, nodes[0].dtype, lambda *ts: torch.cat(ts, 0), tuple(nodes), f"join {fused}")
+            out[fused] = LazyTensor(shape, nodes[0].dtype, lambda *ts: torch.cat(ts, 0), tuple(nodes), f"join {fused}",
+                                    kind="move")
         return out
 
     def output_slices(self) -> list[NewSlice]:
@@ -133,7 +134,7 @@ class ModelState:
             Axis.REL_BUCKETS: s.config.get("relative_attention_num_buckets", 32),
         }
         for axis, field in s.arch.axis_fields.items():
-            sizes[axis] = s.config[field]
+            sizes[axis] = s.config[s.key(field)]
         return tuple(sizes[a] for a in info.axes)
 
     def check_shapes(self, where: str = "source") -> None:
@@ -220,6 +221,6 @@ def _split(spec: ModelSpec, name: str, meta, layer: int | None, kind: str, roles
     for role, size in zip(roles, sizes):
         shape = (size, *meta.shape[1:])
         parts[spec.arch.parameter_name(role, kind, layer)] = whole.map(
-            lambda t, o=offset, n=size: t.narrow(0, o, n).clone(), shape, f"{role.value} rows of {name}")
+            lambda t, o=offset, n=size: t.narrow(0, o, n).clone(), shape, f"{role.value} rows of {name}", kind="move")
         offset += size
     return parts

@@ -379,3 +379,65 @@ def test_hidden_routers_from_the_layer_stream_are_those_of_the_whole_model_run()
     for i, layer in enumerate(new.model.layers):
         expected = router_from_states(seen[i].reshape(-1, seen[i].shape[-1]), 4, (0, 0, "hidden-router", i))
         assert torch.allclose(layer.mlp.gate.weight.detach().float(), expected, atol=1e-5), i
+
+
+# ------------------------------------------------------------------------------ expert counts in either spelling
+def qwen3_moe_source(tmp_path: Path, writer: str) -> Path:
+    """A tiny Qwen3-MoE checkpoint whose config.json is what transformers `writer` saved: 5.x writes the expert
+    count as num_local_experts (its attribute_map reads num_experts into it), 4.x wrote num_experts and rope_theta."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=TOKENIZER_VOCAB, hidden_size=16, head_dim=4, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, intermediate_size=12, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=64)
+    src = save_checkpoint(make_model(cfg, dtype=torch.float32), tmp_path / "src")
+    c = json.loads((src / "config.json").read_text())
+    assert c["num_local_experts"] == 4 and "num_experts" not in c  # as transformers 5's save_pretrained writes it
+    if writer == "4.x":
+        c["num_experts"] = c.pop("num_local_experts")
+        c.update(rope_theta=c.pop("rope_parameters")["rope_theta"], rope_scaling=None, torch_dtype=c.pop("dtype"),
+                 transformers_version="4.51.3")
+        (src / "config.json").write_text(json.dumps(c))
+    return src
+
+
+@pytest.mark.parametrize("op", ["  - op: grow_layers\n    num_layers: 3\n", "  - op: grow_heads\n    num_heads: x2\n  - op: rescale_norm\n"],
+                         ids=["grow_layers", "grow_heads"])
+@pytest.mark.parametrize("writer", ["5.x", "4.x"])
+def test_a_qwen3_moe_checkpoint_saved_by_transformers_5_or_4_grows_and_verifies(tmp_path, write_recipe, writer, op):
+    src = qwen3_moe_source(tmp_path, writer)
+    plan = api.plan(write_recipe(f"name: q\nsource: {src}\nops:\n{op}"))
+    assert plan.initial.spec.num_experts == 4
+    assert any("num_experts written as num_local_experts" in n for n in plan.initial.spec.meta["standardised"]) \
+        == (writer == "4.x")
+    out, report = run(tmp_path, write_recipe, src, op)
+    assert report["passed"] and report["steps"][-1]["exactness"] == "exact"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 4 and "num_experts" not in config
+    assert transformers.AutoConfig.from_pretrained(str(out)).num_experts == 4
+
+
+@pytest.mark.parametrize("family, spelling", [("mixtral", "num_local_experts"), ("mixtral", "num_experts"),
+                                              ("qwen3_moe", "num_local_experts"), ("qwen3_moe", "num_experts"),
+                                              ("qwen2_moe", "num_experts")])
+def test_the_expert_count_is_read_under_each_spelling_transformers_reads(family, spelling):
+    from surgery.spec import ModelSpec
+    from surgery.state import ModelState
+
+    config = moe_family_config(family).to_dict()
+    count = config.pop("num_local_experts" if family != "qwen2_moe" else "num_experts")
+    spec = ModelSpec.from_config({**config, spelling: count})
+    assert spec.num_experts == count == 3
+    assert transformers.AutoConfig.for_model(**spec.config).to_dict() == transformers.AutoConfig.for_model(
+        **{**config, spelling: count}).to_dict()
+    state = ModelState(spec, {})
+    assert state.expected_shape(spec.arch.classify("model.layers.0." + ("block_sparse_moe.gate.weight" if family == "mixtral"
+                                                                         else "mlp.gate.weight"))) == (3, 16)
+
+
+def moe_family_config(family):
+    common = dict(vocab_size=VOCAB, hidden_size=16, head_dim=4, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=1, num_experts_per_tok=2, max_position_embeddings=64)
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=12, num_local_experts=3, **common)
+    cls = transformers.Qwen2MoeConfig if family == "qwen2_moe" else transformers.Qwen3MoeConfig
+    return cls(intermediate_size=12, moe_intermediate_size=8, num_experts=3, **common)

@@ -129,7 +129,7 @@ class CloneWidth(Op):
         spec.set_heads(k * h, k * g)
         spec.set_intermediate_size(k * m)
         if Axis.SHARED_INTER in spec.arch.axis_fields:  # the shared expert's neurons are replicated like the experts'
-            spec.config[spec.arch.axis_fields[Axis.SHARED_INTER]] *= k
+            spec.config[spec.key(spec.arch.axis_fields[Axis.SHARED_INTER])] *= k
         spec.norm_width *= k  # [x, x] keeps each norm's statistics: no rescale needed, or the same one as before
         if "surgery_norm_width" in spec.config:
             spec.config["surgery_norm_width"] *= k

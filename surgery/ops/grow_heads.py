@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from ..arch import TensorRole as R
 from ..errors import SurgeryError
-from ..lazy import constant
+from ..lazy import full
 from ..state import ModelState
 from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
 from .residual import grow_residual
@@ -120,7 +120,6 @@ class GrowHeads(Op):
 
 def _move_head_norms(state: ModelState, role: R, positions: list[int], new_count: int, label: str) -> None:
     """Per-head q/k norms are separate tensors: rename old heads to their new index, add fresh ones."""
-    import torch
     arch, spec = state.spec.arch, state.spec
     moved = {}
     kinds = {}
@@ -130,9 +129,9 @@ def _move_head_norms(state: ModelState, role: R, positions: list[int], new_count
         del state.tensors[name]
     for layer in range(spec.num_layers):
         for kind, dtype in kinds.items():
-            fill = torch.ones if kind == "weight" else torch.zeros
+            value = 1.0 if kind == "weight" else 0.0
             for head in range(new_count):
                 n = arch.parameter_name(role, kind, layer, head)
                 if n not in moved:
-                    moved[n] = constant((spec.head_dim,), dtype, fill, label)
+                    moved[n] = full((spec.head_dim,), dtype, value, label)
     state.tensors.update(moved)

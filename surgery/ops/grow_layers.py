@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field
 from ..arch import WRITERS
 from ..arch import TensorRole as R
 from ..errors import SurgeryError
-from ..lazy import constant
+from ..lazy import full
 from ..state import ModelState, NewSlice
 from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, checked_indices, resolve_size
 from .slices import Fill
@@ -76,7 +76,6 @@ class GrowLayers(Op):
     summary = "add decoder blocks (LLaMA Pro): zero o_proj/down_proj make each new block the identity"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
-        import torch
         spec, arch = state.spec, state.spec.arch
         old = spec.num_layers
         new = resolve_size(self.num_layers, old, "num_layers")
@@ -114,7 +113,7 @@ class GrowLayers(Op):
                 target = arch.parameter_name(info.role, info.kind, p, info.head, info.expert)
                 writer = info.role in WRITERS
                 if writer and self.identity:
-                    state.tensors[target] = constant(node.shape, node.dtype, torch.zeros, f"{label}: zero writer")
+                    state.tensors[target] = full(node.shape, node.dtype, 0.0, f"{label}: zero writer")
                     if trainable:
                         state.new_slices.append(NewSlice(target, 0, list(range(node.shape[0])), "grow_layers"))
                 elif self.from_ == "copy" or writer or info.role.is_norm or info.role in _HEAD_NORMS:
@@ -124,9 +123,9 @@ class GrowLayers(Op):
                 elif trainable:
                     fill = Fill("random", ctx.seed_parts(target, "layer"))
                     state.tensors[target] = node.map(lambda t, f=fill: f.values(t, 0, t.shape[0]),
-                                                     label=f"{label}: drawn like layer {j}")
+                                                     label=f"{label}: drawn like layer {j}", kind=fill.lazy_kind)
                 else:
-                    state.tensors[target] = constant(node.shape, node.dtype, torch.zeros, f"{label}: zeros")
+                    state.tensors[target] = full(node.shape, node.dtype, 0.0, f"{label}: zeros")
         spec.set_num_layers(new, origin=[j for _, j in plan])
 
         where = ", ".join(f"{p} ({'copy' if self.from_ == 'copy' else 'drawn like'} {j})" for p, (n, j) in enumerate(plan) if n)

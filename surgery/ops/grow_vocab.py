@@ -90,8 +90,21 @@ class VocabRows(Fill):
     init: VocabInit = VocabInit.MEAN
     pieces: tuple = ()  # per new row: the subword ids it averages (init: subword), or None
 
+    @property
+    def fixed(self) -> tuple[float, ...]:
+        return (0.0,) if self.init == VocabInit.ZEROS else ()
+
+    @property
+    def lazy_kind(self) -> str:
+        """Zeros are a move; the other rows are statistics of the old rows, rounded once, and whatever they are,
+        the old tokens' logits are not theirs and the loss is judged against their own measured mass."""
+        return "move" if self.init == VocabInit.ZEROS else "stats_fill"
+
     def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-        return new_rows(old.movedim(axis, 0), self.init, n, list(self.pieces), self.seed).movedim(0, axis)
+        """From the old rows in float32 at least: the same bits whether they came as float32 or in a half dtype."""
+        import torch
+        wide = old.to(torch.promote_types(old.dtype, torch.float32))
+        return new_rows(wide.movedim(axis, 0), self.init, n, list(self.pieces), self.seed).movedim(0, axis)
 
 
 class GrowVocab(Op):

@@ -36,9 +36,19 @@ class Fill:
         """Whether the fill depends on the old entries' values (else only on shape and dtype)."""
         return self.kind not in CONSTANT_FILLS
 
+    @property
+    def fixed(self) -> tuple[float, ...]:
+        """The one value a constant fill writes; empty where the fill reads or draws its values."""
+        return ({"zeros": 0.0, "ones": 1.0}.get(self.kind, self.value),) if self.kind in CONSTANT_FILLS else ()
+
+    @property
+    def lazy_kind(self) -> str | None:
+        """The `LazyTensor.kind` of a growth with this fill (None: evaluated in the compute dtype)."""
+        return "move" if self.kind in CONSTANT_FILLS else "stats_fill" if self.kind in STATS_FILLS else None
+
     def constant(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         import torch
-        return torch.full(tuple(shape), {"zeros": 0.0, "ones": 1.0}.get(self.kind, self.value), dtype=dtype, device=device)
+        return torch.full(tuple(shape), self.fixed[0], dtype=dtype, device=device)
 
     def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
         import torch
@@ -59,8 +69,7 @@ class Fill:
         raise ValueError(self.kind)
 
 
-CONSTANT_FILLS = ("zeros", "ones", "const")
-MOVES = ("zeros", "ones")  # fills of fixed values: exact in any dtype
+CONSTANT_FILLS = ("zeros", "ones", "const")  # moves: exact in a dtype that represents the value (`lazy.storage_exact`)
 STATS_FILLS = ("random",)  # drawn in float32 from the input's float32 statistics, rounded once
 
 
@@ -106,11 +115,6 @@ class AxisGrowth:
     fill: Fill
 
 
-def fill_kind(fill: Fill) -> str | None:
-    """The `LazyTensor.kind` of a growth with this fill (None: evaluated in the compute dtype)."""
-    return "move" if fill.kind in MOVES else "stats_fill" if fill.kind in STATS_FILLS else None
-
-
 def missing_positions(new_size: int, dest: list[int]) -> list[int]:
     taken = set(dest)
     return [i for i in range(new_size) if i not in taken]
@@ -135,7 +139,8 @@ def grow_axis(
     shape = list(node.shape)
     shape[axis] = new_size
     dest_t = torch.tensor(dest, dtype=torch.long)
-    grown = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label, kind=fill_kind(fill))
+    grown = node.map(lambda t: scatter_axis(t, axis, new_size, dest_t, fill), tuple(shape), label, kind=fill.lazy_kind,
+                     fixed=fill.fixed)
     grown.growth = AxisGrowth(axis, new_size, dest_t, fill)
     state.tensors[name] = grown
     for s in state.new_slices:

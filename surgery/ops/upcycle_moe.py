@@ -37,8 +37,9 @@ from pydantic import Field
 
 from ..arch import ARCHITECTURES, MLP_ROLES, Architecture, Axis, TensorInfo, TensorRole as R
 from ..errors import SurgeryError
-from ..lazy import LazyTensor, constant, generator
+from ..lazy import LazyTensor, constant, full, generator
 from ..state import ModelState, NewSlice
+from ..spec import config_key
 from . import moments
 from .base import Exactness, Op, OpContext, Promise
 
@@ -83,7 +84,6 @@ class UpcycleMoe(Op):
     summary = "dense MLP -> mixture of experts: every expert a copy of the MLP, plus a router (sparse upcycling)"
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
-        import torch
         spec = state.spec
         src = spec.arch
         into = self.into or DEFAULT_INTO.get(src.name)
@@ -140,8 +140,8 @@ class UpcycleMoe(Op):
             if self.router != "zeros":
                 state.new_slices.append(NewSlice(name, 0, list(range(E)), "upcycle_moe"))
             if shared:
-                tensors[dst.parameter_name(R.SHARED_ROUTER, "weight", layer)] = constant(
-                    (1, d), dtype, torch.zeros, f"{label}: shared expert gate 0 (sigmoid 1/2)")
+                tensors[dst.parameter_name(R.SHARED_ROUTER, "weight", layer)] = full(
+                    (1, d), dtype, 0.0, f"{label}: shared expert gate 0 (sigmoid 1/2)")
         state.tensors = tensors
         spec.arch = dst
         spec.config = self._config(spec.config, into, I, share, normalise)
@@ -163,8 +163,8 @@ class UpcycleMoe(Op):
         out["model_type"] = into
         out["architectures"] = [CLASSES[into]]
         dst = ARCHITECTURES[into]
-        out[dst.axis_fields[Axis.EXPERT]] = self.num_experts
-        out[dst.experts_per_token_field] = self.top_k
+        out[config_key(dst, dst.axis_fields[Axis.EXPERT])] = self.num_experts
+        out[config_key(dst, dst.experts_per_token_field)] = self.top_k
         out["output_router_logits"] = False
         if into == "mixtral":
             out["router_aux_loss_coef"] = 0.02  # Mixtral-8x7B's release
@@ -214,7 +214,7 @@ class UpcycleMoe(Op):
                 label: str) -> LazyTensor:
         import torch
         if self.router == "zeros":
-            return constant(shape, dtype, torch.zeros, f"{label}: router zeros")
+            return full(shape, dtype, 0.0, f"{label}: router zeros")
         if self.router == "random":
             seed, std = ctx.seed_parts(name, "router"), self.router_std
             return constant(shape, dtype, lambda s: torch.randn(s, generator=generator(*seed)) * std,
