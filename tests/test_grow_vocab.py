@@ -225,7 +225,7 @@ def test_three_tokens_on_release_configs_of_the_newer_families(family, tmp_path,
 
 def test_subword_rows_are_the_mean_of_the_pieces_rows(tmp_path, write_recipe):
     out = tmp_path / "out"
-    words = ["license", "copyright"]
+    words = ["surgeryword", "copyright"]
     api.run(_recipe(write_recipe, "builtin:tiny-llama", [{"op": "grow_vocab", "add_tokens": words, "init": "subword"}], out))
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tiny-llama"))
     with safe_open(str(ASSETS / "tiny-llama" / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as g:

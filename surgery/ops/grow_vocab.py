@@ -26,7 +26,7 @@ from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
-from ..io.grown_tokenizer import RESERVED, has_tokenizer, load_tokenizer, splits_special_tokens
+from ..io.grown_tokenizer import RESERVED, NewToken, add_tokens, has_tokenizer, load_tokenizer, split_changes, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
 from .slices import Fill, append_dest, grow_axis
 
@@ -161,6 +161,11 @@ class GrowVocab(Op):
             if self.init == VocabInit.SUBWORD:
                 pieces = [tok(t.content, add_special_tokens=False)["input_ids"] for t in tokens]
                 pieces = [[i for i in p if i < old] or None for p in pieces]
+            add_tokens(tok, [NewToken(**a) for a in added])  # the tokenizer as earlier grow_vocab ops leave it
+            problems = split_changes(tok, [NewToken(t.content, t.special, old + i) for i, t in enumerate(tokens)])
+            if problems:
+                i = min(problems)
+                raise SurgeryError(f"token {problems[i]}", loc=("add_tokens", i))
         elif tokens and source_dir is not None:
             raise SurgeryError("the source has no tokenizer to add tokens to", loc=("add_tokens",))
         elif self.init == VocabInit.SUBWORD and tokens:
