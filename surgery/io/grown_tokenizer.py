@@ -13,7 +13,6 @@ place of whole old tokens: `split_changes` says where it would not.
 from __future__ import annotations
 
 import bisect
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +137,8 @@ def split_changes(tok, tokens: list[NewToken], texts: dict[str, str | None] | No
     as any word added to a byte-level BPE): otherwise it cuts an old token apart, and the old
     tokenizer's split of that text is lost. A match replacing exactly one old token is a token the
     tokenizer already has: that text would leave its trained id for a new, untrained one. The text
-    around the matches must keep its old ids. `tok` is left as it is.
+    around the matches must keep its old ids. `tok` is used up: the tokens are added to it (a copy of a
+    150k-token vocabulary would cost seconds).
     """
     if texts is None:
         texts = {PROBE_TEXT.read_text(): PROBE_WHERE}
@@ -148,9 +148,6 @@ def split_changes(tok, tokens: list[NewToken], texts: dict[str, str | None] | No
         if not t.content[:1].isspace():
             probes.setdefault(" " + t.content, None)
     probes.update(texts)
-    split = tok.backend_tokenizer.encode_special_tokens
-    tok = copy.deepcopy(tok)
-    tok.backend_tokenizer.encode_special_tokens = split  # a copy forgets it
     before = _encode(tok, list(probes))
     empty = next((i for i, t in enumerate(tokens) if not t.special and _normalized(tok, t.content) == ""), None)
     if empty is not None:
@@ -161,10 +158,16 @@ def split_changes(tok, tokens: list[NewToken], texts: dict[str, str | None] | No
     except BaseException as e:  # tokenizers panics (a Rust PanicException) on some tokens a normaliser changes
         if type(e).__name__ != "PanicException":
             raise
-        return {0: f"{tokens[0].content!r}: tokenizers fails on text with these tokens added ({str(e).strip()[:80]})"}
+        named = ", ".join(repr(t.content) for t in tokens[:3]) + (", ..." if len(tokens) > 3 else "")
+        return {0: f"{named}: tokenizers fails on text with {'these' if len(tokens) > 1 else 'it'} added ({str(e).strip()[:80]})"}
     first = min(t.id for t in tokens)
     index = {t.id: i for i, t in enumerate(tokens)}
     found: dict[int, str] = {}
+    alone = {text: new for text, new in zip(probes, after)}
+    for i, t in enumerate(tokens):
+        if alone[t.content].ids != [t.id]:
+            found[i] = (f"{t.content!r} would not be encoded as its new id {t.id}: with it added the tokenizer encodes it as "
+                        f"{alone[t.content].tokens} {alone[t.content].ids}")
     for (text, where), old, new in zip(probes.items(), before, after):
         for nid, reason in _changes(text, old, new, first):
             i = index.get(nid)
