@@ -401,10 +401,11 @@ def _old_split_kept(tok, token: str, texts: list[str]) -> bool:
     return True
 
 
-def _license_pieces():
-    from surgery.io.grown_tokenizer import PROBE_TEXT
+LICENSE = (ASSETS / "python-license.txt").read_text()
 
-    text = PROBE_TEXT.read_text()
+
+def _license_pieces():
+    text = LICENSE
     return st.integers(0, len(text) - 13).flatmap(lambda a: st.integers(1, 12).map(lambda n: text[a:a + n]))
 
 
@@ -415,12 +416,12 @@ def test_a_token_is_refused_exactly_when_it_would_not_keep_the_old_split_of_exis
     """Byte-level BPE without a normaliser: raw substring matches are how tokenizers matches added tokens."""
     import copy
 
-    from surgery.io.grown_tokenizer import PROBE_TEXT, NewToken, split_changes
+    from surgery.io.grown_tokenizer import NewToken, split_changes
 
     tok = _tiny_llama_tokenizer()
     assume(not token[0].isspace() and token not in tok.get_vocab() and "<|endoftext|>" not in token)
     found = split_changes(copy.deepcopy(tok), [NewToken(token, special, 512)])
-    assert (not found) == _old_split_kept(tok, token, [token, " " + token, PROBE_TEXT.read_text()]), found
+    assert (not found) == _old_split_kept(tok, token, [token, " " + token, LICENSE]), found
 
 
 @functools.cache
