@@ -6,6 +6,9 @@ rows and the hidden states never see the new rows, so every old token's logit is
 was. Only the softmax normaliser changes: on text without new tokens the loss per position moves by
 log(1 + sum_new exp(z_new) / sum_old exp(z_old)), the probability mass the new rows take, and by
 nothing else. Verification computes that expected change from the output's own logits and compares.
+That holds for text the grown tokenizer splits as the old one did: a token the old tokenizer already
+has as one id (" the" is Ġthe), or whose matches would cut old tokens apart ("he" in "the"), is
+refused while planning (`split_changes`).
 
 Rows are initialised per tensor (embedding, lm_head, and any vocabulary-sized bias):
 `mean` the old rows' mean (transformers' `mean_resizing`); `hewitt` that mean plus a draw from
