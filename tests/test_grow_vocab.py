@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -421,6 +421,7 @@ def test_a_token_is_refused_exactly_when_it_would_not_keep_the_old_split_of_exis
     tok = _tiny_llama_tokenizer()
     assume(not token[0].isspace() and token not in tok.get_vocab() and "<|endoftext|>" not in token)
     found = split_changes(copy.deepcopy(tok), [NewToken(token, special, 512)])
+    event("refused" if found else "accepted")
     assert (not found) == _old_split_kept(tok, token, [token, " " + token, LICENSE]), found
 
 
