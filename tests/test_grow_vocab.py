@@ -1,5 +1,6 @@
 """grow_vocab: new tokens in the tokenizer and new rows in the model; old tokens' logits exact, the loss
 moved by the new rows' probability mass and nothing else."""
+import functools
 import json
 from dataclasses import replace
 import shutil
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -225,7 +226,7 @@ def test_three_tokens_on_release_configs_of_the_newer_families(family, tmp_path,
 
 def test_subword_rows_are_the_mean_of_the_pieces_rows(tmp_path, write_recipe):
     out = tmp_path / "out"
-    words = ["license", "copyright"]
+    words = ["surgeryword", "copyright"]
     api.run(_recipe(write_recipe, "builtin:tiny-llama", [{"op": "grow_vocab", "add_tokens": words, "init": "subword"}], out))
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tiny-llama"))
     with safe_open(str(ASSETS / "tiny-llama" / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as g:
@@ -295,6 +296,160 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
     assert r.report.dead_slices == []
     assert loads and max(loads.values()) == 1  # every source tensor read once, the embedding included
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 528
+
+
+def _refused(write_recipe, tmp_path, capsys, source: str, tokens: list) -> str:
+    """The one error line `surgery run` gives for adding `tokens`, with nothing written."""
+    out = tmp_path / "o"
+    assert main(["run", str(_recipe(write_recipe, source, [{"op": "grow_vocab", "add_tokens": tokens}], out))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert not out.exists()
+    return err
+
+
+def _spm_ids(text: str) -> list[int]:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(ASSETS / "tiny-mistral" / "tokenizer.model")).encode(text)
+
+
+@pytest.mark.parametrize("source,tokens,covered,piece", [
+    ("tiny-llama", [" the", " Python"], " the", "Ġthe"),  # the issue: byte-level BPE holds " the" as Ġthe
+    ("tiny-llama", [" Python"], " Python", "ĠPython"),
+    ("tiny-llama", ["surgeryword", "the"], " the", "Ġthe"),  # without its space: every " the" would become Ġ + new id
+    ("tiny-stablelm", [{"content": " the", "special": True}], " the", "Ġthe"),  # special tokens are matched in text too
+    ("tiny-mistral", ["the"], "the", "▁the"),  # sentencepiece: the normaliser's ▁ prefix makes it match "▁the"
+])
+def test_a_token_the_source_tokenizer_already_has_as_one_id_is_refused_with_that_id(source, tokens, covered, piece,
+                                                                                    tmp_path, write_recipe, capsys):
+    """Added, such a token takes that text from its trained row to a new one: the old code called it exact
+    while the grown tiny-llama tokenizer never emitted Ġthe again (loss 0.76 -> 1.30 on the license)."""
+    i = next(i for i, t in enumerate(tokens) if (t if isinstance(t, str) else t["content"]).strip() == covered.strip())
+    old = _spm_ids(covered) if source == "tiny-mistral" else \
+        AutoTokenizer.from_pretrained(str(ASSETS / source))(covered, add_special_tokens=False)["input_ids"]
+    assert len(old) == 1
+    err = _refused(write_recipe, tmp_path, capsys, f"builtin:{source}", tokens)
+    content = tokens[i] if isinstance(tokens[i], str) else tokens[i]["content"]
+    assert f"ops.0.add_tokens.{i}: token {content!r} is already in the vocabulary" in err
+    assert f"encodes {covered!r} as the one token {piece!r} (id {old[0]})" in err
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_a_token_inside_existing_words_is_refused_because_it_would_split_them(special, tmp_path, write_recipe, capsys):
+    """Added tokens are matched anywhere in text (special ones too): "he" would cut every "the" apart."""
+    err = _refused(write_recipe, tmp_path, capsys, "builtin:tiny-llama", ["surgeryword", {"content": "he", "special": special}])
+    assert "ops.0.add_tokens.1: token 'he' would change how existing text is split" in err
+    assert "cut the source's token 'Ġthe' (id 284) apart (in the Python license text)" in err
+
+
+def test_a_token_that_would_not_be_its_own_id_is_refused_before_writing(tmp_path, write_recipe, capsys):
+    """A non-special token is matched after the special ones, so one holding <|endoftext|> is never matched whole."""
+    err = _refused(write_recipe, tmp_path, capsys, "builtin:tiny-llama", ["<|endoftext|>x"])
+    assert "ops.0.add_tokens.0: token '<|endoftext|>x' would not be encoded as its new id 512" in err and "[0, 88]" in err
+
+
+def test_accepted_tokens_leave_existing_text_encoded_as_before_and_its_float64_loss_moved_by_the_new_rows_only(
+        tmp_path, write_recipe):
+    """On the license text the grown tokenizer gives the source's ids; in float64 the old logits are the source's
+    and the loss moved by exactly log(1 + the new rows' share of the normaliser), unchanged over the old vocabulary."""
+    import torch.nn.functional as F
+
+    from surgery.verify import license_text
+
+    out = tmp_path / "out"
+    tokens = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]
+    r = api.run(_recipe(write_recipe, "builtin:tiny-llama", [{"op": "grow_vocab", "add_tokens": tokens}], out, max_tokens=256))
+    assert r.report.passed, r.report.rule
+    text = license_text()
+    ids = AutoTokenizer.from_pretrained(str(ASSETS / "tiny-llama"))(text, add_special_tokens=False)["input_ids"]
+    assert AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False)["input_ids"] == ids
+    ids = torch.tensor([ids[:512]])
+    src, dst = (AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float64) for d in (ASSETS / "tiny-llama", out))
+    a, b = _logits(src, ids), _logits(dst, ids)
+    v = a.shape[-1]
+    assert b.shape[-1] == v + 3 and (a - b[:, :v]).abs().max() <= 1e-12 * a.abs().max()
+
+    def loss(logits):
+        return float(F.cross_entropy(logits[:-1], ids[0, 1:]))
+
+    mass = float((torch.logsumexp(b[:-1], -1) - torch.logsumexp(b[:-1, :v], -1)).mean())
+    assert abs(loss(b[:, :v]) - loss(a)) <= 1e-12 * loss(a)
+    assert 0 < mass and abs(loss(b) - loss(a) - mass) <= 1e-12 * loss(a)
+
+
+def _old_split_kept(tok, token: str, texts: list[str]) -> bool:
+    """Independently of surgery's offsets: the text around each match of `token` (leftmost, as tokenizers matches
+    added tokens) encodes alone as in the whole text, the match itself takes two or more old tokens (with the one space
+    byte-level BPE glues to a word), and no match is a single old token."""
+    def enc(text):
+        return tok.backend_tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    for text in texts:
+        parts = text.split(token)
+        if len(parts) == 1:
+            continue
+        ids = []
+        for p in parts[:-1]:
+            space = " " if p.endswith(" ") else ""
+            match = enc(space + token)
+            if len(match) == 1:
+                return False
+            ids += enc(p[:len(p) - len(space)]) + match
+        if ids + enc(parts[-1]) != enc(text):
+            return False
+    return True
+
+
+LICENSE = (ASSETS / "python-license.txt").read_text()
+
+
+def _license_pieces():
+    text = LICENSE
+    return st.integers(0, len(text) - 13).flatmap(lambda a: st.integers(1, 12).map(lambda n: text[a:a + n]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(token=st.one_of(_license_pieces(), st.text(st.sampled_from("abeilmnorstwyz0_-.,:<>|()AP é\n"), min_size=1, max_size=10)),
+       special=st.booleans())
+def test_a_token_is_refused_exactly_when_it_would_not_keep_the_old_split_of_existing_text(token, special):
+    """Byte-level BPE without a normaliser: raw substring matches are how tokenizers matches added tokens."""
+    import copy
+
+    from surgery.io.grown_tokenizer import NewToken, split_changes
+
+    tok = _tiny_llama_tokenizer()
+    assume(not token[0].isspace() and token not in tok.get_vocab() and "<|endoftext|>" not in token)
+    found = split_changes(copy.deepcopy(tok), [NewToken(token, special, 512)])
+    event("refused" if found else "accepted")
+    assert (not found) == _old_split_kept(tok, token, [token, " " + token, LICENSE]), found
+
+
+@functools.cache
+def _tiny_llama_tokenizer():
+    from surgery.io.grown_tokenizer import load_tokenizer
+
+    return load_tokenizer(ASSETS / "tiny-llama")
+
+
+def test_a_tokenizers_panic_is_one_line_not_a_traceback(monkeypatch):
+    from surgery.io import grown_tokenizer
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    calls = []
+
+    def panics(tok, texts):
+        calls.append(1)
+        if len(calls) == 2:
+            raise PanicException("AddedVocabulary bad split")
+        return tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+
+    monkeypatch.setattr(grown_tokenizer, "_encode", panics)
+    found = grown_tokenizer.split_changes(grown_tokenizer.load_tokenizer(ASSETS / "tiny-llama"),
+                                          [grown_tokenizer.NewToken("surgeryword", False, 512)])
+    assert found == {0: "'surgeryword': tokenizers fails on text with it added (AddedVocabulary bad split)"}
 
 
 def test_errors_are_one_line_with_where(tmp_path, write_recipe, capsys):

@@ -154,3 +154,34 @@ def test_hf_to_mistral_to_hf_verifies_and_keeps_the_token_ids(tmp_path, capsys):
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "sliding_window",
                 "max_position_embeddings", "rope_parameters", "tie_word_embeddings"):
         assert after[key] == before[key], key
+
+
+def _grow_vocab_error(src: Path, token: str, tmp_path: Path, capsys) -> str:
+    recipe = tmp_path / f"{src.name}.json"
+    out = tmp_path / f"{src.name}-out"
+    recipe.write_text(json.dumps({"name": "v", "source": str(src), "output": str(out),
+                                  "ops": [{"op": "grow_vocab", "add_tokens": ["surgeryword", token]}]}))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    return err
+
+
+def test_grow_vocab_on_a_sentencepiece_release_refuses_a_token_it_has_with_the_id_sentencepiece_gives(nfkc_model, tmp_path, capsys):
+    """The nmt_nfkc normaliser prefixes ▁: "the" is the piece ▁the, which sentencepiece itself encodes it to."""
+    src = native_copy(tmp_path, "nfkc", {"tokenizer.model": nfkc_model})
+    ids = sentencepiece_ids(nfkc_model, "the")[1:]
+    assert len(ids) == 1
+    err = _grow_vocab_error(src, "the", tmp_path, capsys)
+    assert "ops.0.add_tokens.1: token 'the' is already in the vocabulary" in err and f"'▁the' (id {ids[0]})" in err
+
+
+@needs_mistral_common
+def test_grow_vocab_on_a_tekken_release_refuses_a_token_it_has_with_the_id_mistral_common_gives(tekken, tekken_release,
+                                                                                               tmp_path, capsys):
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    ids = Tekkenizer.from_file(tekken).encode(" the", bos=False, eos=False)
+    assert len(ids) == 1
+    err = _grow_vocab_error(tekken_release, " the", tmp_path, capsys)
+    assert "ops.0.add_tokens.1: token ' the' is already in the vocabulary" in err and f"(id {ids[0]})" in err

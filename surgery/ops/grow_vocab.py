@@ -6,6 +6,9 @@ rows and the hidden states never see the new rows, so every old token's logit is
 was. Only the softmax normaliser changes: on text without new tokens the loss per position moves by
 log(1 + sum_new exp(z_new) / sum_old exp(z_old)), the probability mass the new rows take, and by
 nothing else. Verification computes that expected change from the output's own logits and compares.
+That holds for text the grown tokenizer splits as the old one did: a token the old tokenizer already
+has as one id (" the" is Ġthe), or whose matches would cut old tokens apart ("he" in "the"), is
+refused while planning (`split_changes`).
 
 Rows are initialised per tensor (embedding, lm_head, and any vocabulary-sized bias):
 `mean` the old rows' mean (transformers' `mean_resizing`); `hewitt` that mean plus a draw from
@@ -26,7 +29,7 @@ from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..lazy import generator
 from ..state import ModelState, NewSlice
-from ..io.grown_tokenizer import RESERVED, has_tokenizer, load_tokenizer, splits_special_tokens
+from ..io.grown_tokenizer import RESERVED, NewToken, add_tokens, has_tokenizer, load_tokenizer, split_changes, splits_special_tokens
 from .base import Exactness, Op, OpContext, Promise
 from .slices import Fill, append_dest, grow_axis
 
@@ -174,6 +177,11 @@ class GrowVocab(Op):
             if self.init == VocabInit.SUBWORD:
                 pieces = [tok(t.content, add_special_tokens=False)["input_ids"] for t in tokens]
                 pieces = [[i for i in p if i < old] or None for p in pieces]
+            add_tokens(tok, [NewToken(**a) for a in added])  # the tokenizer as earlier grow_vocab ops leave it
+            problems = split_changes(tok, [NewToken(t.content, t.special, old + i) for i, t in enumerate(tokens)])
+            if problems:
+                i = min(problems)
+                raise SurgeryError(f"token {problems[i]}", loc=("add_tokens", i))
         elif tokens and source_dir is not None:
             raise SurgeryError("the source has no tokenizer to add tokens to", loc=("add_tokens",))
         elif self.init == VocabInit.SUBWORD and tokens:
