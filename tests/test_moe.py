@@ -441,3 +441,66 @@ def moe_family_config(family):
         return transformers.MixtralConfig(intermediate_size=12, num_local_experts=3, **common)
     cls = transformers.Qwen2MoeConfig if family == "qwen2_moe" else transformers.Qwen3MoeConfig
     return cls(intermediate_size=12, moe_intermediate_size=8, num_experts=3, **common)
+
+
+# ------------------------------------------------- experts the verification batch leaves without tokens
+def qwen_moe_source(tmp_path, family: str, experts: int, top_k: int) -> Path:
+    """A saved Qwen2-MoE (Qwen1.5-MoE's conventions) or Qwen3-MoE, its config.json as releases write it."""
+    common = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  num_hidden_layers=2, intermediate_size=24, moe_intermediate_size=8, num_experts=experts,
+                  num_experts_per_tok=top_k, max_position_embeddings=256)
+    if family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(shared_expert_intermediate_size=16, norm_topk_prob=False, **common)
+    else:
+        cfg = transformers.Qwen3MoeConfig(norm_topk_prob=True, **common)
+    src = save_checkpoint(make_model(cfg).float(), tmp_path / family)
+    c = json.loads((src / "config.json").read_text())
+    c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))  # transformers 5 saves Qwen3-MoE's under its alias
+    (src / "config.json").write_text(json.dumps(c))
+    return src
+
+
+def unreached_summary(capsys) -> str:
+    return next(line for line in capsys.readouterr().err.splitlines() if line.startswith("gradient-flow check"))
+
+
+def test_heads_grown_after_a_16_expert_upcycle_pass_though_the_batch_leaves_an_expert_without_tokens(tmp_path, write_recipe,
+                                                                                                     capsys):
+    src = save_checkpoint(dense("llama", heads=(4, 2), head_dim=8, intermediate=16, vocab=TOKENIZER_VOCAB).float(),
+                          tmp_path / "src")
+    ops = ("  - op: upcycle_moe\n    num_experts: 16\n    top_k: 2\n  - op: grow_heads\n    num_heads: x2\n"
+           "  - op: rescale_norm\n")
+    out, report = run(tmp_path, write_recipe, src, ops)
+    assert report["passed"] and report["dead_slices"] == []
+    assert "reached by an input" in unreached_summary(capsys)
+
+
+@pytest.mark.parametrize("family, router, extra", [("llama", "random", ""), ("qwen2", "zeros", "    norm_topk_prob: false\n")])
+def test_grow_mlp_then_a_top_1_upcycle_passes_though_the_batch_leaves_experts_without_tokens(tmp_path, write_recipe, capsys,
+                                                                                              family, router, extra):
+    """A random router leaves an expert no token of the batch picks; Qwen2-MoE's exact zero router without
+    renormalisation sends every token to one expert, and its rows learn through the softmax normaliser."""
+    model = dense(family, heads=(4, 2), head_dim=8, intermediate=16, vocab=TOKENIZER_VOCAB).float()
+    src = save_checkpoint(model, tmp_path / "src")
+    ops = ("  - op: grow_mlp\n    intermediate_size: x2\n  - op: upcycle_moe\n    num_experts: 8\n    top_k: 1\n"
+           f"    router: {router}\n{extra}")
+    out, report = run(tmp_path, write_recipe, src, ops)
+    assert report["passed"] and report["dead_slices"] == []
+    assert ("reached by an input" if router == "random" else "router row learns") in unreached_summary(capsys)
+
+
+@pytest.mark.parametrize("family, experts, top_k", [("qwen2_moe", 8, 2), ("qwen3_moe", 16, 2)])
+def test_grow_layers_on_qwen_moe_sources_passes_though_the_batch_leaves_experts_of_new_layers_without_tokens(
+        tmp_path, write_recipe, capsys, family, experts, top_k):
+    src = qwen_moe_source(tmp_path, family, experts, top_k)
+    out, report = run(tmp_path, write_recipe, src, "  - op: grow_layers\n    num_layers: +2\n")
+    assert report["passed"] and report["dead_slices"] == []
+    assert "reached by an input" in unreached_summary(capsys)
+
+
+def test_a_zero_router_without_renormalisation_is_said_to_learn_and_a_renormalised_one_to_stay_fixed():
+    _, free = api.transform(dense("qwen2"), [{"op": "upcycle_moe", "num_experts": 4, "router": "zeros",
+                                              "norm_topk_prob": False}])
+    _, fixed = api.transform(dense("qwen2"), [{"op": "upcycle_moe", "num_experts": 4, "router": "zeros"}])
+    assert any("routing moves after the first step" in n for n in free.steps[0].promise.notes)
+    assert any("training never separates the experts" in n for n in fixed.steps[0].promise.notes)

@@ -14,8 +14,9 @@ function depends on how the output family weighs the chosen experts:
   the routed experts (down_proj x (1 - a)); the default a = 1/2 makes both factors powers of two, so
   bf16 storage rounds nothing.
 
-Routers: `zeros` (a fixed point: with identical experts the router's gradient is zero and every
-token picks the same k experts, so training never separates them), `random` (N(0, router_std)),
+Routers: `zeros` (with renormalised weights a fixed point: with identical experts the router's gradient is
+zero and every token picks the same k experts, so training never separates them; with `norm_topk_prob:
+false` every row gets gradient through the softmax normaliser), `random` (N(0, router_std)),
 or `hidden`: the MLP inputs of the model before this op on the calibration data (`verify.data`)
 clustered into E groups (spherical k-means on the centred states); row e is group e's centred
 centroid, unit length, over the states' RMS, in the spirit of mergekit-moe's hidden gate mode.
@@ -231,9 +232,13 @@ class UpcycleMoe(Op):
                  f"(top-{k} of {E} experts)"]
         if E & (E - 1):
             notes.append(f"{E} experts is not a power of two: llama.cpp warns on such counts")
-        if self.router == "zeros":
+        if self.router == "zeros" and normalise:
             notes.append("router zeros: every token picks the same top-k experts and, with identical experts, the router "
                          "gets no gradient: training never separates the experts (use random or hidden)")
+        elif self.router == "zeros":
+            notes.append("router zeros: every token picks the same top-k experts at first; the chosen weights are softmax "
+                         "probabilities (norm_topk_prob: false), so every router row gets gradient through the normaliser "
+                         "and the routing moves after the first step")
         if self.router == "hidden":
             notes.append("router hidden: the model before this op runs once on the calibration data, one layer at a time, "
                          "when the first router is written")
