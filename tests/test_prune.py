@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
@@ -149,6 +150,47 @@ def test_prune_layers_drops_exactly_the_layers_that_write_nothing_and_their_laye
         if getattr(model.config, "max_window_layers", None) is not None:  # Qwen: what 4.x readers derive the types from
             assert pruned.config.max_window_layers == next((i for i, t in enumerate(kept) if t != "full_attention"), len(kept))
     assert_same_function(model, pruned)
+
+
+def qwen2_moe_model(layers: int = 4, max_window_layers: int = 3):
+    """Qwen2-MoE with sliding windows on: its config slides the even layers below max_window_layers (the
+    opposite of Qwen2's rule, where the layers from it on slide)."""
+    return make_model(transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        use_sliding_window=True, sliding_window=3, max_window_layers=max_window_layers, max_position_embeddings=64))
+
+
+def derived_layer_types(config) -> list[str]:
+    """The layer types transformers derives from the config's max_window_layers (as for a config without layer_types)."""
+    d = config.to_dict()
+    d.pop("layer_types")
+    return transformers.AutoConfig.for_model(**d).layer_types
+
+
+def windows(model) -> list:
+    return [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("drop, derivable", [([0, 2], True), ([3], True), ([1, 2], True), ([1], False)])
+def test_qwen2_moe_layers_keep_their_sliding_windows_and_max_window_layers_is_restated_by_qwen2_moe_own_rule(drop, derivable):
+    model = qwen2_moe_model()
+    pruned, _ = prune(model, [{"op": "prune_layers", "drop": drop}])
+    kept = [j for j in range(4) if j not in drop]
+    assert pruned.config.layer_types == [model.config.layer_types[j] for j in kept]
+    assert windows(pruned) == [windows(model)[j] for j in kept]
+    if derivable:  # a reader deriving the types from max_window_layers gets the same layers sliding
+        assert derived_layer_types(pruned.config) == pruned.config.layer_types
+
+
+def test_qwen2_upcycled_into_qwen2_moe_states_max_window_layers_by_qwen2_moe_rule():
+    cfg = make_config("qwen2", layers=3, vocab=VOCAB)
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 3  # no layer slides (Qwen2's rule)
+    cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_dict().items() if k != "layer_types"})
+    model = make_model(cfg)
+    new, _ = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4}])
+    assert new.config.layer_types == ["full_attention"] * 3 and windows(new) == windows(model) == [None] * 3
+    assert derived_layer_types(new.config) == new.config.layer_types
 
 
 def test_listed_layers_go_and_the_rest_are_renumbered_in_order():
