@@ -270,8 +270,40 @@ def test_prune_then_grow_back_judges_the_growth_exact_against_the_pruned_model(t
     first, second = result.report.steps
     assert first.exactness == "pruned" and first.passed
     assert second.exactness == "exact" and second.passed and second.reference.startswith("ops[0]")
-    assert not result.report.pruning  # importance random: it is its own baseline
     assert_loads_cleanly(result.output)
+
+
+def test_a_random_prune_lists_the_units_it_dropped_in_the_report_and_is_its_own_baseline(tmp_path):
+    result = run(tmp_path, "tiny-llama", [{"op": "prune_mlp", "intermediate_size": "x0.5", "importance": "random"},
+                                          {"op": "prune_layers", "num_layers": 1, "importance": "random"}])
+    mlp, layers = (s.promise.pruning for s in result.plan.steps)
+    assert [r["importance"] for r in result.report.pruning] == ["random", "random"]
+    assert [r["dropped"] for r in result.report.pruning] == [mlp.dropped, layers.dropped]
+    assert [len(d) for d in mlp.dropped] == [80, 80] and len(layers.dropped) == 1
+    assert all(r["random"] is None and r["beats_random"] is None for r in result.report.pruning)
+    report = (result.output / "surgery_report.md").read_text()
+    assert f"- layer 0: {', '.join(map(str, mlp.dropped[0][:16]))}" in report
+    assert f"Dropped by `{result.plan.steps[1].op.label()}`: layers {layers.dropped} of 2." in report
+    assert "a random prune, its own baseline" in result.report.table()
+
+
+def test_every_row_states_its_loss_change_against_the_source_and_a_prune_after_a_prune_also_against_the_state_it_pruned(
+        tmp_path):
+    result = run(tmp_path, "tiny-llama", [{"op": "prune_mlp", "intermediate_size": "x0.75"},
+                                          {"op": "prune_heads", "num_heads": 2}])
+    rep = result.report
+    source = rep.loss_source
+    first, second = rep.steps
+    for row in (first, second, *rep.pruning, *(r["random"] for r in rep.pruning)):
+        loss, change = (row["loss"], row["rel_change"]) if isinstance(row, dict) else (row.loss, row.rel_change)
+        assert change == (loss - source) / source
+    assert rep.rel_change == (rep.loss_output - source) / source and rep.loss_output == second.loss
+    assert second.reference == rep.reference == rep.pruning[1]["reference"] == "ops[0] prune_mlp"
+    assert second.rel_change_vs_reference == rep.rel_change_vs_reference == rep.pruning[1]["rel_change_vs_reference"] \
+        == (second.loss - first.loss) / first.loss
+    assert f"{second.rel_change:+.3e} ({second.rel_change_vs_reference:+.3e} vs ops[0] prune_mlp)" in rep.table()
+    report = json.loads((result.output / "surgery_report.json").read_text())
+    assert report["rel_change"] == rep.rel_change and report["steps"][1]["rel_change_vs_reference"] == second.rel_change_vs_reference
 
 
 @pytest.mark.parametrize("ops, message", [
