@@ -12,6 +12,11 @@
   here every token counts).
 - magnitude: weights only, no data. A neuron: |gate_i| |up_i| |down_:,i|; a head: |W_o^h|_F |W_v^g(h)|_F (its
   output-value circuit); a layer: sqrt(|W_o|_F^2 + |W_down|_F^2), what it can write.
+- loss: layers and blocks only: the calibration loss of the model with the candidate removed (a layer, or a
+  window of n consecutive layers), measured on the very model the prune leaves, one streamed forward pass per
+  candidate (L of them, or L - n + 1 windows). The cheapest is dropped, so one layer or one block chosen this
+  way never loses to any other choice of its shape on the calibration data, a random one included; n separate
+  layers are the n whose removal alone costs least (their interaction is not searched).
 - random: seeded uniform draws, the baseline every other importance is measured against.
 
 Higher is more important everywhere. Scores come from the model *before* the prune (a lazy `ModelState`), run
@@ -37,6 +42,7 @@ class Importance(str, enum.Enum):
     BLOCK_INFLUENCE = "block_influence"
     ANGULAR = "angular"
     MAGNITUDE = "magnitude"
+    LOSS = "loss"
     RANDOM = "random"
 
 
@@ -75,6 +81,9 @@ def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Me
         raise SurgeryError(f"importance {importance.value} runs the model on calibration tokens, and {e.message.split(';')[0]}; "
                            "set verify.data (a text file, a dataset, or random), or use importance: magnitude or random",
                            loc=("importance",)) from None
+    if importance == Importance.LOSS:
+        assert unit in ("layer", "block"), unit
+        return Measurement(unit, importance, _removal_losses(state, calib, ids, block), int(ids.shape[1]))
     return Measurement(unit, importance, _streamed(state, unit, importance, calib, ids, block), int(ids.shape[1]))
 
 
@@ -212,6 +221,31 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
         summary.append(f"{L} layers, {ids.shape[1]} tokens")
     bounds.clear()
     return acc
+
+
+def _removal_losses(state, calib, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """The loss of the model without layers [s, s + block), for every start s: each candidate is the state the
+    prune would leave (`prune_layers.keep_layers`), run by the streamed runner as verification runs the output."""
+    import torch
+
+    from .execute import compute_dtype_for
+    from .ops.prune_layers import keep_layers
+    from .runner import StateSource, evaluate
+
+    L = state.spec.num_layers
+    dtype = compute_dtype_for(state)
+    out = torch.zeros(L - block + 1, dtype=torch.float64)
+    what = "layer" if block == 1 else f"block of {block} layers"
+    with calib.progress.phase(f"measuring loss importance: the loss without each {what}", total=len(out)) as (bar, summary):
+        for start in range(len(out)):
+            gone = range(start, start + block)
+            candidate = state.copy()
+            keep_layers(candidate, [j for j in range(L) if j not in gone], "loss importance")
+            source = StateSource(candidate, calib.reader, f"the model before the prune without layers {list(gone)}")
+            out[start] = evaluate(source, ids, calib.device, dtype).loss
+            bar.update(1)
+        summary.append(f"{len(out)} candidates of {L - block} layers each, {ids.shape[1]} tokens")
+    return out
 
 
 def _post_norm(layer, prefix: str, arch, role: R, index: int) -> tuple[torch.Tensor, float] | None:

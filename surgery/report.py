@@ -14,7 +14,7 @@ from .text_table import text_table
 class StepResult:
     op: str
     loss: float
-    rel_change: float
+    rel_change: float  # against the source, on every row
     max_logit_diff: float
     exactness: str
     rule: str
@@ -22,14 +22,20 @@ class StepResult:
     op_index: int | None = None  # the recipe op after which this state was taken
     kl_divergence: float = 0.0
     top1_agreement: float = 1.0
-    reference: str = "source"  # what it was compared with: the source, or the state after the last reinit
+    reference: str = "source"  # what it was compared with: the source, or the state after the last reinit or prune
+    # the loss change against `reference`, what the step is judged on (after a prune: what the later ops did)
+    rel_change_vs_reference: float | None = None
+
+    def rel_change_cell(self) -> str:
+        return f"{self.rel_change:+.3e}" + (f" ({self.rel_change_vs_reference:+.3e} vs {self.reference})"
+                                            if self.reference != "source" and self.rel_change_vs_reference is not None else "")
 
 
 @dataclass
 class Report:
     loss_source: float
     loss_output: float
-    rel_change: float
+    rel_change: float  # against the source
     max_logit_diff: float
     mean_logit_diff: float
     top1_agreement: float
@@ -53,6 +59,7 @@ class Report:
     noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.NoiseFloor)
     # each prune beside the same prune with importance: random (verify.baseline_row)
     pruning: list[dict] = field(default_factory=list)
+    rel_change_vs_reference: float | None = None  # the output's loss change against `reference`
 
     def symmetry_line(self) -> str | None:
         if not self.expert_symmetry:
@@ -72,12 +79,15 @@ class Report:
             b = r["random"]
             how = "the listed layers" if r["importance"] == "listed" else r["importance"]
             who = "the listed choice" if r["importance"] == "listed" else how
+            head = f"{r['op']}: by {how}, loss {r['loss']:.4f} ({_changes(r)})"
+            if b is None:
+                out.append(f"{head}: a random prune, its own baseline")
+                continue
             if r["dropped"] == b.get("dropped"):
                 verdict = "the random prune dropped the same units"
             else:
                 verdict = f"{who} {'beats' if r['beats_random'] else 'does NOT beat'} random"
-            out.append(f"{r['op']}: by {how}, loss {r['loss']:.4f} ({r['rel_change']:+.2%}); same sizes at random "
-                       f"{b['loss']:.4f} ({b['rel_change']:+.2%}): {verdict}")
+            out.append(f"{head}; same sizes at random {b['loss']:.4f} ({_changes(b, r)}): {verdict}")
         return out
 
     def to_json(self) -> str:
@@ -89,7 +99,7 @@ class Report:
         mark = {True: "yes", False: "NO", None: "-"}
         for i, s in enumerate(self.steps):
             name = s.op + (" [written output]" if i == len(self.steps) - 1 else "")
-            rows.append((name, f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule, mark[s.passed]))
+            rows.append((name, f"{s.loss:.6f}", s.rel_change_cell(), f"{s.max_logit_diff:.3e}", s.rule, mark[s.passed]))
         if not self.steps:
             rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
                          f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
@@ -102,6 +112,14 @@ class Report:
             lines.append(self.symmetry_line())
         lines += self.pruning_lines()
         return "\n".join(lines)
+
+
+def _changes(row: dict, owner: dict | None = None) -> str:
+    """A pruning row's loss change against the source, and against the state it pruned where that is not the source."""
+    reference = (owner or row).get("reference", "source")
+    if reference == "source":
+        return f"{row['rel_change']:+.2%}"
+    return f"{row['rel_change']:+.2%} vs source, {row['rel_change_vs_reference']:+.2%} vs {reference}"
 
 
 def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written) -> None:
@@ -127,9 +145,11 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
               md_row(["source", f"{report.loss_source:.6f}", "", "", "", ""])]
     mark = {True: "yes", False: "**NO**", None: "-"}
     for s in report.steps:
-        lines.append(md_row([f"`{s.op}`", f"{s.loss:.6f}", f"{s.rel_change:+.3e}", f"{s.max_logit_diff:.3e}", s.rule,
+        lines.append(md_row([f"`{s.op}`", f"{s.loss:.6f}", s.rel_change_cell(), f"{s.max_logit_diff:.3e}", s.rule,
                              mark[s.passed]]))
-    lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e}, max |logit diff| "
+    against = ("" if report.reference == "source" or report.rel_change_vs_reference is None
+               else f"; against {report.reference}: relative change {report.rel_change_vs_reference:+.3e}")
+    lines += ["", f"Output: loss {report.loss_output:.6f}, relative change {report.rel_change:+.3e} against the source{against}, max |logit diff| "
               f"{report.max_logit_diff:.3e}, next-token KL {report.kl_divergence:.3e}, top-1 agreement {report.top1_agreement:.4f}.",
               f"{report.tokens} tokens in {report.precision}. Verdict: **{verdict}**"
               + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
@@ -184,9 +204,10 @@ def pruning_section(report: Report, limit: int = 16) -> list[str]:
              md_row(["---"] * 10)]
     for r in report.pruning:
         b = r["random"]
+        theirs = ["-"] * 4 if b is None else [f"{b['loss']:.6f}", f"{b['rel_change']:+.3e}", f"{b['kl_divergence']:.3e}",
+                                                f"{b['top1_agreement']:.4f}"]
         lines.append(md_row([f"`{r['op']}`", r["importance"], f"{r['loss']:.6f}", f"{r['rel_change']:+.3e}",
-                             f"{r['kl_divergence']:.3e}", f"{r['top1_agreement']:.4f}", f"{b['loss']:.6f}",
-                             f"{b['rel_change']:+.3e}", f"{b['kl_divergence']:.3e}", f"{b['top1_agreement']:.4f}"]))
+                             f"{r['kl_divergence']:.3e}", f"{r['top1_agreement']:.4f}", *theirs]))
     lines.append("")
     for line in report.pruning_lines():
         lines += [f"- {line}"]

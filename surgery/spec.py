@@ -299,14 +299,17 @@ class ModelSpec:
             types = self.config.get(f)
             if isinstance(types, list) and len(types) == old:
                 self.config[f] = [types[j] for j in origin]
-        self._sync_max_window_layers()
+        self.sync_max_window_layers()
 
-    def _sync_max_window_layers(self) -> None:
-        """Qwen2/Qwen3's `max_window_layers` (layers below it attend fully) restated from the layer types, where
-        they still have that form, so that a reader deriving the types from it (transformers 4.x) gets the same."""
-        types = self.config.get("layer_types")
-        if "max_window_layers" not in self.config or not isinstance(types, list):
+    def sync_max_window_layers(self) -> None:
+        """`max_window_layers` (Qwen2, Qwen3, Qwen2-MoE) restated by the family's own rule (`Architecture.
+        max_window_rule`) so that a reader deriving the layer types from it gets `layer_types`: kept where it
+        still does, else the first value that does. Where none does (Qwen2-MoE slides only even layers) it is
+        left; the explicit `layer_types` are what transformers 5 reads."""
+        types, m = self.config.get("layer_types"), self.config.get("max_window_layers")
+        if self.arch.max_window_rule is None or not isinstance(m, int) or not isinstance(types, list):
             return
-        full = next((i for i, t in enumerate(types) if t != "full_attention"), len(types))
-        if all(t != "full_attention" for t in types[full:]):
-            self.config["max_window_layers"] = full
+        n = len(types)
+        found = next((v for v in (m, *range(n + 1)) if self.arch.window_types(self.config, v, n) == types), None)
+        if found is not None:
+            self.config["max_window_layers"] = found

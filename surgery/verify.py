@@ -343,19 +343,30 @@ def random_baseline(p: "Plan", step) -> tuple["ModelState", list]:
 MAX_REPORTED_SCORES = 200_000
 
 
-def baseline_row(pruning, cmp: Comparison, base: Comparison) -> dict:
-    """A prune beside its random baseline, for the report."""
+def relative(loss: float, reference: float) -> float:
+    """(loss - reference) / |reference|, as `runner.compare` states a loss change."""
+    return (loss - reference) / abs(reference) if reference else math.inf
+
+
+def baseline_row(pruning, cmp: Comparison, base: Comparison | None, source_loss: float, reference: str = "source") -> dict:
+    """A prune beside its random baseline (None: the prune is random, its own baseline), for the report. `rel_change`
+    is against the source, as on every row; `rel_change_vs_reference` against `reference`, the state it pruned."""
     m = pruning.measurement.scores if pruning.measurement is not None else None
+
+    def changes(c: Comparison) -> dict:
+        return {"rel_change": relative(c.loss, source_loss), "rel_change_vs_reference": c.rel_change}
+
     return {
         "importance": pruning.importance.value if pruning.importance else "listed",
         "unit": pruning.unit, "kept_per_layer": pruning.kept_per_layer, "of": pruning.of,
         "tokens": pruning.measurement.tokens if pruning.measurement is not None else 0,
         "dropped": pruning.dropped,
-        "loss": cmp.loss, "rel_change": cmp.rel_change, "kl_divergence": cmp.kl_divergence,
+        "loss": cmp.loss, **changes(cmp), "reference": reference, "kl_divergence": cmp.kl_divergence,
         "top1_agreement": cmp.top1_agreement,
-        "random": {"loss": base.loss, "rel_change": base.rel_change, "kl_divergence": base.kl_divergence,
-                   "top1_agreement": base.top1_agreement, "max_logit_diff": base.max_logit_diff},
-        "beats_random": cmp.loss < base.loss,
+        "random": None if base is None else {
+            "loss": base.loss, **changes(base), "kl_divergence": base.kl_divergence, "top1_agreement": base.top1_agreement,
+            "max_logit_diff": base.max_logit_diff},
+        "beats_random": None if base is None else cmp.loss < base.loss,
         # every score for the plot, up to MAX_REPORTED_SCORES numbers (a 70B model's 2.3M neuron scores: per layer min/median/max)
         "scores": m.tolist() if m is not None and m.numel() <= MAX_REPORTED_SCORES else None,
         "score_summary": [[float(r.min()), float(r.median()), float(r.max())] for r in m] if m is not None and m.dim() == 2 else None,
@@ -532,9 +543,10 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             verdict = judged(promise, cmp, ref.floor, exact_math, ev, label)
             if promise.exactness in (Exactness.APPROXIMATE, Exactness.PRUNED):
                 verdict = Verdict(None, f"{promise.exactness.value}: judged on the written output", [], verdict.bound)
-            steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss, cmp.rel_change,
-                                    cmp.max_logit_diff, promise.exactness.value, verdict.rule, verdict.passed, step.index,
-                                    cmp.kl_divergence, cmp.top1_agreement, ref.label))
+            steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss,
+                                    relative(cmp.loss, source.evaluation.loss), cmp.max_logit_diff, promise.exactness.value,
+                                    verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
+                                    ref.label, cmp.rel_change))
         if last:
             evaluated = open_source(out_dir)
             grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
@@ -558,21 +570,24 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             ev = evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}")
             cmp = compare(ref.evaluation, ev)
             verdict = judged(promise, cmp, ref.floor, evaluated, ev, label)
-        if step.promise.pruning is not None and step.promise.pruning.importance != Importance.RANDOM:
-            base, dropped = random_baseline(p, step)
-            bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
-                                                       ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
-            row = baseline_row(step.promise.pruning, cmp, bcmp)
-            row["random"]["dropped"] = dropped
+        if step.promise.pruning is not None:
+            bcmp, dropped = None, None
+            if step.promise.pruning.importance != Importance.RANDOM:  # a random prune is its own baseline
+                base, dropped = random_baseline(p, step)
+                bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
+                                                           ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
+            row = baseline_row(step.promise.pruning, cmp, bcmp, source.evaluation.loss, before.label)
+            if bcmp is not None:
+                row["random"]["dropped"] = dropped
             pruning.append({"op_index": step.index, "op": step.op.label(), **row})
         if verdict.passed is False and promise.exactness == Exactness.REINIT:
             name, gain = variance_culprit(evaluated, ids, device, dtype)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
         if not closes and promise.exactness == Exactness.APPROXIMATE:
             verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
-        steps.append(StepResult(step.op.label(), cmp.loss, cmp.rel_change, cmp.max_logit_diff, promise.exactness.value,
-                                verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
-                                before.label))
+        steps.append(StepResult(step.op.label(), cmp.loss, relative(cmp.loss, source.evaluation.loss), cmp.max_logit_diff,
+                                promise.exactness.value, verdict.rule, verdict.passed, step.index, cmp.kl_divergence,
+                                cmp.top1_agreement, before.label, cmp.rel_change))
         if last:
             final = (cmp, verdict)
             final_reference = before.label
@@ -594,7 +609,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         rule += f"; tokenizer: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else "")
     broken = broken_by(steps, p) if not ok else None
     return Report(
-        loss_source=source.evaluation.loss, loss_output=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        loss_source=source.evaluation.loss, loss_output=cmp.loss, rel_change=relative(cmp.loss, source.evaluation.loss),
+        rel_change_vs_reference=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
         promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
         params_output=p.final.num_parameters, tokens=int(ids.shape[1]),

@@ -9,11 +9,13 @@ tensors renumbered wrong, a layer_types entry left behind) changes them.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
 import torch
+import transformers
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
@@ -147,8 +149,142 @@ def test_prune_layers_drops_exactly_the_layers_that_write_nothing_and_their_laye
         kept = [t for j, t in enumerate(types) if j not in dead]
         assert pruned.config.layer_types == kept
         if getattr(model.config, "max_window_layers", None) is not None:  # Qwen: what 4.x readers derive the types from
-            assert pruned.config.max_window_layers == next((i for i, t in enumerate(kept) if t != "full_attention"), len(kept))
+            assert derived_layer_types(pruned.config) == kept
     assert_same_function(model, pruned)
+
+
+def qwen2_moe_model(layers: int = 4, max_window_layers: int = 3):
+    """Qwen2-MoE with sliding windows on: its config slides the even layers below max_window_layers (the
+    opposite of Qwen2's rule, where the layers from it on slide)."""
+    return make_model(transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        use_sliding_window=True, sliding_window=3, max_window_layers=max_window_layers, max_position_embeddings=64))
+
+
+def derived_layer_types(config) -> list[str]:
+    """The layer types transformers derives from the config's max_window_layers (as for a config without layer_types)."""
+    d = config.to_dict()
+    d.pop("layer_types")
+    return transformers.AutoConfig.for_model(**d).layer_types
+
+
+def windows(model) -> list:
+    return [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("drop, derivable", [([0, 2], True), ([3], True), ([1, 2], True), ([1], False)])
+def test_qwen2_moe_layers_keep_their_sliding_windows_and_max_window_layers_is_restated_by_qwen2_moe_own_rule(drop, derivable):
+    model = qwen2_moe_model()
+    pruned, _ = prune(model, [{"op": "prune_layers", "drop": drop}])
+    kept = [j for j in range(4) if j not in drop]
+    assert pruned.config.layer_types == [model.config.layer_types[j] for j in kept]
+    assert windows(pruned) == [windows(model)[j] for j in kept]
+    if derivable:  # a reader deriving the types from max_window_layers gets the same layers sliding
+        assert derived_layer_types(pruned.config) == pruned.config.layer_types
+
+
+def test_qwen2_upcycled_into_qwen2_moe_states_max_window_layers_by_qwen2_moe_rule():
+    cfg = make_config("qwen2", layers=3, vocab=VOCAB)
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 3  # no layer slides (Qwen2's rule)
+    cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_dict().items() if k != "layer_types"})
+    model = make_model(cfg)
+    new, _ = api.transform(model, [{"op": "upcycle_moe", "num_experts": 4}])
+    assert new.config.layer_types == ["full_attention"] * 3 and windows(new) == windows(model) == [None] * 3
+    assert derived_layer_types(new.config) == new.config.layer_types
+
+
+def without_layers(model, gone):
+    """The stock model with the layers in `gone` taken out by hand: the brute force's own cut, no surgery code. It
+    attends as transformers does by default (sdpa where the family has it), as the streamed runner does: in float64
+    eager and sdpa differ by ~1e-9."""
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(m._check_and_adjust_attn_implementation(None))
+    kept = [j for j in range(m.config.num_hidden_layers) if j not in gone]
+    m.model.layers = torch.nn.ModuleList([m.model.layers[j] for j in kept])
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = [m.config.layer_types[j] for j in kept]
+    m.config.num_hidden_layers = len(kept)
+    return m
+
+
+def calibration_loss(model, x: torch.Tensor) -> float:
+    """Mean next-token cross-entropy in the model's dtype (transformers' own loss casts the logits to float32)."""
+    with torch.no_grad():
+        z = model(input_ids=x, use_cache=False).logits[0, :-1]
+    return float(torch.nn.functional.cross_entropy(z, x[0, 1:]))
+
+
+def every_choice(model, x: torch.Tensor, count: int) -> dict[tuple[int, ...], float]:
+    """The loss of the model without each window of `count` consecutive layers (count 1: each layer), run whole."""
+    n = model.config.num_hidden_layers
+    return {tuple(range(s, s + count)): calibration_loss(without_layers(model, range(s, s + count)), x)
+            for s in range(n - count + 1)}
+
+
+@PROPERTY
+@given(case=models(layers=st.integers(2, 4)), block=st.booleans(), data=st.data())
+def test_loss_importance_drops_the_layer_or_block_whose_removal_costs_least_of_every_choice_random_included(
+        case, block, data):
+    family, model = case
+    n = model.config.num_hidden_layers
+    count = data.draw(st.integers(1, n - 1)) if block else 1
+    x = ids(1, 16)[:1]  # the calibration tokens prune() measures on
+    op = {"op": "prune_layers", "num_layers": n - count, "block": block}
+    pruned, plan = prune(model, [{**op, "importance": "loss"}])
+    pruning = plan.steps[0].promise.pruning
+    losses = every_choice(model, x, count)
+    chosen = losses[tuple(pruning.dropped)]
+    assert all(chosen <= other for other in losses.values())
+    _, random = api.transform(model, [{**op, "importance": "random"}])
+    assert chosen <= losses[tuple(random.steps[0].promise.pruning.dropped)]
+    measured = pruning.measurement.scores.tolist()  # the streamed runner's loss of each candidate: the loss itself
+    assert measured == pytest.approx(list(losses.values()), rel=1e-12)
+
+
+@pytest.mark.parametrize("source, count, block", [("tiny-llama", 1, False), ("tiny-llama-deep", 1, False),
+                                                  ("tiny-llama-deep", 3, True), ("tiny-gemma2", 1, False)])
+def test_loss_importance_on_the_trained_models_drops_what_costs_least_of_every_choice(source, count, block, tmp_path):
+    from surgery.verify import calibration_ids
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "p", "source": f"builtin:{source}", "verify": {"max_tokens": 256},
+                                  "ops": [{"op": "prune_layers", "num_layers": -count, "importance": "loss", "block": block}]}))
+    plan = api.plan(recipe, measure=True)
+    model = AutoModelForCausalLM.from_pretrained(plan.source_dir, dtype=torch.float64)
+    x = calibration_ids(plan.source_dir, "builtin:python-license", 256, model.config.vocab_size)
+    losses = every_choice(model, x, count)
+    assert losses[tuple(plan.steps[0].promise.pruning.dropped)] == min(losses.values())
+
+
+def test_loss_importance_keeps_the_layer_of_tiny_llama_that_block_influence_dropped_and_never_loses_to_random(tmp_path):
+    """tiny-llama, one of two layers dropped: block influence chose the layer that costs +384%, random +192%."""
+    result = run(tmp_path, "tiny-llama", [{"op": "prune_layers", "num_layers": 1, "importance": "loss"}])
+    (row,) = result.report.pruning
+    assert row["importance"] == "loss" and len(row["scores"]) == 2
+    assert row["loss"] == min(row["scores"])  # what was measured is what the written output scores
+    assert row["loss"] <= row["random"]["loss"]
+    influence = run(tmp_path, "tiny-llama", [{"op": "prune_layers", "num_layers": 1}], name="influence")
+    assert row["loss"] < influence.report.pruning[0]["loss"]
+    assert_loads_cleanly(result.output)
+
+
+def test_importance_loss_is_accepted_for_layers_and_refused_for_neurons_and_heads_in_one_line(tmp_path):
+    recipe = _recipe(tmp_path, [{"op": "prune_layers", "num_layers": 1, "importance": "loss", "block": True}])
+    assert "when the run starts" in api.plan(recipe).steps[0].promise.notes[0]
+    for op, noun in (({"op": "prune_mlp", "intermediate_size": "x0.5"}, "neurons"), ({"op": "prune_heads", "num_heads": 2}, "heads")):
+        with pytest.raises(SurgeryError, match=f"measured for layers only \\(prune_layers\\); for {noun} use activation"):
+            api.plan(_recipe(tmp_path, [{**op, "importance": "loss"}]))
+
+
+def test_plan_measure_lists_the_layers_loss_importance_drops_and_the_loss_without_each(tmp_path, capsys):
+    from surgery.cli import main
+
+    recipe = _recipe(tmp_path, [{"op": "prune_layers", "num_layers": 1, "importance": "loss"}])
+    recipe.write_text(recipe.read_text().replace('"ops"', '"verify": {"max_tokens": 128}, "ops"'))
+    assert main(["plan", str(recipe), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "(by loss on 128 calibration tokens)" in out and "calibration loss without each layer: 0: " in out
 
 
 def test_listed_layers_go_and_the_rest_are_renumbered_in_order():
@@ -228,8 +364,40 @@ def test_prune_then_grow_back_judges_the_growth_exact_against_the_pruned_model(t
     first, second = result.report.steps
     assert first.exactness == "pruned" and first.passed
     assert second.exactness == "exact" and second.passed and second.reference.startswith("ops[0]")
-    assert not result.report.pruning  # importance random: it is its own baseline
     assert_loads_cleanly(result.output)
+
+
+def test_a_random_prune_lists_the_units_it_dropped_in_the_report_and_is_its_own_baseline(tmp_path):
+    result = run(tmp_path, "tiny-llama", [{"op": "prune_mlp", "intermediate_size": "x0.5", "importance": "random"},
+                                          {"op": "prune_layers", "num_layers": 1, "importance": "random"}])
+    mlp, layers = (s.promise.pruning for s in result.plan.steps)
+    assert [r["importance"] for r in result.report.pruning] == ["random", "random"]
+    assert [r["dropped"] for r in result.report.pruning] == [mlp.dropped, layers.dropped]
+    assert [len(d) for d in mlp.dropped] == [80, 80] and len(layers.dropped) == 1
+    assert all(r["random"] is None and r["beats_random"] is None for r in result.report.pruning)
+    report = (result.output / "surgery_report.md").read_text()
+    assert f"- layer 0: {', '.join(map(str, mlp.dropped[0][:16]))}" in report
+    assert f"Dropped by `{result.plan.steps[1].op.label()}`: layers {layers.dropped} of 2." in report
+    assert "a random prune, its own baseline" in result.report.table()
+
+
+def test_every_row_states_its_loss_change_against_the_source_and_a_prune_after_a_prune_also_against_the_state_it_pruned(
+        tmp_path):
+    result = run(tmp_path, "tiny-llama", [{"op": "prune_mlp", "intermediate_size": "x0.75"},
+                                          {"op": "prune_heads", "num_heads": 2}])
+    rep = result.report
+    source = rep.loss_source
+    first, second = rep.steps
+    for row in (first, second, *rep.pruning, *(r["random"] for r in rep.pruning)):
+        loss, change = (row["loss"], row["rel_change"]) if isinstance(row, dict) else (row.loss, row.rel_change)
+        assert change == (loss - source) / source
+    assert rep.rel_change == (rep.loss_output - source) / source and rep.loss_output == second.loss
+    assert second.reference == rep.reference == rep.pruning[1]["reference"] == "ops[0] prune_mlp"
+    assert second.rel_change_vs_reference == rep.rel_change_vs_reference == rep.pruning[1]["rel_change_vs_reference"] \
+        == (second.loss - first.loss) / first.loss
+    assert f"{second.rel_change:+.3e} ({second.rel_change_vs_reference:+.3e} vs ops[0] prune_mlp)" in rep.table()
+    report = json.loads((result.output / "surgery_report.json").read_text())
+    assert report["rel_change"] == rep.rel_change and report["steps"][1]["rel_change_vs_reference"] == second.rel_change_vs_reference
 
 
 @pytest.mark.parametrize("ops, message", [

@@ -8,6 +8,9 @@ written (`OpContext.measure`); `surgery plan` says so, and its tensors for such 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pydantic import field_validator
 
 from ..errors import SurgeryError
 from ..importance import Importance, Measurement, measure
@@ -34,7 +37,16 @@ class Pruning:
             return [f"which {self.unit}s go is measured ({how}) when the run starts, before any weight is written; "
                     f"the report lists them"]
         if self.unit in ("layer", "block"):
-            return [f"dropped layers {self.dropped} of {self.of} (by {how})"]
+            out = [f"dropped layers {self.dropped} of {self.of} (by {how})"]
+            m = self.measurement
+            if m is not None and self.importance != Importance.RANDOM:
+                n = self.of - self.kept_per_layer
+                each = "layer" if self.unit == "layer" else f"block of {n} layers (by its first)"
+                what = f"calibration loss without each {each}" if self.importance == Importance.LOSS else \
+                    f"{self.importance.value} of each {each}"
+                shown = ", ".join(f"{i}: {float(v):.4g}" for i, v in enumerate(m.scores[:limit]))
+                out.append(f"  {what}: {shown}" + (f", ... ({len(m.scores)} in all)" if len(m.scores) > limit else ""))
+            return out
         out = [f"dropped {self.of - self.kept_per_layer} of {self.of} {self.unit}s per layer (by {how}):"]
         for layer, d in enumerate(self.dropped[:limit]):
             shown = ", ".join(map(str, d[:limit])) + (f", ... ({len(d)} in all)" if len(d) > limit else "")
@@ -76,6 +88,17 @@ def keep_axis(state: ModelState, name: str, axis: int, keep: list[int] | None, n
 
 class PruneOp(Op):
     """Base of prune_mlp / prune_heads / prune_layers: `importance` decides what goes."""
+
+    unit_noun: ClassVar[str] = "unit"
+
+    @field_validator("importance", mode="before", check_fields=False)
+    @classmethod
+    def _loss_needs_layers(cls, v):
+        """`loss` runs the model once per candidate: per layer that is L passes, per neuron or head far too many."""
+        if v == Importance.LOSS.value and cls.unit_noun != "layer":
+            raise ValueError(f"importance loss (one forward pass per candidate removed) is measured for layers only "
+                             f"(prune_layers); for {cls.unit_noun}s use activation, magnitude or random")
+        return v
 
     def measured(self, state: ModelState, unit: str, ctx: OpContext, importance: Importance, block: int = 1) -> Measurement | None:
         if importance == Importance.RANDOM or ctx.measure:

@@ -8,7 +8,7 @@ group, the k/v rows) removes exactly its contribution.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from ..arch import Axis
 from ..errors import SurgeryError
@@ -44,6 +44,7 @@ def pruned_layout(h: int, k: int, num_heads, num_kv_heads) -> tuple[int, int]:
 
 
 class PruneHeads(PruneOp):
+    unit_noun: ClassVar[str] = "head"
     op: Literal["prune_heads"]
     num_heads: Optional[SizeValue] = None
     num_kv_heads: Optional[SizeValue] = None

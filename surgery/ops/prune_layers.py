@@ -3,12 +3,13 @@
 A block adds its attention and MLP outputs to the residual stream; one whose output hardly differs from its
 input (low block influence, small angular distance) does little, and dropping it is the cheapest cut.
 `block: true` drops n consecutive layers where the hidden states n layers apart are closest (Gromov et al.
-2024). Kept layers keep their order and are renumbered, per-head tensors and experts included, and per-layer
-config lists (`layer_types`) follow their layers.
+2024). Those are estimates from one pass; `importance: loss` measures instead the calibration loss without
+each candidate (one pass per candidate) and drops the cheapest. Kept layers keep their order and are
+renumbered, per-head tensors and experts included, and per-layer config lists (`layer_types`) follow their layers.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from ..errors import SurgeryError
 from ..importance import Importance, top
@@ -19,15 +20,17 @@ from .prune import PruneOp, Pruning, deferred, refuse_growth
 
 
 class PruneLayers(PruneOp):
+    unit_noun: ClassVar[str] = "layer"
     op: Literal["prune_layers"]
     num_layers: Optional[SizeValue] = None
     drop: Optional[list[int]] = None
     block: bool = False
-    importance: Optional[Literal["block_influence", "angular", "magnitude", "random"]] = None
+    importance: Optional[Literal["block_influence", "angular", "magnitude", "loss", "random"]] = None
 
     reads = ("num_hidden_layers", "layer_types", "layers", "attn", "mlp", "norms", "residual")
     writes = ("num_hidden_layers", "layer_types", "layers")
-    summary = "remove decoder blocks: the least important (block influence, angular distance, magnitude) or listed ones"
+    summary = ("remove decoder blocks: the least important (block influence, angular distance, magnitude, the measured loss "
+               "without each) or listed ones")
 
     def apply(self, state: ModelState, ctx: OpContext) -> Promise:
         spec = state.spec
@@ -39,8 +42,7 @@ class PruneLayers(PruneOp):
         kept = [j for j in range(old) if j not in set(dropped if dropped is not None else range(old - count, old))]
         new = len(kept)
         label = f"prune_layers: {old} -> {new} layers"
-        renumber(state, kept, label, chosen=dropped is not None)
-        spec.set_num_layers(new, origin=kept)
+        keep_layers(state, kept, label, chosen=dropped is not None)
         baseline = self.random_baseline() if importance is not None else {"op": self.op, "num_layers": new, "importance": "random"}
         pruning = Pruning(unit, importance, dropped, new, old, m, baseline)
         how = "listed" if importance is None else importance.value
@@ -76,6 +78,12 @@ class PruneLayers(PruneOp):
         if len(seen) >= old:
             raise SurgeryError(f"dropping all {old} layers leaves no model; keep at least one", loc=("drop",))
         return sorted(seen)
+
+
+def keep_layers(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
+    """The model with only the `kept` layers, in order: tensors renumbered, config lists with their layers."""
+    renumber(state, kept, label, chosen)
+    state.spec.set_num_layers(len(kept), origin=kept)
 
 
 def renumber(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:

@@ -6,7 +6,7 @@ mean size on the calibration tokens, so the neurons whose removal changes the re
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..arch import Axis
 from ..errors import SurgeryError
@@ -17,6 +17,7 @@ from .prune import PruneOp, Pruning, keep_axis, refuse_growth
 
 
 class PruneMlp(PruneOp):
+    unit_noun: ClassVar[str] = "neuron"
     op: Literal["prune_mlp"]
     intermediate_size: SizeValue
     importance: Literal["activation", "magnitude", "random"] = "activation"

@@ -146,6 +146,7 @@ class UpcycleMoe(Op):
         state.tensors = tensors
         spec.arch = dst
         spec.config = self._config(spec.config, into, I, share, normalise)
+        spec.sync_max_window_layers()  # Qwen2 -> Qwen2-MoE: the same layer types, stated by the other rule
         return self._promise(into, E, k, normalise, share, routed_scale, state)
 
     # ------------------------------------------------------------------------------- pieces
