@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery valid
 # rope types whose old inverse frequencies depend on rope_theta and head_dim only through
 # theta ** (-2i/head_dim) (llama3 and linear rescale each frequency by its own value).
 FULL_ROTARY_TYPES = ("default", "linear", "llama3")
+# rope types that see head_dim only through the rotary width int(head_dim * partial_rotary_factor), which
+# partial rotary keeps ('proportional' divides its exponents by the whole head_dim).
+PARTIAL_ROTARY_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,9 @@ class GrowHeadDim(Op):
         rotary = spec.arch.rotary
         rope_type = section.get("rope_type") or "default"
         if rotary == "partial":
+            if rope_type not in PARTIAL_ROTARY_TYPES:
+                raise SurgeryError(f"rope_type {rope_type!r} derives its frequencies from the whole head_dim, which grow_head_dim "
+                                   f"changes; supported with partial rotary: {', '.join(PARTIAL_ROTARY_TYPES)}", loc=("head_dim",))
             factor = section.get("partial_rotary_factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
