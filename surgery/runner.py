@@ -375,8 +375,10 @@ class StreamedModel:
         return_freed_memory()
         self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.model = skeleton(source.config, dtype, self.device, attn_implementation, where=source.where)
-        for name, value in (getattr(source, "buffers", None) or (lambda model: {}))(self.model).items():
-            module, leaf = self.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        replaced = getattr(source, "buffers", None)
+        for name, value in (replaced(self.model) if replaced else {}).items():
+            module, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module)
             module._buffers[leaf] = value.to(device=self.device, dtype=module._buffers[leaf].dtype)
         self.config = self.model.config
         self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model

@@ -467,9 +467,9 @@ class WrittenRope:
 
     `rounding_only`: each of those frequencies f is within float32 rounding of the reference's own.
     Each side computes theta ** -e in float32 with e, theta, the power and the reciprocal each rounded
-    (unit roundoff u): a relative error up to (|ln f| + 4) u per side, counted twice again for powers
-    that are not correctly rounded. Frequencies further apart are a different model, not rounding,
-    and get no allowance."""
+    (unit roundoff u): a relative error up to (|ln f| + 4) u per side if the power is correctly
+    rounded; 4 (|ln f| + 4) u in all allows each side twice that. Frequencies further apart are a
+    different model, not rounding, and get no allowance."""
 
     def __init__(self, inner: TensorSource, candidate_config: dict, to: tuple[int, ...]):
         from .runner import skeleton
@@ -574,19 +574,28 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         return judge_measured(promise, cmp, floor, v.tolerance, vocab, candidate, evaluation, ids, device, dtype, progress,
                               label, rounded, v.prune_tolerance)
 
-    def floor_for(reference: Reference, since: int | None, step, candidate: TensorSource) -> NoiseFloor:
-        """The reference's floor, plus what the candidate's written rope frequencies do to the reference."""
+    def floor_for(reference: Reference, since: int | None, step, candidate: TensorSource) -> tuple[NoiseFloor, str]:
+        """The reference's floor, plus what the candidate's written rope frequencies do to the reference;
+        and what to add to a failed rule where they are further from the reference's than rounding."""
         to = written_rope(p, since, step)
         if to is None:
-            return reference.floor
+            return reference.floor, ""
         written = WrittenRope(reference.source, candidate.config, to)
         if not written.rounding_only:
-            return reference.floor
+            return reference.floor, "; the written rope frequencies differ from the reference's by more than float32 rounding"
         key = (reference.label, written.key)
         if key not in rope_noise:
             rope_noise[key] = compare(reference.evaluation, evaluate(
                 written, ids, device, dtype, progress, f"noise floor: {reference.label} with the written rope frequencies"))
-        return replace(reference.floor, rope=rope_noise[key])
+        return replace(reference.floor, rope=rope_noise[key]), ""
+
+    def judged_against(reference: Reference, since: int | None, step, promise, cmp, candidate: TensorSource,
+                       evaluation: Evaluation, label: str, rounded: bool = False) -> tuple[Verdict, NoiseFloor]:
+        floor, beyond = floor_for(reference, since, step, candidate)
+        verdict = judged(promise, cmp, floor, candidate, evaluation, label, rounded)
+        if beyond and verdict.passed is False:
+            verdict.rule += beyond
+        return verdict, floor
 
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
@@ -603,7 +612,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             exact_math = StateSource(step.state, p.checkpoint, f"after {label}")
             ev = evaluate(exact_math, ids, device, dtype, progress, f"evaluating {label} before {_name(storage)} rounding")
             cmp = compare(ref.evaluation, ev)
-            verdict = judged(promise, cmp, floor_for(ref, since, step, exact_math), exact_math, ev, label)
+            verdict, _ = judged_against(ref, since, step, promise, cmp, exact_math, ev, label)
             if promise.exactness in (Exactness.APPROXIMATE, Exactness.PRUNED):
                 verdict = Verdict(None, f"{promise.exactness.value}: judged on the written output", [], verdict.bound)
             steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss, cmp.rel_change,
@@ -621,8 +630,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                 symmetry = expert_symmetry(evaluated, ids, device, dtype, max_tokens=tokens, progress=progress)
             else:  # an encoder-decoder (T5) runs whole
                 dead = whole_model_dead_slices(WholeModel(evaluated, device, dtype).model, grad_ids, p.final.output_slices())
-            final_floor = floor_for(ref, since, step, evaluated)
-            verdict = judged(promise, cmp, final_floor, evaluated, ev, "output", rounded=storage is not None)
+            verdict, final_floor = judged_against(ref, since, step, promise, cmp, evaluated, ev, "output",
+                                                  rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
             ref = measure_reference(label, evaluated, ids, device, dtype, storage, progress)
@@ -632,7 +641,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
             ev = evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}")
             cmp = compare(ref.evaluation, ev)
-            verdict = judged(promise, cmp, floor_for(ref, since, step, evaluated), evaluated, ev, label)
+            verdict, _ = judged_against(ref, since, step, promise, cmp, evaluated, ev, label)
         if step.promise.pruning is not None and step.promise.pruning.importance != Importance.RANDOM:
             base, dropped = random_baseline(p, step)
             bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
@@ -707,7 +716,7 @@ def planned_rule(p: Plan) -> str:
         parts.append(f"approximate against {against}: |rel loss change| <= {v.tolerance:g} and KL <= {v.tolerance:g} x its loss, "
                      f"plus {MARGIN:g}x the rounding noise measured on it ({noise})")
     else:
-        if written_rope(p, reinit_at, p.steps[-1]) is not None:
+        if p.steps and written_rope(p, reinit_at, p.steps[-1]) is not None:
             noise += ", the written rope frequencies' float32 rounding (it is measured on that model run with them)"
         parts.append(f"{promise.exactness.value} against {against}: max/mean |dlogit| and KL within {MARGIN:g}x the rounding noise "
                      f"measured on it ({noise}), top-1 agreement >= {MIN_TOP1_AGREEMENT} (lower only where the measured rounding flips more)"

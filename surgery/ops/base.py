@@ -34,7 +34,7 @@ RESETS = (Exactness.REINIT, Exactness.PRUNED)
 
 @dataclass(frozen=True)
 class RotaryPairs:
-    """Where a step moved the rotary frequency pairs (rotate_half pairs d and d + head_dim/2): the input's
+    """Where a step moved the rotary frequency pairs (rotate_half pairs k and k + head_dim/2): the input's
     pair i is the output's pair `to[i]`. `rounded`: the written rope parameters give those frequencies
     back only up to float32 rounding, as the plan says there (verification measures what that does on
     the reference and allows for it); otherwise they are the same float32 numbers."""

@@ -210,6 +210,7 @@ class GrowHeadDim(Op):
         return changes, rounded
 
     def _section_changes(self, spec, section: dict, d_h: int, new: int, notes: list[str], rounded: list[str]) -> dict:
+        import torch
         rotary = spec.arch.rotary
         rope_type = section.get("rope_type") or "default"
         if rotary == "partial":
@@ -250,7 +251,14 @@ class GrowHeadDim(Op):
                 notes.append(f"rope_theta {theta:g} kept: old frequency pair i is now pair {m}i, the same float32 frequency bit "
                              f"for bit; the new pairs take the frequencies between and below")
                 return {}
-            new_theta = float(theta) ** (new / d_h)
+            try:
+                new_theta = float(theta) ** (new / d_h)
+            except OverflowError:
+                new_theta = math.inf
+            if new_theta >= torch.finfo(torch.float32).max:
+                raise SurgeryError(f"rope_theta {theta:g} ** ({new}/{d_h}) = {new_theta:.3g} overflows float32, where transformers "
+                                   f"computes the frequencies; pick a head_dim that is a multiple of {d_h} (rope_theta is then "
+                                   "kept) or a smaller one", loc=("head_dim",))
             old_f = float32_frequencies(float(theta), d_h).double()
             new_f = float32_frequencies(new_theta, new)[: d_h // 2].double()
             differ = int((old_f != new_f).sum())
