@@ -41,7 +41,8 @@ CHUNK_BYTES = 32 * 2**20  # one float64 block of logits at a time
 # tensor sources -----------------------------------------------------------------------------
 
 class TensorSource(Protocol):
-    """Named tensors in transformers layout plus the config they belong to."""
+    """Named tensors in transformers layout plus the config they belong to. A source may also have
+    `buffers(model) -> {name: tensor}`: buffers of the built model to replace (`verify.WrittenRope`)."""
 
     where: str
     config: dict
@@ -374,6 +375,11 @@ class StreamedModel:
         return_freed_memory()
         self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.model = skeleton(source.config, dtype, self.device, attn_implementation, where=source.where)
+        replaced = getattr(source, "buffers", None)
+        for name, value in (replaced(self.model) if replaced else {}).items():
+            module, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module)
+            module._buffers[leaf] = value.to(device=self.device, dtype=module._buffers[leaf].dtype)
         self.config = self.model.config
         self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
         prefix = self._prefix_of(self.base)

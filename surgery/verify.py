@@ -135,10 +135,14 @@ class NoiseFloor:
       unit roundoff of the half-precision dtype the output stores rounded tensors in: one rounding
       of every weight into that dtype, on any source (a bf16 source's own round trip would be the
       identity). None when nothing is stored coarser than float32.
+    rope: the model run with the rotary frequencies a candidate's written rope parameters give its
+      pairs (`WrittenRope`), where those are the model's own only up to float32 rounding (grow_head_dim
+      by a non-integer ratio, `RotaryPairs.rounded`). Measured per candidate; None elsewhere.
     """
     compute: Comparison
     storage: Comparison | None = None
     storage_dtype: torch.dtype | None = None
+    rope: Comparison | None = None
 
 
 @dataclass
@@ -186,14 +190,17 @@ class Bound:
 
 
 def _noise_parts(floor: NoiseFloor, rounded: bool) -> list[Comparison]:
-    return [floor.compute] + ([floor.storage] if rounded and floor.storage is not None else [])
+    return ([floor.compute] + ([floor.storage] if rounded and floor.storage is not None else [])
+            + ([floor.rope] if floor.rope is not None else []))
 
 
 def exact_bound(floor: NoiseFloor, rounded: bool) -> Bound:
     """An exact step: the compute precision's noise, plus one storage rounding where the step's
-    weights were rounded into half precision (the written output), each times MARGIN."""
+    weights were rounded into half precision (the written output), plus the written rope frequencies'
+    float32 rounding where the step has some, each times MARGIN."""
     parts = _noise_parts(floor, rounded)
-    what = "float32" + (f" + {HALF[floor.storage_dtype]} rounding" if len(parts) > 1 else "")
+    what = ("float32" + (f" + {HALF[floor.storage_dtype]} rounding" if rounded and floor.storage is not None else "")
+            + (" + written rope frequencies' float32 rounding" if floor.rope is not None else ""))
     return Bound(
         max_logit_diff=MARGIN * sum(c.max_logit_diff for c in parts),
         mean_logit_diff=MARGIN * sum(c.mean_logit_diff for c in parts),
@@ -461,6 +468,56 @@ class Reference:
     label: str
     evaluation: Evaluation  # in the compute dtype
     floor: NoiseFloor
+    source: TensorSource | None = None
+
+
+class WrittenRope:
+    """A reference run with the rotary frequencies a candidate's config gives the reference's pairs
+    (`RotaryPairs.to`: pair i of the reference is the candidate's pair to[i]), computed by transformers
+    from that config: what the float32 rounding of the written rope parameters alone does to it.
+
+    `rounding_only`: each of those frequencies f is within float32 rounding of the reference's own.
+    Each side computes theta ** -e in float32 with e, theta, the power and the reciprocal each rounded
+    (unit roundoff u): a relative error up to (|ln f| + 4) u per side if the power is correctly
+    rounded; 4 (|ln f| + 4) u in all allows each side twice that. Frequencies further apart are a
+    different model, not rounding, and get no allowance."""
+
+    def __init__(self, inner: TensorSource, candidate_config: dict, to: tuple[int, ...]):
+        from .runner import skeleton
+
+        self.inner, self.config, self.where = inner, inner.config, inner.where
+        theirs = skeleton(candidate_config, torch.float32, torch.device("cpu")).named_buffers()
+        self.frequencies = {n: b[list(to)].clone() for n, b in theirs if n.endswith("inv_freq")}
+        self.key = tuple((n, tuple(b.tolist())) for n, b in sorted(self.frequencies.items()))
+        own = dict(skeleton(inner.config, torch.float32, torch.device("cpu")).named_buffers())
+        u = torch.finfo(torch.float32).eps / 2
+        self.rounding_only = bool(self.frequencies) and all(
+            n in own and own[n].shape == f.shape
+            and bool(((f.double() / own[n].double() - 1).abs() <= 4 * (own[n].double().log().abs() + 4) * u).all())
+            for n, f in self.frequencies.items())
+
+    def names(self):
+        return self.inner.names()
+
+    def load(self, name, device, dtype):
+        return self.inner.load(name, device, dtype)
+
+    def buffers(self, model) -> dict[str, torch.Tensor]:
+        return {n: self.frequencies[n] for n, b in model.named_buffers()
+                if n in self.frequencies and b.shape == self.frequencies[n].shape}
+
+
+def written_rope(p: "Plan", since: int | None, step) -> tuple[int, ...] | None:
+    """Where the reference's rotary pairs are in `step`'s state (the reference: the source, or the state
+    after ops[since]), if a step between them writes rope parameters that round their frequencies."""
+    to, rounded = None, False
+    for s in p.steps:
+        r = s.promise.rotary
+        if r is None or s.index > step.index or (since is not None and s.index <= since):
+            continue
+        to = r.to if to is None else tuple(r.to[j] for j in to)
+        rounded = rounded or r.rounded is not None
+    return to if rounded else None
 
 
 class DitheredSource:
@@ -493,7 +550,7 @@ def measure_reference(label: str, source: TensorSource, ids: torch.Tensor, devic
                                       f"noise floor: {label} with {_name(storage)} rounding"))
     probe_dtype = torch.float64 if dtype != torch.float64 else torch.float32
     probe = evaluate(source, ids, device, probe_dtype, progress, f"noise floor: {label} in {_name(probe_dtype)}")
-    return Reference(label, ev, NoiseFloor(compare(ev, probe), stored, storage))
+    return Reference(label, ev, NoiseFloor(compare(ev, probe), stored, storage), source)
 
 
 def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None,
@@ -521,9 +578,35 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     dead: list[dict] = []
     symmetry: list[dict] = []
     final = None
+    final_floor = ref.floor
+    rope_noise: dict[tuple, Comparison] = {}
+
     def judged(promise, cmp, floor, candidate: TensorSource, evaluation: Evaluation, label: str, rounded: bool = False) -> Verdict:
         return judge_measured(promise, cmp, floor, v.tolerance, vocab, candidate, evaluation, ids, device, dtype, progress,
                               label, rounded, v.prune_tolerance)
+
+    def floor_for(reference: Reference, since: int | None, step, candidate: TensorSource) -> tuple[NoiseFloor, str]:
+        """The reference's floor, plus what the candidate's written rope frequencies do to the reference;
+        and what to add to a failed rule where they are further from the reference's than rounding."""
+        to = written_rope(p, since, step)
+        if to is None:
+            return reference.floor, ""
+        written = WrittenRope(reference.source, candidate.config, to)
+        if not written.rounding_only:
+            return reference.floor, "; the written rope frequencies differ from the reference's by more than float32 rounding"
+        key = (reference.label, written.key)
+        if key not in rope_noise:
+            rope_noise[key] = compare(reference.evaluation, evaluate(
+                written, ids, device, dtype, progress, f"noise floor: {reference.label} with the written rope frequencies"))
+        return replace(reference.floor, rope=rope_noise[key]), ""
+
+    def judged_against(reference: Reference, since: int | None, step, promise, cmp, candidate: TensorSource,
+                       evaluation: Evaluation, label: str, rounded: bool = False) -> tuple[Verdict, NoiseFloor]:
+        floor, beyond = floor_for(reference, since, step, candidate)
+        verdict = judged(promise, cmp, floor, candidate, evaluation, label, rounded)
+        if beyond and verdict.passed is False:
+            verdict.rule += beyond
+        return verdict, floor
 
     for i, step in enumerate(p.steps):
         last = i == len(p.steps) - 1
@@ -540,7 +623,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             exact_math = StateSource(step.state, p.checkpoint, f"after {label}")
             ev = evaluate(exact_math, ids, device, dtype, progress, f"evaluating {label} before {_name(storage)} rounding")
             cmp = compare(ref.evaluation, ev)
-            verdict = judged(promise, cmp, ref.floor, exact_math, ev, label)
+            verdict, _ = judged_against(ref, since, step, promise, cmp, exact_math, ev, label)
             if promise.exactness in (Exactness.APPROXIMATE, Exactness.PRUNED):
                 verdict = Verdict(None, f"{promise.exactness.value}: judged on the written output", [], verdict.bound)
             steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss,
@@ -559,7 +642,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                 symmetry = expert_symmetry(evaluated, ids, device, dtype, max_tokens=tokens, progress=progress)
             else:  # an encoder-decoder (T5) runs whole
                 dead = whole_model_dead_slices(WholeModel(evaluated, device, dtype).model, grad_ids, p.final.output_slices())
-            verdict = judged(promise, cmp, ref.floor, evaluated, ev, "output", rounded=storage is not None)
+            verdict, final_floor = judged_against(ref, since, step, promise, cmp, evaluated, ev, "output",
+                                                  rounded=storage is not None)
         elif new_reference:
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
             ref = measure_reference(label, evaluated, ids, device, dtype, storage, progress)
@@ -569,7 +653,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             evaluated = StateSource(step.state, p.checkpoint, f"after {label}")
             ev = evaluate(evaluated, ids, device, dtype, progress, f"evaluating {label}")
             cmp = compare(ref.evaluation, ev)
-            verdict = judged(promise, cmp, ref.floor, evaluated, ev, label)
+            verdict, _ = judged_against(ref, since, step, promise, cmp, evaluated, ev, label)
         if step.promise.pruning is not None:
             bcmp, dropped = None, None
             if step.promise.pruning.importance != Importance.RANDOM:  # a random prune is its own baseline
@@ -619,7 +703,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         steps=steps, broken_by=broken, dead_slices=dead, expert_symmetry=symmetry, reference=final_reference,
         pruning=pruning,
         bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
-        noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None},
+        noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None,
+                     "rope": asdict(final_floor.rope) if final_floor.rope else None},
     )
 
 
@@ -647,6 +732,8 @@ def planned_rule(p: Plan) -> str:
         parts.append(f"approximate against {against}: |rel loss change| <= {v.tolerance:g} and KL <= {v.tolerance:g} x its loss, "
                      f"plus {MARGIN:g}x the rounding noise measured on it ({noise})")
     else:
+        if p.steps and written_rope(p, reinit_at, p.steps[-1]) is not None:
+            noise += ", the written rope frequencies' float32 rounding (it is measured on that model run with them)"
         parts.append(f"{promise.exactness.value} against {against}: max/mean |dlogit| and KL within {MARGIN:g}x the rounding noise "
                      f"measured on it ({noise}), top-1 agreement >= {MIN_TOP1_AGREEMENT} (lower only where the measured rounding flips more)"
                      + (f"; with per_op, the state before {HALF[storage]} rounding within the float32 noise alone"

@@ -97,7 +97,7 @@ def test_llama3_hub_config_keeps_its_frequencies_through_grow_mlp_then_grow_head
     assert not set(LEGACY_KEYS) & set(cfg)  # one rope section
     rp = cfg["rope_parameters"]
     assert rp["rope_type"] == "llama3" and rp["factor"] == 8.0 and rp["original_max_position_embeddings"] == 64
-    assert rp["rope_theta"] == pytest.approx(500000.0 ** 2)
+    assert rp["rope_theta"] == 500000.0  # x2: old pair i at pair 2i, the same float32 frequency
     assert max_rel_logit_diff(src, out) < FLOAT32
 
 
@@ -142,10 +142,10 @@ def test_planning_changes_no_config_in_place_and_every_step_holds_one_rope_secti
     from surgery.spec import hf_config
 
     src = source(tmp_path, "llama", config_edit=llama3_legacy)
-    p = api.plan(recipe(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"\n  - op: grow_head_dim\n    head_dim: x2"))
+    p = api.plan(recipe(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"\n  - op: grow_head_dim\n    head_dim: x1.5"))
     assert p.checkpoint.config == config_of(src)  # the loaded config, untouched
     thetas = [s.spec.config["rope_parameters"]["rope_theta"] for s in p.states()]
-    assert thetas == [500000.0, 500000.0, pytest.approx(500000.0 ** 2)]
+    assert thetas == [500000.0, 500000.0, pytest.approx(500000.0 ** 1.5)]
     assert all(not set(LEGACY_KEYS) & set(s.spec.config) for s in p.states())
     legacy = config_of(src)
     for build in (hf_config, config_from_dict):  # transformers standardises rope dicts in place: only copies reach it

@@ -197,10 +197,10 @@ def test_gemma_norms_scale_the_gain_one_plus_w_and_pad_zero_gain_as_minus_one():
     model = make_model(release_config("gemma3_text", heads=2, kv_heads=1, head_dim=4, hidden=8, vocab=VOCAB, tied=True))
     grown, plan = grow(model, [{"op": "grow_head_dim", "head_dim": 8, "init": "zeros"}])
     old, new = model.model.layers[0].self_attn.k_norm.weight, grown.model.layers[0].self_attn.k_norm.weight
-    kept = [0, 1, 4, 5]  # rotate_half halves: [0:2] -> [0:2], [2:4] -> [4:6]
+    kept = [0, 2, 4, 6]  # head_dim x2: rotary pair i goes to pair 2i, so dims [0, 1 | 2, 3] -> [0, 2 | 4, 6]
     # scores use query_pre_attn_scalar, not head_dim: k's gain shrinks by the whole norm growth 4/8
     assert torch.allclose(1 + new[kept], (1 + old) * 4 / 8)
-    assert torch.equal(new[[2, 3, 6, 7]], torch.full((4,), -1.0, dtype=new.dtype))  # zero gain
+    assert torch.equal(new[[1, 3, 5, 7]], torch.full((4,), -1.0, dtype=new.dtype))  # zero gain
     assert_same_function(model, grown)
     grown, _ = grow(model, [{"op": "grow_heads", "num_heads": 4}, {"op": "rescale_norm"}])
     w0, w1 = model.model.norm.weight, grown.model.norm.weight[:8]

@@ -7,9 +7,9 @@ and compares logits with the source on random ids.
 Precision. StableLM's LayerNorm and rotary run in float64 and its rotary dims and frequencies are
 kept exactly, so its growths match to float64 rounding (1e-12 relative). Two things in
 transformers run in float32 whatever the model dtype: RMSNorm (Llama, Mistral, Qwen2) upcasts its
-input, and RoPE computes its inverse frequencies in float32. grow_head_dim with full rotary changes
-rope_theta to theta ** (D_h/d_h), which gives the old frequencies back only up to float32 rounding,
-and clone_width makes RMSNorm average over k*d dims, which rounds differently from d dims (k = 2
+input, and RoPE computes its inverse frequencies in float32. grow_head_dim with full rotary by a
+non-integer ratio changes rope_theta to theta ** (D_h/d_h), which gives the old frequencies back only
+up to float32 rounding (tests/test_head_dim_rope.py), and clone_width makes RMSNorm average over k*d dims, which rounds differently from d dims (k = 2
 happens to round identically); those agree to ~1e-7 relative, asserted at 1e-5.
 """
 from __future__ import annotations
@@ -92,7 +92,9 @@ def test_grow_head_dim_keeps_logits_in_every_family_with_rotary_dims_and_frequen
         expected = Exactness.EXACT if fill == "mean" else Exactness.EXACT_SHIPPED_CODE
     else:
         assert cfg.hidden_size == model.config.hidden_size  # head_dim is a config field: the residual stays
-        assert cfg.rope_parameters["rope_theta"] == pytest.approx(10000.0 ** (want / head_dim))
+        # an integer ratio keeps theta (old pair i at pair m i); otherwise theta ** (D/d) keeps pair i at i
+        kept = want % head_dim == 0
+        assert cfg.rope_parameters["rope_theta"] == pytest.approx(10000.0 if kept else 10000.0 ** (want / head_dim))
         expected = Exactness.EXACT
     assert plan.promise.exactness == expected
     check_counts(new, plan)
@@ -115,21 +117,23 @@ def test_grow_head_dim_with_per_head_qk_layernorm_keeps_the_norms_eps_by_scaling
     assert rel_diff(logits(model, x), logits(new, x)) <= FLOAT64
 
 
-def test_full_rotary_puts_the_old_halves_at_the_start_of_each_new_half_and_scales_q():
+@pytest.mark.parametrize("new_dim,kept", [(6, [0, 1, 3, 4]), (8, [0, 2, 4, 6]), (12, [0, 3, 6, 9])])
+def test_full_rotary_puts_old_pair_i_at_pair_i_or_at_pair_m_i_for_an_integer_ratio_m_and_scales_q(new_dim, kept):
+    """Head 4 -> 6: pairs (0, 2), (1, 3) go to (0, 3), (1, 4). Head 4 -> 8: pair i goes to pair 2i,
+    (0, 4) and (2, 6); 4 -> 12: to pair 3i, (0, 6) and (3, 9)."""
     model = build("llama", heads=(2, 1), head_dim=4)
-    new, _ = api.transform(model, [{"op": "grow_head_dim", "head_dim": 8, "init": "zeros"}])
+    new, _ = api.transform(model, [{"op": "grow_head_dim", "head_dim": new_dim, "init": "zeros"}])
     sd, old = new.state_dict(), model.state_dict()
-    s = math.sqrt(8 / 4)
+    s = math.sqrt(new_dim / 4)
+    fresh = [j for j in range(new_dim) if j not in kept]
     for role, heads, factor in (("q_proj", 2, s), ("k_proj", 1, 1.0), ("v_proj", 1, 1.0)):
-        w = sd[f"model.layers.0.self_attn.{role}.weight"].view(heads, 8, -1)
+        w = sd[f"model.layers.0.self_attn.{role}.weight"].view(heads, new_dim, -1)
         w0 = old[f"model.layers.0.self_attn.{role}.weight"].view(heads, 4, -1)
-        torch.testing.assert_close(w[:, 0:2], w0[:, 0:2] * factor, rtol=0, atol=1e-15)
-        torch.testing.assert_close(w[:, 4:6], w0[:, 2:4] * factor, rtol=0, atol=1e-15)
-        assert not w[:, 2:4].any() and not w[:, 6:8].any()
-    o = sd["model.layers.0.self_attn.o_proj.weight"].view(-1, 2, 8)
+        torch.testing.assert_close(w[:, kept], w0 * factor, rtol=0, atol=1e-15)
+        assert not w[:, fresh].any()
+    o = sd["model.layers.0.self_attn.o_proj.weight"].view(-1, 2, new_dim)
     o0 = old["model.layers.0.self_attn.o_proj.weight"].view(-1, 2, 4)
-    assert torch.equal(o[..., 0:2], o0[..., 0:2]) and torch.equal(o[..., 4:6], o0[..., 2:4])
-    assert not o[..., 2:4].any() and not o[..., 6:8].any()
+    assert torch.equal(o[..., kept], o0) and not o[..., fresh].any()
 
 
 @pytest.mark.parametrize("family", ["llama", "stablelm"])
@@ -138,8 +142,8 @@ def test_grow_head_dim_trainable_new_q_rows_and_o_proj_columns_get_gradient_from
     ops = [{"op": "grow_head_dim", "head_dim": 8, "init": "trainable"}]
     ops += [{"op": "rescale_norm"}, {"op": "patch_layernorm"}] if family == "stablelm" else []
     new, plan = api.transform(model, ops)
-    new_dims = [p * 8 + i for p in range(4) for i in ((2, 3, 6, 7) if family == "llama" else (4, 5, 6, 7))]
-    kv_new = [p * 8 + i for p in range(2) for i in ((2, 3, 6, 7) if family == "llama" else (4, 5, 6, 7))]
+    new_dims = [p * 8 + i for p in range(4) for i in ((1, 3, 5, 7) if family == "llama" else (4, 5, 6, 7))]
+    kv_new = [p * 8 + i for p in range(2) for i in ((1, 3, 5, 7) if family == "llama" else (4, 5, 6, 7))]
     attn = new.model.layers[0].self_attn
     # before training: q's new rows are zero and k's random, so q.k is unchanged
     assert not attn.q_proj.weight[new_dims, : 4 * 4].any() and attn.k_proj.weight[kv_new].abs().min() > 0
@@ -159,7 +163,7 @@ def test_grow_head_dim_zeros_init_adds_only_zeros_and_records_no_new_slices():
     new, plan = api.transform(model, [{"op": "grow_head_dim", "head_dim": "+4", "init": "zeros"}])
     assert plan.final.new_slices == []
     k = new.model.layers[1].self_attn.k_proj.weight.view(2, 8, -1)
-    assert not k[:, 2:4].any() and not k[:, 6:8].any()
+    assert not k[:, [1, 3, 5, 7]].any()
 
 
 def test_partial_rotary_factor_is_nudged_where_the_plain_ratio_would_lose_a_rotary_dim():

@@ -5,7 +5,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from .base import RESETS, Exactness, Init, Op, OpContext, Promise
+from .base import RESETS, Exactness, Init, Op, OpContext, Promise, RotaryPairs
 from .clone_width import CloneWidth
 from .grow_head_dim import GrowHeadDim
 from .grow_heads import GrowHeads
@@ -30,4 +30,4 @@ def op_names() -> list[str]:
     return [cls.model_fields["op"].annotation.__args__[0] for cls in OPS]
 
 
-__all__ = ["RESETS", "AnyOp", "Exactness", "Init", "OPS", "Op", "OpContext", "Promise", "op_names"]
+__all__ = ["RESETS", "AnyOp", "Exactness", "Init", "OPS", "Op", "OpContext", "Promise", "RotaryPairs", "op_names"]

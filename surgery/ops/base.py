@@ -32,12 +32,23 @@ class Exactness(str, enum.Enum):
 RESETS = (Exactness.REINIT, Exactness.PRUNED)
 
 
+@dataclass(frozen=True)
+class RotaryPairs:
+    """Where a step moved the rotary frequency pairs (rotate_half pairs k and k + head_dim/2): the input's
+    pair i is the output's pair `to[i]`. `rounded`: the written rope parameters give those frequencies
+    back only up to float32 rounding, as the plan says there (verification measures what that does on
+    the reference and allows for it); otherwise they are the same float32 numbers."""
+    to: tuple[int, ...]
+    rounded: str | None = None
+
+
 @dataclass
 class Promise:
     exactness: Exactness
     reason: str
     notes: list[str] = field(default_factory=list)
     pruning: "object | None" = None  # a prune's choice (surgery.ops.prune.Pruning), for the plan and the report
+    rotary: RotaryPairs | None = None  # grow_head_dim with full rotary
 
 
 @dataclass

@@ -11,10 +11,16 @@ output is unchanged. Three details make it exact:
   random because o_proj's new columns are zero.
 - Rotary: with partial rotary (NeoX layout, StableLM) the rotary dims are the first
   `int(head_dim * partial_rotary_factor)` of each head; the factor is scaled by d_h/D_h so they stay
-  put. With full rotary (rotate_half pairs i and i + d/2) the old halves go to [0:d/2] and
-  [D/2 : D/2 + d/2] and `rope_theta' = rope_theta ** (D_h/d_h)`, which keeps the first d/2 inverse
-  frequencies theta ** (-2i/d); the new pairs get lower frequencies. Gemma 3 has one theta per
-  attention type: each is raised alike.
+  put, and every rope type computes the same float32 frequencies from the same rotary width. With
+  full rotary (rotate_half pairs i and i + d/2) transformers computes pair j's inverse frequency as
+  `1 / theta ** float32(2j / D)` in float32. Where D = m d, pair i goes to pair m i and theta is
+  kept: 2mi / (md) is the same float32 number as 2i / d, so every frequency is bit for bit the
+  source's (and so are linear's and llama3's, which transform each frequency alone); the new pairs
+  take the frequencies between and below. Otherwise pair i stays at i and `rope_theta' = rope_theta
+  ** (D/d)`: exact in real arithmetic, but 2i/D and 2i/d round differently in float32, and no float32
+  theta' gives the frequencies back bit for bit; the plan states how far they differ (RotaryPairs)
+  and verification measures what that does on the source. Gemma 3 has one theta per attention type:
+  each is treated alike.
 
 Where head_dim is derived from hidden_size / num_heads (`Architecture.head_dim_field is None`), the
 residual grows to heads * D_h through `grow_residual`, so `rescale_norm` and `patch_layernorm`
@@ -39,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
 from ..state import ModelState
-from .base import Exactness, Init, Op, OpContext, Promise, SizeValue, resolve_size
+from .base import Exactness, Init, Op, OpContext, Promise, RotaryPairs, SizeValue, resolve_size
 from .residual import grow_residual
 from .slices import Fill, grow_axis, scale, scale_gain
 
@@ -49,6 +55,9 @@ if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery valid
 # rope types whose old inverse frequencies depend on rope_theta and head_dim only through
 # theta ** (-2i/head_dim) (llama3 and linear rescale each frequency by its own value).
 FULL_ROTARY_TYPES = ("default", "linear", "llama3")
+# rope types that see head_dim only through the rotary width int(head_dim * partial_rotary_factor), which
+# partial rotary keeps ('proportional' divides its exponents by the whole head_dim).
+PARTIAL_ROTARY_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,23 @@ class HeadMean(Fill):
         return out.movedim(0, axis).contiguous()
 
 
+def pair_stride(d_h: int, new: int, rotary: str) -> int:
+    """m where full rotary grows by an integer factor m (old pair i becomes pair m i, theta kept), else 1."""
+    return new // d_h if rotary == "full" and new % d_h == 0 else 1
+
+
 def within_head_positions(d_h: int, new: int, rotary: str) -> list[int]:
     """Where each old dim of a head goes in the grown head."""
     if rotary == "full":
-        half = d_h // 2
-        return [i if i < half else new // 2 + (i - half) for i in range(d_h)]
+        half, m = d_h // 2, pair_stride(d_h, new, rotary)
+        return [m * i if i < half else new // 2 + m * (i - half) for i in range(d_h)]
     return list(range(d_h))
+
+
+def float32_frequencies(theta: float, dim: int) -> torch.Tensor:
+    """transformers' float32 inverse frequencies for full rotary (default; linear and llama3 start from them)."""
+    import torch
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def per_head_dest(heads: int, new: int, pos: list[int]) -> list[int]:
@@ -106,7 +126,7 @@ class GrowHeadDim(Op):
         if derived and d != h * d_h:
             raise SurgeryError(f"hidden_size {d} is not num_heads {h} x head_dim {d_h}", loc=("head_dim",))
         notes: list[str] = []
-        rope_changes = self._rope_changes(spec, d_h, new, notes)
+        rope_changes, rounded = self._rope_changes(spec, d_h, new, notes)
 
         trainable = self.init == Init.TRAINABLE
         qk_norm = spec.qk_norm
@@ -176,17 +196,27 @@ class GrowHeadDim(Op):
         elif self.residual_fill != "zero":
             notes.append(f"{arch.name} keeps its residual (head_dim is a config field): residual_fill has no effect")
 
+        rotary = None
+        if arch.rotary == "full":
+            rotary = RotaryPairs(tuple(pos[: d_h // 2]), "; ".join(rounded) or None)
         return Promise(Exactness.EXACT, "per-head padding with zero o_proj columns; q rescaled for the score scale; rotary dims kept",
-                       notes)
+                       notes, rotary=rotary)
 
-    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> list[dict]:
-        """For each rope section (one, or one per layer type), the settings that keep the old rotary dims."""
-        return [self._section_changes(spec, section, d_h, new, notes) for section in spec.rope_sections()]
+    def _rope_changes(self, spec, d_h: int, new: int, notes: list[str]) -> tuple[list[dict], list[str]]:
+        """For each rope section (one, or one per layer type), the settings that keep the old rotary dims,
+        and, where the written settings give the old frequencies back only up to float32 rounding, how far."""
+        rounded: list[str] = []
+        changes = [self._section_changes(spec, section, d_h, new, notes, rounded) for section in spec.rope_sections()]
+        return changes, rounded
 
-    def _section_changes(self, spec, section: dict, d_h: int, new: int, notes: list[str]) -> dict:
+    def _section_changes(self, spec, section: dict, d_h: int, new: int, notes: list[str], rounded: list[str]) -> dict:
+        import torch
         rotary = spec.arch.rotary
         rope_type = section.get("rope_type") or "default"
         if rotary == "partial":
+            if rope_type not in PARTIAL_ROTARY_TYPES:
+                raise SurgeryError(f"rope_type {rope_type!r} derives its frequencies from the whole head_dim, which grow_head_dim "
+                                   f"changes; supported with partial rotary: {', '.join(PARTIAL_ROTARY_TYPES)}", loc=("head_dim",))
             factor = section.get("partial_rotary_factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool):
                 raise SurgeryError("config.json states no partial_rotary_factor; add it to rope_parameters", loc=("head_dim",))
@@ -216,10 +246,30 @@ class GrowHeadDim(Op):
             theta = section.get("rope_theta")
             if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
                 raise SurgeryError(f"config.json states no usable rope_theta (got {theta!r})", loc=("head_dim",))
-            new_theta = float(theta) ** (new / d_h)
-            notes.append(
-                f"rope_theta {theta:g} -> {new_theta:g} keeps the first {d_h // 2} frequencies; transformers computes them in "
-                "float32, so logits move by about 1e-6"
-            )
+            m = pair_stride(d_h, new, rotary)
+            if m > 1:
+                notes.append(f"rope_theta {theta:g} kept: old frequency pair i is now pair {m}i, the same float32 frequency bit "
+                             f"for bit; the new pairs take the frequencies between and below")
+                return {}
+            try:
+                new_theta = float(theta) ** (new / d_h)
+            except OverflowError:
+                new_theta = math.inf
+            if new_theta >= torch.finfo(torch.float32).max:
+                raise SurgeryError(f"rope_theta {theta:g} ** ({new}/{d_h}) = {new_theta:.3g} overflows float32, where transformers "
+                                   f"computes the frequencies; pick a head_dim that is a multiple of {d_h} (rope_theta is then "
+                                   "kept) or a smaller one", loc=("head_dim",))
+            old_f = float32_frequencies(float(theta), d_h).double()
+            new_f = float32_frequencies(new_theta, new)[: d_h // 2].double()
+            differ = int((old_f != new_f).sum())
+            rel = float(((new_f - old_f) / old_f).abs().max())
+            positions = int(spec.config.get("max_position_embeddings") or 0)
+            phase = f", {positions * float((new_f - old_f).abs().max()):.2g} rad of phase at position {positions}" if positions else ""
+            what = (f"rope_theta {theta:g} -> {new_theta:.9g} gives the first {d_h // 2} frequencies back up to float32 rounding: "
+                    f"{differ} of {d_h // 2} differ, by up to {rel:.2g} relative{phase}")
+            rounded.append(what)
+            notes.append(f"{what}. transformers computes them in float32, where 2i/{new} and 2i/{d_h} round differently: no "
+                         f"rope_theta gives them bit for bit unless {new} is a multiple of {d_h} (then rope_theta is kept). "
+                         "Verification measures what this rounding does on the source and allows for it")
             return {"rope_theta": new_theta}
         raise SurgeryError(f"rotary layout {rotary!r} is not supported by grow_head_dim", loc=("head_dim",))
