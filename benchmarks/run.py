@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # the default matrix, writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick              # 0.25 GB smoke test, writes WORKDIR/RESULTS-quick.md
     python benchmarks/run.py --sizes 1GB --dtypes bfloat16 --methods cp,copy,grow_heads
+    python benchmarks/run.py --llama8b [--layers 6]  # one Llama-3-8B-shaped checkpoint, issue 27's targets
 
 For each size and dtype it builds (once, cached in --workdir) a Llama-shaped checkpoint of sharded
 safetensors with a config.json and no tokenizer. Sizes grow by depth at a fixed width, so the
@@ -15,6 +16,10 @@ the source is read once, so all start from a warm page cache (dropping caches ne
 pending writes are flushed. After it, `sync -f` on the output's filesystem is timed too, so writes
 still in the page cache (cp never fsyncs, surgery fsyncs every shard) are paid for: the time that
 counts is wall + sync. See benchmarks/README.md.
+
+With --shape, one checkpoint of a published model's shape (depth from --layers) takes every method
+plus one streamed forward pass (the unit) and verified runs at 256 and 2048 tokens, and its
+targets (SHAPE_TARGETS) are checked in a section of the results file of its own.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import psutil
@@ -56,6 +62,37 @@ LABELS = {
 GiB = 1 << 30
 MiB = 1 << 20
 
+# --shape: one checkpoint of a published model's shape; forwardN / verifyN take any token count N.
+SHAPE_METHODS = ["cp", "copy", "grow_mlp", "grow_heads", "clone_width", "forward256", "verify256", "forward2048", "verify2048"]
+PROBE = re.compile(r"^(forward|verify)(\d+)$")
+UNVERIFIED = ["copy", "grow_mlp", "grow_heads", "clone_width"]
+# Issue 27's targets on the Llama-3-8B-shaped checkpoint, (method, measure, at most). Measures:
+# vs_cp_per_byte, time over cp + sync's for the same bytes; maxrss, the kernel's peak RSS in bytes;
+# vs_forward, time over one streamed forward pass of the source at the same token count.
+SHAPE_TARGETS = [
+    ("copy", "vs_cp_per_byte", 1.3),
+    ("grow_mlp", "vs_cp_per_byte", 2.0),
+    ("grow_heads", "vs_cp_per_byte", 2.0),
+    ("clone_width", "vs_cp_per_byte", 3.0),
+    *[(m, "maxrss", 1.5e9) for m in UNVERIFIED],
+    ("verify256", "vs_forward", 6.0),
+    ("verify2048", "vs_forward", 6.0),
+]
+MEASURES = {
+    "vs_cp_per_byte": ("time / (cp + sync), same bytes", lambda v: f"{v:.2f}x"),
+    "maxrss": ("peak RSS", lambda v: f"{v / 1e9:.2f} GB"),
+    "vs_forward": ("time / one forward pass, same tokens", lambda v: f"{v:.2f}x"),
+}
+
+
+def label(method: str) -> str:
+    m = PROBE.match(method)
+    if m is None:
+        return LABELS[method]
+    if m[1] == "forward":
+        return f"one streamed forward, {m[2]} tokens (the unit)"
+    return f"surgery grow_mlp x1.25, verified, {m[2]} tokens"
+
 
 # ----------------------------------------------------------------------------- sizes and shapes
 
@@ -75,17 +112,31 @@ def fmt_size(n: int) -> str:
 class Shape:
     """A Llama of fixed width; the number of layers makes the size."""
 
-    def __init__(self, hidden: int, vocab: int):
+    def __init__(self, hidden: int, vocab: int, heads: int | None = None, kv_heads: int | None = None, head_dim: int = 64,
+                 inter: int | None = None, rope_theta: float = 10000.0, max_positions: int = 2048):
         self.hidden = hidden
-        self.head_dim = 64
-        self.heads = hidden // self.head_dim
-        self.kv_heads = max(1, self.heads // 4)
-        self.inter = 4 * hidden
+        self.head_dim = head_dim
+        self.heads = heads or hidden // head_dim
+        self.kv_heads = kv_heads or max(1, self.heads // 4)
+        self.inter = inter or 4 * hidden
         self.vocab = vocab
+        self.rope_theta, self.max_positions = rope_theta, max_positions
+
+    def scaled(self, factor: int) -> "Shape":
+        """The same proportions, every width divided by `factor` (head_dim kept): a quick stand-in."""
+        if factor == 1:
+            return self
+        heads = max(1, self.heads // factor)
+        return Shape(heads * self.head_dim, self.vocab // factor, heads, max(1, self.kv_heads // factor), self.head_dim,
+                     self.inter // factor, self.rope_theta, self.max_positions)
+
+    def describe(self) -> str:
+        return (f"hidden {self.hidden}, {self.heads} heads / {self.kv_heads} kv heads, head_dim {self.head_dim}, "
+                f"MLP {self.inter}, vocab {self.vocab}, rope_theta {self.rope_theta:g}, untied")
 
     def layer_params(self) -> int:
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        return 2 * h * h + 2 * kv * h + 3 * h * self.inter + 2 * h
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * q * h + 2 * kv * h + 3 * h * self.inter + 2 * h
 
     def fixed_params(self) -> int:
         return 2 * self.vocab * self.hidden + self.hidden
@@ -95,15 +146,15 @@ class Shape:
         return max(1, round((params - self.fixed_params()) / self.layer_params()))
 
     def tensors(self, layers: int):
-        h, kv = self.hidden, self.kv_heads * self.head_dim
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         yield "model.embed_tokens.weight", (self.vocab, h)
         for i in range(layers):
             p = f"model.layers.{i}."
             yield p + "input_layernorm.weight", (h,)
-            yield p + "self_attn.q_proj.weight", (h, h)
+            yield p + "self_attn.q_proj.weight", (q, h)
             yield p + "self_attn.k_proj.weight", (kv, h)
             yield p + "self_attn.v_proj.weight", (kv, h)
-            yield p + "self_attn.o_proj.weight", (h, h)
+            yield p + "self_attn.o_proj.weight", (h, q)
             yield p + "post_attention_layernorm.weight", (h,)
             yield p + "mlp.gate_proj.weight", (self.inter, h)
             yield p + "mlp.up_proj.weight", (self.inter, h)
@@ -116,53 +167,88 @@ class Shape:
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
             "intermediate_size": self.inter, "num_hidden_layers": layers, "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab,
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-            "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
+            "max_position_embeddings": self.max_positions, "rms_norm_eps": 1e-5, "rope_theta": self.rope_theta,
+            "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
         }
 
+    def key(self) -> dict:
+        return {"hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "inter": self.inter, "vocab": self.vocab, "rope_theta": self.rope_theta}
 
-def build_checkpoint(path: Path, shape: Shape, nbytes: int, dtype: str, shard_size: int) -> dict:
-    """Random weights (std 0.02, norms 1), sharded like save_pretrained; cached by its description."""
+
+# Published shapes (--shape); the checkpoint's depth comes from --layers.
+SHAPES = {
+    "llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, vocab=128256, rope_theta=500000.0,
+                      max_positions=8192),
+}
+
+ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+GEN_CHUNK = 16 * MiB  # elements drawn at a time: 64 MiB of float32 however large the tensor
+
+
+def tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    n = ITEMSIZE[dtype]
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_streamed(path: Path, specs: list[tuple[str, tuple[int, ...]]], dtype: str) -> None:
+    """One safetensors file written tensor by tensor, each drawn in row blocks: memory stays one block,
+    however large the file. Weights ~ N(0, 0.02) from a generator seeded by the tensor's name (the first
+    layers of a deeper checkpoint are the same tensors); 1-d tensors (norms) are ones."""
     import torch
-    from safetensors.torch import save_file
 
-    layers = shape.layers_for(nbytes, dtype)
-    desc = {"hidden": shape.hidden, "vocab": shape.vocab, "layers": layers, "dtype": dtype, "shard_size": shard_size}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shp in specs:
+        n = tensor_bytes(shp, dtype)
+        header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shp), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tdtype = getattr(torch, dtype)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for name, shp in specs:
+            if len(shp) == 1:
+                fh.write(torch.ones(shp, dtype=tdtype).view(torch.uint8).numpy().tobytes())
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            rows = max(1, GEN_CHUNK // shp[1])
+            for start in range(0, shp[0], rows):
+                block = torch.empty((min(rows, shp[0] - start), shp[1]), dtype=torch.float32).normal_(0, 0.02, generator=g)
+                fh.write(block.to(tdtype).view(torch.uint8).numpy().data)
+                del block
+
+
+def build_checkpoint(path: Path, shape: Shape, layers: int, dtype: str, shard_size: int) -> dict:
+    """Random weights (std 0.02, norms 1), sharded like save_pretrained, written tensor by tensor;
+    cached by its description."""
+    desc = {**shape.key(), "layers": layers, "dtype": dtype, "shard_size": shard_size, "writer": "streamed"}
     marker = path / "bench.json"
     if marker.is_file() and json.loads(marker.read_text()) == desc:
         return desc
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    tdtype = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    shards, cur, used = [], {}, 0
-    specs = list(shape.tensors(layers))
-    for name, shp in specs:
-        n = ITEMSIZE[dtype]
-        for s in shp:
-            n *= s
+    shards, cur, used = [], [], 0
+    for name, shp in shape.tensors(layers):
+        n = tensor_bytes(shp, dtype)
         if cur and used + n > shard_size:
             shards.append(cur)
-            cur, used = {}, 0
-        cur[name] = (name, shp)
+            cur, used = [], 0
+        cur.append((name, shp))
         used += n
     shards.append(cur)
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for shard, fname in zip(shards, names):
-        tensors = {}
-        for name, (_, shp) in shard.items():
-            if len(shp) == 1:
-                t = torch.ones(shp, dtype=tdtype)
-            else:
-                t = torch.empty(shp, dtype=torch.float32).normal_(0, 0.02, generator=g).to(tdtype)
-            tensors[name] = t
+        write_streamed(path / fname, shard, dtype)
+        for name, shp in shard:
             weight_map[name] = fname
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-        del tensors
+            total += tensor_bytes(shp, dtype)
     if len(shards) > 1:
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
@@ -217,11 +303,15 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def poll_tree(proc: subprocess.Popen, interval: float = 0.05) -> dict[str, int]:
-    """Peak of the process tree's summed RSS (total, anonymous, file-backed) until it exits."""
+def poll_tree(proc: subprocess.Popen, interval: float = 0.05, deadline: float | None = None) -> dict[str, int]:
+    """Peak of the process tree's summed RSS (total, anonymous, file-backed) until it exits; past
+    `deadline` (perf_counter) its process group is killed."""
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
+        if deadline is not None and time.perf_counter() > deadline:
+            os.killpg(proc.pid, 9)
+            break
         try:
             pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -268,7 +358,8 @@ def evict(directory: Path) -> None:
                 os.close(fd)
 
 
-def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path, env: dict, cold: bool = False) -> dict:
+def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path, env: dict, cold: bool = False,
+            timeout: float | None = None) -> dict:
     subprocess.run(["sync"], check=False)
     evict(source) if cold else warm(source)
     subprocess.run(["sync"], check=False)
@@ -279,14 +370,14 @@ def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path
     log = logdir / f"{label}.log"
     t0 = time.perf_counter()
     with open(log, "w") as lf:
-        proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=str(logdir))
-        peaks = poll_tree(proc)
+        proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=str(logdir), start_new_session=True)
+        peaks = poll_tree(proc, deadline=None if timeout is None else t0 + timeout)
         rc = proc.wait()
     t1 = time.perf_counter()
     if output.exists():
         subprocess.run(["sync", "-f", str(output)], check=False)
     t2 = time.perf_counter()
-    rec = {"label": label, "cmd": cmd, "rc": rc, "wall": t1 - t0, "sync": t2 - t1, "load1": load[0],
+    rec = {"label": label, "cmd": cmd, "rc": rc, "timed_out": timeout is not None and t1 - t0 > timeout, "wall": t1 - t0, "sync": t2 - t1, "load1": load[0],
            "peak_rss_polled": peaks["VmRSS"], "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"],
            "read_bytes": dir_bytes(source, weights_only=True), "written_bytes": dir_bytes(output),
            "largest_tensor": max(largest_tensor(source), largest_tensor(output)) if output.exists() else largest_tensor(source),
@@ -303,11 +394,14 @@ def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path
 
 # ----------------------------------------------------------------------------- the methods
 
-def surgery_recipe(path: Path, name: str, source: Path, output: Path, ops: list[dict], shard_size: int) -> Path:
+def surgery_recipe(path: Path, name: str, source: Path, output: Path, ops: list[dict], shard_size: int,
+                   verify: dict | None = None) -> Path:
     import yaml
 
     doc = {"name": f"bench-{name}", "source": str(source), "device": "cpu", "seed": 0,
            "output": {"path": str(output), "shard_size": str(shard_size)}, "ops": ops}
+    if verify:
+        doc["verify"] = verify
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -333,6 +427,13 @@ def command_for(method: str, source: Path, output: Path, desc: dict, work: Path,
     if method in OPS:
         recipe = surgery_recipe(work / f"{method}.yaml", method, source, output, OPS[method], args.shard_size)
         return [sys.executable, "-m", "surgery", "run", str(recipe), "--no-verify"]
+    probe = PROBE.match(method)
+    if probe and probe[1] == "forward":
+        return [sys.executable, str(HERE / "probes.py"), "forward", str(source), "--tokens", probe[2], "--seed", "0"]
+    if probe:  # verification runs on the main thread: cProfile sees where its time goes
+        recipe = surgery_recipe(work / f"{method}.yaml", method, source, output, OPS["grow_mlp"], args.shard_size,
+                                verify={"data": "random", "max_tokens": int(probe[2])})
+        return [sys.executable, str(HERE / "probes.py"), "profile", str(work / f"{method}.prof"), "--", "run", str(recipe)]
     if method == "naive":
         return [sys.executable, str(HERE / "naive_grow.py"), str(source), str(output), "--heads-factor", "1.5",
                 "--shard-size", f"{args.shard_size // 10**6}MB"]
@@ -586,14 +687,281 @@ def render(results: list[dict], info: dict, args, notes: list[str], kept: str) -
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- one published shape (--shape)
+
+PHASE = re.compile(r"^(?P<desc>.+?)(?:: (?P<summary>(?:loss |\d).*?))? \((?P<sec>\d+(?:\.\d+)?) s\)$")
+
+
+def parse_phases(text: str) -> list[dict]:
+    """The summary line `surgery run` prints per phase (`runner.Progress`): what ran, and its seconds."""
+    out = []
+    for line in text.splitlines():
+        m = PHASE.match(line.strip())
+        if m:
+            out.append({"phase": m["desc"], "summary": m["summary"] or "", "seconds": float(m["sec"])})
+    return out
+
+
+def parse_probe(text: str) -> dict | None:
+    for line in reversed(text.splitlines()):
+        if line.startswith('{"probe"'):
+            return json.loads(line)
+    return None
+
+
+def profile_summary(path: Path, top: int = 18) -> dict:
+    """The main thread's profile: surgery's functions by cumulative time, every function by own time."""
+    import pstats
+
+    st = pstats.Stats(str(path))
+    rows = []
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in st.stats.items():
+        where = file.split("/surgery/", 1)[1] if "/surgery/" in file else Path(file).name if file != "~" else ""
+        rows.append({"function": f"{where}:{fn}" if where else fn, "surgery": "/surgery/" in file, "calls": ncalls,
+                     "own_s": tottime, "cum_s": cumtime})
+    ours = sorted((r for r in rows if r["surgery"]), key=lambda r: -r["cum_s"])[:top]
+    own = sorted(rows, key=lambda r: -r["own_s"])[:top // 2]
+    named = {r["function"]: r for r in rows if r["function"] in OUTSIDE_PHASES}
+    return {"total_s": st.total_tt, "surgery": ours, "own": own, "named": named}
+
+
+# Parts of a verified run that print no phase line, timed from its profile instead (disjoint from the phases).
+OUTSIDE_PHASES = {
+    "api.py:plan": "planning: config, the lazy graph",
+    "api.py:prepare_verification": "preparing verification: the ids, both models' skeletons",
+    "runner.py:compare": "comparing: both models' logits recomputed from their hidden states, block by block, in float64",
+}
+
+
+def annotate(results: list[dict]) -> None:
+    """Ratios each shape target reads: against cp + sync for the same bytes, against one forward pass."""
+    by = {r["method"]: r for r in results}
+    cp = by.get("cp")
+    cp_rate = (cp["read_bytes"] + cp["written_bytes"]) / cp["total"] if cp and cp["rc"] == 0 else None
+    for r in results:
+        ok = r["rc"] == 0
+        rate = (r["read_bytes"] + r["written_bytes"]) / r["total"] if ok else None
+        r["vs_cp_per_byte"] = ratio(cp_rate, rate) if ok and r["written_bytes"] and r["method"] != "cp" else None
+        m = PROBE.match(r["method"])
+        fwd = by.get(f"forward{m[2]}") if m and m[1] == "verify" else None
+        r["vs_forward"] = ratio(r["total"], fwd["total"]) if fwd and fwd["rc"] == 0 and not r.get("timed_out") else None
+
+
+def shape_checks(results: list[dict]) -> list[dict]:
+    by = {r["method"]: r for r in results}
+    checks = []
+    for method, measure_, limit in SHAPE_TARGETS:
+        what, fmt = MEASURES[measure_]
+        r = by.get(method)
+        value = None if r is None or r["rc"] != 0 else r.get(measure_)
+        checks.append({"method": method, "target": f"{what} <= {fmt(limit)}", "value": value,
+                       "shown": "not measured" if r is None else ("failed" if value is None else fmt(value)),
+                       "met": value is not None and value <= limit})
+    return checks
+
+
+SHAPE_BEGIN = "<!-- {name}: begin (run.py --shape {name} rewrites the text between these markers) -->"
+SHAPE_END = "<!-- {name}: end -->"
+
+
+def insert_section(path: Path, name: str, text: str) -> None:
+    """Put a shape's section into a results file: in place of its previous one, else first below the
+    analysis marker (kept when the matrix rewrites the file), else at the end."""
+    begin, end = SHAPE_BEGIN.format(name=name), SHAPE_END.format(name=name)
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif ANALYSIS_MARK in old:
+        head, tail = old.split(ANALYSIS_MARK, 1)
+        new = f"{head}{ANALYSIS_MARK}\n\n{block}\n{tail}"
+    else:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[str]) -> str:
+    annotate(results)
+    checks = shape_checks(results)
+    busy = max([info["load_start"], info["load_end"]] + [r["load1"] for r in results])
+    title = SHAPES_TITLE.get(args.shape, args.shape)
+    lines = [
+        f"## {title}-shaped checkpoint ({info['date']})", "",
+        f"Written by `python benchmarks/run.py {' '.join(args.argv)}`; {info['code']}"
+        + ("" if info.get("code_end", info["code"]) == info["code"] else f" at the start, {info['code_end']} at the end") + ". "
+        f"{info['cpus']} cores ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM; work dir {info['disk']}; torch {info['torch']}, "
+        f"transformers {info['transformers']}.", "",
+        f"Load: `uptime` at the start `{info['uptime_start']}`, at the end `{info['uptime_end']}`; the `load` column is the "
+        "1-minute load when each run started (the benchmark's own previous run counts about 1).",
+    ]
+    if busy > 2.5:
+        lines += ["", f"**Preliminary**: the machine was shared with other work (1-minute load up to {busy:.1f} on "
+                  f"{info['cpus']} cores): times, and cp's floor with them, are noisy; peaks of memory are not affected."]
+    lines += [
+        "", f"Checkpoint: {ckpt['layers']} layers of {title}'s shape ({ckpt['shape']}), {ckpt['dtype']}, random weights "
+        f"(N(0, 0.02), norms 1, seeded per tensor name, written tensor by tensor), {ckpt['bytes'] / 1e9:.2f} GB of tensors "
+        f"in {ckpt['shards']} safetensors shards of at most {fmt_size(args.shard_size)}, largest tensor {ckpt['largest'] / MiB:.0f} MiB "
+        "(embedding and lm_head), config.json, no tokenizer.", "",
+        "Every run is a fresh process under `/usr/bin/time -v`, started with the source warm in the page cache and pending "
+        "writes flushed; `sync -f` after it is timed and counted. Surgery's unverified runs use `--no-verify`. "
+        "`forwardN` is one streamed forward pass of the source through surgery's runner (`runner.evaluate`, float32, "
+        "one layer at a time, logits in vocabulary blocks) on the N seeded random ids that `verify.data: random` gives, "
+        "start-up included, as a run includes its own: the unit a verified run is counted in. `verifyN` is `surgery run` "
+        "of grow_mlp x1.25 verified on those N tokens (`verify.data: random`, `max_tokens: N`), under cProfile.", "",
+        "| method | wall + sync (s) | read+written (GB) | MB/s | time / (cp + sync), same bytes | time / forward, same tokens "
+        "| peak RSS (MiB) | peak anon RSS (MiB) | CPU s (user+sys) | CPU | load | exit |",
+        "|" + "---|" * 12,
+    ]
+    for r in results:
+        moved = r["read_bytes"] + r["written_bytes"]
+        ok = r["rc"] == 0
+        rate = moved / r["total"] if ok and r["written_bytes"] else None
+        lines.append("| " + " | ".join([
+            label(r["method"]) + (f" ({r['all_totals']} s)" if "all_totals" in r else ""),
+            f"{r['wall']:.1f} + {r['sync']:.1f}", f"{moved / 1e9:.2f}" if r["written_bytes"] else f"{r['read_bytes'] / 1e9:.2f} read",
+            f2(rate and rate / 1e6, "{:.0f}"), f2(r.get("vs_cp_per_byte")), f2(r.get("vs_forward")),
+            f"{r['maxrss'] / MiB:.0f}", f"{r['peak_anon'] / MiB:.0f}", f"{r.get('user', 0) + r.get('sys', 0):.1f}",
+            f"{r.get('cpu_pct', 0):.0f}%", f"{r['load1']:.1f}",
+            "timed out" if r.get("timed_out") else str(r["rc"]),
+        ]) + " |")
+    met = sum(c["met"] for c in checks)
+    lines += ["", f"### Targets ({met} of {len(checks)} met)", "",
+              "Targets live in `SHAPE_TARGETS` (benchmarks/run.py). Peak RSS is the kernel's maximum resident set "
+              "(it counts mmapped file pages); 1.5 GB is 1.5e9 bytes.", "",
+              "| method | target | measured | |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['method']} | {c['target']} | {c['shown']} | {'PASS' if c['met'] else '**MISS**'} |")
+    lines += verification_breakdown(results)
+    if notes:
+        lines += ["", "### Notes from this run", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+SHAPES_TITLE = {"llama3-8b": "Llama-3-8B"}
+
+
+def verification_breakdown(results: list[dict]) -> list[str]:
+    """Per verified run: its phases (each a pass over the layers, or the write) in seconds and in forward units,
+    and the profile's heaviest functions."""
+    by = {r["method"]: r for r in results}
+    out = []
+    for r in results:
+        m = PROBE.match(r["method"])
+        if not m or m[1] != "verify":
+            continue
+        fwd = by.get(f"forward{m[2]}")
+        unit = (fwd.get("probe") or {}).get("evaluate_s") if fwd and fwd["rc"] == 0 else None
+        out += ["", f"### Where {r['method']}'s time goes", ""]
+        if unit:
+            p = fwd["probe"]
+            out.append(f"The unit, `forward{m[2]}`: {fwd['total']:.1f} s in all, of which start-up (imports, a first skeleton) "
+                       f"{p['imports_s']:.1f} s and "
+                       f"`runner.evaluate` {p['evaluate_s']:.1f} s (model skeleton {p['build_s']:.1f} s, embedding + layers "
+                       f"{p['layers_s']:.1f} s, lm_head in vocabulary blocks + loss {p['head_s']:.1f} s; reading and converting "
+                       f"the {p['loads']} tensors {p['load_s']:.1f} s of these); {p['threads']} torch threads. "
+                       "`units` below are a phase's seconds over that `runner.evaluate` time.")
+            out.append("")
+        out += ["| phase (`surgery run`'s summary lines, and the profile) | seconds | share of the run | units | summary |", "|---|---|---|---|---|"]
+        prof = r.get("profile")
+        parts = [("write (the transform, streamed)" if ph["phase"].startswith("wrote ") else ph["phase"], ph["seconds"],
+                  ph["summary"]) for ph in r.get("phases", [])]
+        for fn, what in OUTSIDE_PHASES.items():
+            row = (prof or {}).get("named", {}).get(fn)
+            if row:
+                parts.append((f"{what} (`{fn}`, cProfile)", row["cum_s"], f"{row['calls']} call(s)"))
+        listed = 0.0
+        for what, sec, summary in parts:
+            listed += sec
+            out.append(f"| {what} | {sec:.1f} | {100 * sec / r['total']:.0f}% | {f2(unit and sec / unit)} | {summary} |")
+        out.append(f"| rest (start-up, imports, report, exit, sync) | {r['total'] - listed:.1f} | "
+                   f"{100 * (r['total'] - listed) / r['total']:.0f}% | | |")
+        if prof:
+            out += ["", f"cProfile of the main thread ({prof['total_s']:.0f} s; the writer's worker threads show as waits): "
+                        "surgery's functions by cumulative time, then the heaviest functions by their own time.", "",
+                    "| function | calls | own s | cumulative s |", "|---|---|---|---|"]
+            for row in prof["surgery"] + [{"function": "**by own time:**", "calls": "", "own_s": None, "cum_s": None}] + prof["own"]:
+                out.append(f"| `{row['function']}` | {row['calls']} | {f2(row['own_s'], '{:.1f}')} | {f2(row['cum_s'], '{:.1f}')} |"
+                           if row["own_s"] is not None else f"| {row['function']} | | | |")
+    return out
+
+
 # ----------------------------------------------------------------------------- main
+
+def run_methods(src: Path, desc: dict, size: int, methods: list[str], args, env: dict, mergekit: str | None,
+                notes: list[str], skip=lambda m: False) -> list[dict]:
+    """Each method measured once on one checkpoint (cp: the median of --cp-repeat runs)."""
+    work = Path(args.workdir).expanduser().absolute()
+    logdir = work / "logs" / src.name
+    logdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for m in methods:
+        if skip(m):
+            continue
+        out = work / "out" / f"{src.name}-{m}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = command_for(m, src, out, desc, logdir, args, mergekit)
+        if cmd is None:
+            continue
+        timeout = args.timeout or None
+        rec = measure(m, cmd, src, out, logdir, env, cold=args.cold, timeout=timeout)
+        if m == "cp" and args.cp_repeat > 1:  # the floor is cheap to measure and noisy: keep the median run
+            runs = [rec] + [measure(m, cmd, src, out, logdir, env, cold=args.cold) for _ in range(args.cp_repeat - 1)]
+            rec = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
+            rec["all_totals"] = [round(r["total"], 2) for r in runs]
+        shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)  # a failed verification's kept output
+        log = (logdir / f"{m}.log").read_text(errors="replace")
+        if PROBE.match(m):
+            rec["phases"], rec["probe"] = parse_phases(log), parse_probe(log)
+            prof = logdir / f"{m}.prof"
+            if prof.is_file() and prof.stat().st_mtime >= time.time() - rec["total"] - 5:
+                rec["profile"] = profile_summary(prof)
+        rec.update(method=m, size=size, dtype=desc["dtype"])
+        results.append(rec)
+        status = ("ok" if rec["rc"] == 0 else f"TIMED OUT after {rec['wall']:.0f} s" if rec.get("timed_out")
+                  else f"FAILED rc={rec['rc']} (log {logdir / (m + '.log')})")
+        if "all_totals" in rec:
+            status += f" (median of {rec['all_totals']} s)"
+        print(f"   {label(m):<46} {rec['wall']:7.1f} s + sync {rec['sync']:5.1f} s  peak RSS {rec['maxrss'] / MiB:7.0f} MiB"
+              f"  anon {rec['peak_anon'] / MiB:7.0f} MiB  load {rec['load1']:.1f}  {status}", flush=True)
+        if rec["rc"] != 0:
+            why = f"timed out after {rec['wall']:.0f} s (--timeout)" if rec.get("timed_out") else f"failed (rc {rec['rc']})"
+            last = rec["error"].strip().splitlines()[-1][:300] if rec["error"].strip() else ""
+            notes.append(f"{src.name} {m} {why}: {last}")
+    return results
+
+
+def disk_check(work: Path, shape: Shape, layers: int, dtype: str, methods: list[str], cached: bool) -> str | None:
+    """Why the source plus the largest output would not fit on the work dir's disk, or None."""
+    layer, fixed = shape.layer_params() * ITEMSIZE[dtype], shape.fixed_params() * ITEMSIZE[dtype]
+    # output over source, layers and embedding + lm_head apart: clone_width x2 4x and 2x, the others at most ~1.6x
+    factors = [(4, 2) if m == "clone_width" else (0, 0) if m.startswith("forward") else (1.6, 1.3) for m in methods]
+    grow_layers, grow_fixed = max(factors, default=(0, 0))
+
+    def need(n: int) -> float:
+        return (n * layer + fixed) * (0 if cached else 1) + n * layer * grow_layers + fixed * grow_fixed
+
+    free = shutil.disk_usage(work).free - 2 * 10**9
+    if need(layers) <= free:
+        return None
+    fits = max((n for n in range(1, layers) if need(n) <= free), default=0)
+    return (f"--layers {layers} needs about {need(layers) / 1e9:.0f} GB on {work} (the source and the largest output), "
+            f"{free / 1e9:.0f} GB are free beyond a 2 GB margin: " + (f"--layers {fits} fits" if fits else "not even one layer fits"))
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description="surgery vs cp, naive transformers and mergekit on synthetic checkpoints")
     ap.add_argument("--sizes", default="0.5GB,1GB,2GB,4GB", help="checkpoint sizes (tensor bytes), comma-separated")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: float32, bfloat16, float16")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", help=f"subset of {','.join(METHODS)} (default all); with --shape: of "
+                                      f"{','.join(SHAPE_METHODS)}, forwardN and verifyN for any N (default those)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="one checkpoint of a published model's shape instead of the "
+                    "size matrix; its section of --results is rewritten, the rest kept")
+    ap.add_argument("--llama8b", action="store_const", const="llama3-8b", dest="shape", help="same as --shape llama3-8b")
+    ap.add_argument("--layers", type=int, help="with --shape: decoder layers of its checkpoint (default 6; 1 with --quick)")
+    ap.add_argument("--scale", type=int, help="with --shape: divide every width but head_dim by this (default 1; 8 with --quick)")
+    ap.add_argument("--timeout", type=float, default=0, help="kill a measurement after this many seconds (default: never)")
     ap.add_argument("--workdir", default="/tmp/surgery-bench", help="scratch directory for checkpoints and outputs")
     ap.add_argument("--shard-size", default="1GB", help="shard size of the checkpoints and of every output")
     ap.add_argument("--hidden", type=int, default=1024, help="hidden size of the synthetic Llama (a multiple of 256)")
@@ -602,8 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clone-max", default="4GB", help="skip clone_width above this size (it writes ~4x the source)")
     ap.add_argument("--cp-repeat", type=int, default=3, help="run cp this many times and keep the median (default 3)")
     ap.add_argument("--mergekit", help="path to mergekit-yaml (default: on PATH, else ../bench-venv/bin/mergekit-yaml)")
-    ap.add_argument("--results", help="markdown file to write (default benchmarks/RESULTS.md; WORKDIR/RESULTS-quick.md with --quick)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 0.25GB checkpoints only")
+    ap.add_argument("--results", help="markdown file to write (default benchmarks/RESULTS.md; WORKDIR/RESULTS-quick.md with "
+                                      "--quick, WORKDIR/RESULTS-SHAPE-quick.md with --shape --quick)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 0.25GB checkpoints only; with --shape: 1 layer, widths / 8")
     ap.add_argument("--cold", action="store_true",
                     help="evict the source from the page cache before each run (posix_fadvise) instead of reading it once")
     ap.add_argument("--clean", action="store_true", help="delete the synthetic checkpoints at the end (they are cached otherwise)")
@@ -614,16 +983,23 @@ def main(argv: list[str] | None = None) -> int:
     args.shard_size = parse_size(args.shard_size)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS] + [d for d in dtypes if d not in ITEMSIZE]
+    methods = [m.strip() for m in (args.methods or ",".join(SHAPE_METHODS if args.shape else METHODS)).split(",") if m.strip()]
+    known = (lambda m: m in SHAPE_METHODS or PROBE.match(m) or m in METHODS) if args.shape else (lambda m: m in METHODS)
+    bad = [m for m in methods if not known(m)] + [d for d in dtypes if d not in ITEMSIZE]
     if bad:
         ap.error(f"unknown: {', '.join(bad)}")
     if args.hidden % 256:
         ap.error("--hidden must be a multiple of 256")
+    if not args.shape and (args.layers or args.scale):
+        ap.error("--layers and --scale go with --shape")
     naive_max, clone_max = parse_size(args.naive_max), parse_size(args.clone_max)
     work = Path(args.workdir).expanduser().absolute()
     work.mkdir(parents=True, exist_ok=True)
-    results_path = Path(args.results) if args.results else (work / "RESULTS-quick.md" if args.quick else HERE / "RESULTS.md")
+    if args.shape:
+        results_path = Path(args.results) if args.results else (
+            work / f"RESULTS-{args.shape}-quick.md" if args.quick else HERE / "RESULTS.md")
+    else:
+        results_path = Path(args.results) if args.results else (work / "RESULTS-quick.md" if args.quick else HERE / "RESULTS.md")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     mergekit = find_mergekit(args.mergekit) if "mergekit" in methods else None
@@ -631,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["disk"] = disk_line(work)
     info["load_start"] = os.getloadavg()[0]
+    info["uptime_start"] = uptime()
     if "mergekit" in methods:
         if mergekit is None:
             notes.append("mergekit-yaml not found (see benchmarks/README.md to install it in a separate venv): its rows are missing")
@@ -640,6 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
                                capture_output=True, text=True).stdout.split()
             info["mergekit"] = f"{v[0]} (torch {v[1]}, {mergekit})" if len(v) == 2 else mergekit
     print(f"load average {os.getloadavg()}; workdir {work} ({info['disk']})", flush=True)
+    if args.shape:
+        return main_shape(args, methods, work, results_path, env, mergekit, notes, info)
 
     shape = Shape(args.hidden, args.vocab)
     results, info["checkpoints"] = [], []
@@ -648,36 +1027,13 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             src = work / f"llama-{fmt_size(size)}-{dtype}"
             t0 = time.perf_counter()
-            desc = build_checkpoint(src, shape, size, dtype, args.shard_size)
+            desc = build_checkpoint(src, shape, shape.layers_for(size, dtype), dtype, args.shard_size)
             nbytes = dir_bytes(src, weights_only=True)
             info["checkpoints"].append({"size": fmt_size(size), "dtype": dtype, "layers": desc["layers"], "bytes": nbytes,
                                         "largest": largest_tensor(src)})
             print(f"== {src.name}: {desc['layers']} layers, {nbytes / 1e9:.2f} GB (ready in {time.perf_counter() - t0:.0f} s)", flush=True)
-            logdir = work / "logs" / src.name
-            logdir.mkdir(parents=True, exist_ok=True)
-            for m in methods:
-                if (m == "naive" and size > naive_max) or (m == "clone_width" and size > clone_max):
-                    continue
-                out = work / "out" / f"{src.name}-{m}"
-                shutil.rmtree(out, ignore_errors=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                cmd = command_for(m, src, out, desc, logdir, args, mergekit)
-                if cmd is None:
-                    continue
-                rec = measure(m, cmd, src, out, logdir, env, cold=args.cold)
-                if m == "cp" and args.cp_repeat > 1:  # the floor is cheap to measure and noisy: keep the median run
-                    runs = [rec] + [measure(m, cmd, src, out, logdir, env, cold=args.cold) for _ in range(args.cp_repeat - 1)]
-                    rec = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
-                    rec["all_totals"] = [round(r["total"], 2) for r in runs]
-                rec.update(method=m, size=size, dtype=dtype)
-                results.append(rec)
-                status = "ok" if rec["rc"] == 0 else f"FAILED rc={rec['rc']} (log {logdir / (m + '.log')})"
-                if "all_totals" in rec:
-                    status += f" (median of {rec['all_totals']} s)"
-                print(f"   {LABELS[m]:<42} {rec['wall']:7.1f} s + sync {rec['sync']:5.1f} s  peak RSS {rec['maxrss'] / MiB:7.0f} MiB"
-                      f"  anon {rec['peak_anon'] / MiB:7.0f} MiB  load {rec['load1']:.1f}  {status}", flush=True)
-                if rec["rc"] != 0:
-                    notes.append(f"{src.name} {m} failed (rc {rec['rc']}): " + rec["error"].strip().splitlines()[-1][:300])
+            results += run_methods(src, desc, size, methods, args, env, mergekit, notes,
+                                   skip=lambda m: (m == "naive" and size > naive_max) or (m == "clone_width" and size > clone_max))
             if args.clean:
                 shutil.rmtree(src, ignore_errors=True)
     info["load_end"] = os.getloadavg()[0]
@@ -695,6 +1051,56 @@ def main(argv: list[str] | None = None) -> int:
     rows, checks = analyse(results)
     print("\n" + HEADER + "\n" + SEP + "\n" + "\n".join(rows))
     print(f"\n{sum(c['met'] for c in checks)} of {len(checks)} target checks met; wrote {results_path}")
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main_shape(args, methods: list[str], work: Path, results_path: Path, env: dict, mergekit: str | None,
+               notes: list[str], info: dict) -> int:
+    """One checkpoint of a published shape, every method on it, its section written into the results file."""
+    dtype = "bfloat16"
+    layers = args.layers or (1 if args.quick else 6)
+    scale = args.scale or (8 if args.quick else 1)
+    shape = Shape(**SHAPES[args.shape]).scaled(scale)
+    name = f"{args.shape}" + (f"-scale{scale}" if scale > 1 else "") + f"-{layers}L-{dtype}"
+    src = work / name
+    marker = src / "bench.json"
+    cached = marker.is_file()
+    why = disk_check(work, shape, layers, dtype, methods, cached)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    desc = build_checkpoint(src, shape, layers, dtype, args.shard_size)
+    nbytes = dir_bytes(src, weights_only=True)
+    ckpt = {"layers": layers, "dtype": dtype, "bytes": nbytes, "largest": largest_tensor(src), "shape": shape.describe(),
+            "shards": len(list(src.glob("*.safetensors")))}
+    print(f"== {src.name}: {shape.describe()}, {layers} layers, {nbytes / 1e9:.2f} GB "
+          f"(ready in {time.perf_counter() - t_start:.0f} s)", flush=True)
+    results = run_methods(src, desc, nbytes, methods, args, env, mergekit, notes)
+    info["load_end"] = os.getloadavg()[0]
+    info["uptime_end"] = uptime()
+    info["code_end"] = code_version()
+    if info["code_end"] != info["code"]:
+        notes.append(f"the code changed during the run: {info['code']} at the start, {info['code_end']} at the end")
+    if scale > 1:
+        notes.append(f"widths divided by {scale} (--scale): a smoke test, not the shape's numbers")
+    notes.append(f"whole benchmark: {time.perf_counter() - t_start:.0f} s of wall time, checkpoint included")
+    (work / f"results-{name}.json").write_text(json.dumps({"machine": info, "checkpoint": ckpt, "results": results},
+                                                          indent=2, default=str))
+    insert_section(results_path, args.shape, render_shape(results, info, args, ckpt, notes))
+    checks = shape_checks(results)
+    for c in checks:
+        print(f"   {'PASS' if c['met'] else 'MISS'}  {c['method']:<12} {c['target']:<46} {c['shown']}")
+    print(f"{sum(c['met'] for c in checks)} of {len(checks)} targets met; wrote {results_path}")
+    if args.clean:
+        shutil.rmtree(src, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 
