@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import interrupt
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
 from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
@@ -117,19 +118,29 @@ def run(
         if added:
             write_tokenizer(p.source_dir, tmp, added)
         write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
+        interrupt.check()  # a Ctrl-C swallowed while writing: nothing is kept
         surgery_seconds = time.perf_counter() - t0
         if progress:
             print(f"wrote {out_spec.path}: {p.final.num_parameters:,} parameters "
                   f"({surgery_seconds:.1f} s)", file=sys.stderr, flush=True)
-        report = None
+        report, stopped = None, False
         if verify:
             t1 = time.perf_counter()
-            report = verify_plan(p, tmp, dev, ids, show)
-            report.seconds = time.perf_counter() - t1
-            write_report_files(tmp, report, loaded.recipe.name)
-        write_model_card(loaded, p, tmp, report, surgery_seconds)
-        write_report(tmp, report, surgery_seconds, written)
+            try:  # Ctrl-C now keeps the complete weights, marked unverified
+                report = verify_plan(p, tmp, dev, ids, show)
+                interrupt.check()
+            except KeyboardInterrupt:
+                interrupt.caught()
+                stopped = True
+            else:
+                report.seconds = time.perf_counter() - t1
+                write_report_files(tmp, report, loaded.recipe.name)
+        write_model_card(loaded, p, tmp, report, surgery_seconds, interrupted=stopped)
+        write_report(tmp, report, surgery_seconds, written, interrupted=stopped)
         atomic.keep_previous = report is not None and not report.passed  # --force never replaces an output by a failed one
+        interrupt.check()
+    if stopped:
+        raise interrupt.VerificationInterrupted(atomic.written_to, interrupt.verify_later(atomic.written_to, p.promise.exactness))
     return RunResult(atomic.written_to, p, report)
 
 

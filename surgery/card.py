@@ -49,15 +49,21 @@ def write_resolved_recipe(loaded: LoadedRecipe, p: Plan, out_dir: Path, source_h
     (out_dir / "surgery_recipe.yaml").write_text(header + body)
 
 
-def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Report | None, seconds: float) -> None:
+def write_model_card(loaded: LoadedRecipe, p: Plan, out_dir: Path, report: Report | None, seconds: float,
+                     interrupted: bool = False) -> None:
+    """`interrupted`: verification was stopped (Ctrl-C); the weights are complete but not verified."""
     src = loaded.recipe.source_spec.path
     failed = report is not None and not report.passed
     front = ["---"] + ([f"base_model: {src}"] if is_hub_id(src) else []) + ["tags:", "- surgery"]
     front += ["- surgery-verification-failed"] if failed else []
+    front += ["- surgery-verification-interrupted"] if interrupted else []
     lines = front + ["---", "", f"# {loaded.recipe.name}", ""]
     if failed:
         lines += [f"> **Verification FAILED**: {report.rule}. This checkpoint did not keep the recipe's promise; it is "
                   "kept for inspection only and is not verified.", ""]
+    if interrupted:
+        lines += ["> **Not verified**: verification was interrupted. The weights are complete; `surgery verify` on this "
+                  "directory compares them with the source recorded in surgery_recipe.yaml.", ""]
     if loaded.recipe.description:
         lines += [loaded.recipe.description.strip(), ""]
     took = f"in {format_seconds(seconds)}" + (f" (verification {format_seconds(report.seconds)})" if report else "")

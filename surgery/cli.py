@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import DISTRIBUTION, __version__
+from . import DISTRIBUTION, __version__, interrupt
 from .errors import SurgeryError, VerificationFailed
 from .text_table import fit_lines, terminal_width, text_table
 
@@ -189,7 +189,7 @@ def _run(args) -> int:
 
         loaded = api.load(args.recipe, **kw)
         measure = dict(measure=True, device=args.device or loaded.recipe.device, progress=Progress(True)) if args.measure else {}
-        print(format_plan(api.plan(loaded, **measure)))
+        print(format_plan(api.plan(loaded, **measure), warnings=True))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=True, **kw)  # bars on a terminal, one summary line per phase always
@@ -199,7 +199,7 @@ def _run(args) -> int:
 def finish(result, what: str = "") -> int:
     """Print a run's verification table; a broken promise is exit 1, and the output stays for inspection."""
     if result.report is not None:
-        print(result.report.table(width=terminal_width()))
+        print(result.report.table(width=terminal_width(watched=True)))
     if result.report is not None and not result.report.passed:
         kept = (f"; the previous output at {result.output.with_name(result.output.name[:-len('.failed')])} is untouched"
                 if result.output.name.endswith(".failed") else "")
@@ -216,6 +216,7 @@ def entry() -> None:
     `main` returns every output file is written, fsynced and closed, so there is nothing to tear down.
     """
     limit_malloc_arenas()
+    interrupt.install()
     code = main()
     try:
         sys.stdout.flush()
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the output was not written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(interrupt.message(e), file=sys.stderr)
         return 130
     except BrokenPipeError:  # `surgery inspect ... | head`
         sys.stdout = open(os.devnull, "w")

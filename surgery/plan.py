@@ -7,6 +7,7 @@ changed. `surgery plan` prints it; `surgery run` executes its final state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
@@ -55,6 +56,21 @@ class Plan:
 
     def states(self) -> list[ModelState]:
         return [self.initial] + [s.state for s in self.steps]
+
+    @cached_property
+    def warnings(self) -> list[str]:
+        """What `surgery run` will refuse although the plan holds: a source tokenizer that verification
+        (text data) or new tokens need and that does not load. Looked at when first asked for."""
+        from .io.tokenizer import text_encoder
+
+        if not self.source_dir.is_dir() or (self.loaded.recipe.verify.data == "random"
+                                            and not self.final.spec.meta.get("added_tokens")):
+            return []
+        try:
+            text_encoder(self.source_dir)
+        except SurgeryError as e:
+            return [f"surgery run will refuse: {e}"]
+        return []
 
 
 def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
@@ -164,7 +180,8 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     return Plan(loaded, source_dir, ckpt, initial, steps, op_graph(list(recipe.ops)))
 
 
-def format_plan(plan: Plan, max_tensors: int = 12) -> str:
+def format_plan(plan: Plan, max_tensors: int = 12, warnings: bool = False) -> str:
+    """`warnings`: end with `Plan.warnings` (`surgery plan`; a model card's plan has none: its run went through)."""
     lines = [f"recipe {plan.loaded.recipe.name} ({plan.loaded.file})", f"source {plan.source_dir}", f"  {plan.initial.spec.describe()}",
              f"  parameters: {plan.initial.num_parameters:,}"]
     lines += [f"  config: {n}" for n in plan.initial.spec.meta.get("standardised", [])]
@@ -202,4 +219,5 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     from .verify import planned_rule
 
     lines.append(f"  verify: {planned_rule(plan)}")
+    lines += [f"  warning: {w}" for w in plan.warnings] if warnings else []
     return "\n".join(lines)

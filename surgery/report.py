@@ -7,7 +7,8 @@ from pathlib import Path
 
 from . import __version__
 from .io.writer import REPORT, file_digests
-from .text_table import text_table
+from .rule_summary import short_rule
+from .text_table import fit_lines, text_table
 
 
 @dataclass
@@ -94,16 +95,19 @@ class Report:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     def table(self, width: int | None = None) -> str:
+        """The per-step story with each rule in a few words (`short_rule`); surgery_report.md has them in full."""
         rows = [("step", "loss", "rel change", "max |dlogit|", "rule", "ok")]
         rows.append(("source", f"{self.loss_source:.6f}", "", "", "", ""))
         mark = {True: "yes", False: "NO", None: "-"}
         for i, s in enumerate(self.steps):
             name = s.op + (" [written output]" if i == len(self.steps) - 1 else "")
-            rows.append((name, f"{s.loss:.6f}", s.rel_change_cell(), f"{s.max_logit_diff:.3e}", s.rule, mark[s.passed]))
+            rows.append((name, f"{s.loss:.6f}", s.rel_change_cell(), f"{s.max_logit_diff:.3e}",
+                         short_rule(s.exactness, s.rule, s.passed), mark[s.passed]))
         if not self.steps:
-            rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}",
-                         f"{self.max_logit_diff:.3e}", self.rule, mark[self.passed]))
-        lines = text_table(rows, width=width, wrap=(4, 0))
+            rows.append(("copy [written output]", f"{self.loss_output:.6f}", f"{self.rel_change:+.3e}", f"{self.max_logit_diff:.3e}",
+                         short_rule(self.promise.split(":", 1)[0], self.rule, self.passed), mark[self.passed]))
+        lines = text_table(rows, width=width, wrap=(0, 4))
+        table = len(lines)
         verdict = "PASSED" if self.passed else f"FAILED{' at ' + self.broken_by if self.broken_by else ''}"
         lines.append(f"verification {verdict}: {self.tokens} tokens, {self.precision}, params {self.params_source:,} -> {self.params_output:,}")
         if self.dead_slices:
@@ -111,7 +115,7 @@ class Report:
         if self.symmetry_line():
             lines.append(self.symmetry_line())
         lines += self.pruning_lines()
-        return "\n".join(lines)
+        return "\n".join(lines[:table] + fit_lines(lines[table:], width))
 
 
 def _changes(row: dict, owner: dict | None = None) -> str:
@@ -122,9 +126,12 @@ def _changes(row: dict, owner: dict | None = None) -> str:
     return f"{row['rel_change']:+.2%} vs source, {row['rel_change_vs_reference']:+.2%} vs {reference}"
 
 
-def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written) -> None:
-    """The verification result plus integrity hashes: every output file and every tensor."""
-    doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3)}
+def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written, interrupted: bool = False) -> None:
+    """The verification result plus integrity hashes: every output file and every tensor.
+
+    `verification`: passed, failed, skipped (--no-verify) or interrupted (Ctrl-C: the weights are complete)."""
+    doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3),
+           "verification": "interrupted" if interrupted else "skipped" if report is None else "passed" if report.passed else "failed"}
     if report is not None:
         doc.update(json.loads(report.to_json()))
         doc["verify_seconds"] = round(report.seconds, 3)

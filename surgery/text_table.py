@@ -8,13 +8,21 @@ import sys
 import textwrap
 
 
-def terminal_width() -> int | None:
-    """Columns to fit: `COLUMNS`, else the terminal's width; None (no limit) when stdout is no terminal."""
+def terminal_width(watched: bool = False) -> int | None:
+    """Columns to fit: `COLUMNS`, else the terminal's width; None (no limit) when stdout is no terminal.
+
+    `watched`: output a person reads as it comes (a run's result table) also fits the terminal stderr
+    is on when stdout is piped (`surgery run ... | tee log`)."""
     cols = os.environ.get("COLUMNS", "")
     if cols.isdigit() and int(cols) > 0:
         return int(cols)
     if sys.stdout.isatty():
         return shutil.get_terminal_size().columns
+    if watched and sys.stderr.isatty():
+        try:
+            return os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError):
+            return None
     return None
 
 

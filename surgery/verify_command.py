@@ -1,4 +1,4 @@
-"""`surgery verify OUTPUT --against SOURCE` and `surgery verify --integrity OUTPUT`.
+"""`surgery verify OUTPUT [--against SOURCE]` and `surgery verify --integrity OUTPUT`.
 
 Compares any two checkpoints (made by surgery or not) on the same tokens. Both run layer by layer
 (`runner`), so memory holds one layer plus the reference's final hidden states, whatever the size.
@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import recorded_source
 from .errors import SurgeryError
 from .io.resolve import open_checkpoint, resolve_source
 
@@ -144,19 +145,23 @@ def _token_budget(text: str) -> int:
 def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
     p.add_argument("output", help="the checkpoint to check")
-    p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME)")
+    p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME); default: the source an "
+                   "output of surgery records, if its content hash still matches, judged by its recipe's promise")
     p.add_argument("--integrity", action="store_true", help="re-check the hash (BLAKE3) of every file the report recorded")
-    p.add_argument("--data", default="builtin:python-license",
+    p.add_argument("--data",
                    help="evaluation text: builtin:python-license, a text file, a directory of .txt files, a saved "
-                        "dataset, or random (seeded token ids) (default: %(default)s)")
-    p.add_argument("--max-tokens", type=_token_budget, default=2048, metavar="N",
-                   help="evaluate on the first N tokens of the data, N >= 2 (default: %(default)s)")
+                        "dataset, or random (seeded token ids) (default: builtin:python-license; without --against, "
+                        "the recorded recipe's verify.data)")
+    p.add_argument("--max-tokens", type=_token_budget, metavar="N",
+                   help="evaluate on the first N tokens of the data, N >= 2 (default: 2048; without --against, the "
+                        "recorded recipe's verify.max_tokens)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="precision both models run in (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N; layers stream through it (default: %(default)s)")
     p.add_argument("--tolerance", type=_tolerance, metavar="T",
                    help="accept an approximation: |relative loss change| <= T and next-token KL <= T x reference loss "
-                        "(default: the same function, up to the rounding noise measured on the reference)")
+                        "(default: the same function, up to the rounding noise measured on the reference; without --against, an "
+                        "approximate recipe's own verify.tolerance)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_verify)
 
@@ -170,8 +175,7 @@ def run_verify(args) -> int:
         print("integrity ok: every file matches its recorded hash")
         if not args.against:
             return 0
-    if not args.against:
-        raise SurgeryError("give --against SOURCE to compare, or --integrity", where="surgery verify")
+    recorded_source.fill_defaults(args)
     rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.tolerance,
                               progress=True)
     print(json.dumps(asdict(rep), indent=2) if args.json else rep.text())
