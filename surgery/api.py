@@ -26,7 +26,7 @@ from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
-from .io.grown_tokenizer import NewToken, write_tokenizer
+from .io.grown_tokenizer import write_tokenizer
 from .runner import Progress, model_from_tensors
 from .verify import disk_layout, verify_plan
 
@@ -84,7 +84,7 @@ def run(
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
     check_paths(loaded, data=verify)  # before any weight is written
     p = plan(loaded)
-    added = [NewToken(**a) for a in p.final.spec.meta.get("added_tokens", [])]
+    added = p.final.spec.meta.added_tokens
     if added and out_spec.format == "mistral":
         raise loaded.error(SurgeryError("Mistral's native tokenizer.model (sentencepiece) cannot take the new tokens; "
                                         "write format: hf (tokenizer.json)", loc=("output", "format")))

@@ -62,7 +62,7 @@ def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
     out = []
     if spec.norm_width != spec.hidden_size:
         out.append((Exactness.APPROXIMATE, f"norms still expect width {spec.norm_width}, residual is {spec.hidden_size} (add rescale_norm)"))
-    if spec.meta.get("layernorm_zero_padded"):
+    if spec.meta.layernorm_zero_padded:
         out.append((Exactness.APPROXIMATE, "stock LayerNorm centres over zero-padded dims (add patch_layernorm, or grow with residual_fill: mean)"))
     if spec.live_width:
         out.append((Exactness.EXACT_SHIPPED_CODE, "patched LayerNorm shipped as modeling_surgery.py"))
@@ -136,7 +136,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
-        promise.notes += nxt.spec.meta.pop("notes", [])  # what helpers shared by several ops have to say
+        promise.notes += nxt.spec.meta.take_notes()  # what helpers shared by several ops have to say
         nxt.check_shapes(where=f"after ops[{i}] ({op.op}) [internal error]")
         _check_config(nxt.spec, loaded, i)
         promises.append(promise)
@@ -167,7 +167,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
 def format_plan(plan: Plan, max_tensors: int = 12) -> str:
     lines = [f"recipe {plan.loaded.recipe.name} ({plan.loaded.file})", f"source {plan.source_dir}", f"  {plan.initial.spec.describe()}",
              f"  parameters: {plan.initial.num_parameters:,}"]
-    lines += [f"  config: {n}" for n in plan.initial.spec.meta.get("standardised", [])]
+    lines += [f"  config: {n}" for n in plan.initial.spec.meta.standardised]
     if plan.initial.dropped:
         lines.append(f"  dropped {len(plan.initial.dropped)} persisted buffer(s) transformers recomputes from the config and "
                      f"ignores on load, e.g. {plan.initial.dropped[0]}: not written to the output")
