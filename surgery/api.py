@@ -22,7 +22,7 @@ from .io.checkpoint import SourceDigest
 from .io.native import write_native
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
-from .io.writer import AtomicOutput
+from .io.atomic import AtomicOutput
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
