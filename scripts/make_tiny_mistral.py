@@ -120,7 +120,8 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     from surgery.io.checkpoint import InMemoryCheckpoint
-    from surgery.io.native import NativeCheckpoint, write_native
+    from surgery.io.native import NativeCheckpoint
+    from surgery.io.native_format import write_native
     from surgery.io.tokenizer import hf_tokenizer_from_native
     from surgery.spec import ModelSpec
     from surgery.state import ModelState

@@ -19,7 +19,7 @@ from .errors import SurgeryError
 from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
 from .card import config_file
 from .io.checkpoint import SourceDigest
-from .io.native import write_native
+from .io.native_format import write_native
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .io.atomic import AtomicOutput
