@@ -16,10 +16,10 @@ import torch
 
 from .card import write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
+from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_output
 from .card import config_file
-from .io.checkpoint import SourceDigest
-from .io.native_format import write_native
+from .io.hf_format import HfFormat
+from .io.native_format import MistralFormat
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .io.atomic import AtomicOutput
@@ -29,6 +29,9 @@ from .report import Report, write_report, write_report_files
 from .io.grown_tokenizer import write_tokenizer
 from .runner import Progress, model_from_tensors
 from .verify import disk_layout, verify_plan
+
+
+FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
 
 
 @dataclass
@@ -103,20 +106,13 @@ def run(
     atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir, run_inputs(loaded, verify))
     with atomic as tmp:
         t0 = time.perf_counter()
-        if out_spec.format == "mistral":
-            reader = SourceDigest(p.checkpoint)  # hashes the source as the writer reads it
-            written = Written(write_native(p.final, reader, tmp, dev, out_spec.dtype, progress))
-        else:
-            copies = {src: out for out, src in byte_copies(p.final, out_spec.dtype).items()}
-            reader = SourceDigest(p.checkpoint, copies)
-            written = write_weights(p.final, reader, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-            reader.adopt(written.tensors, written.sources)
-            write_config(p.final, tmp, out_spec.dtype)
+        fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
+        written = write_output(p.final, fmt, p.checkpoint, tmp, dev, progress)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)
         if added:
             write_tokenizer(p.source_dir, tmp, added)
-        write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
+        write_resolved_recipe(loaded, p, tmp, written.source.content_hash(config_file(p.source_dir)))
         surgery_seconds = time.perf_counter() - t0
         if progress:
             print(f"wrote {out_spec.path}: {p.final.num_parameters:,} parameters "

@@ -272,7 +272,7 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
 
     loads: dict[str, int] = {}
     writing = []
-    real_read, real_write = checkpoint.read_tensor, api.write_weights
+    real_read, real_write = checkpoint.read_tensor, api.write_output
 
     def counting(meta):
         if writing:  # reads while writing the output; per-op verification reads the source again, apart
@@ -287,7 +287,7 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
             writing.clear()
 
     monkeypatch.setattr(checkpoint, "read_tensor", counting)
-    monkeypatch.setattr(api, "write_weights", write)
+    monkeypatch.setattr(api, "write_output", write)
     out = tmp_path / "out"
     ops = [{"op": "grow_mlp", "intermediate_size": "x1.5"}, {"op": "grow_vocab", "add_tokens": TOKENS3, "pad_to_multiple_of": 16},
            {"op": "clone_width", "factor": 2}]
