@@ -14,22 +14,21 @@ from pathlib import Path
 
 import torch
 
-from .card import write_model_card, write_resolved_recipe
+from .card import config_file, write_model_card, write_resolved_recipe
 from .errors import SurgeryError
 from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_output
-from .card import config_file
+from .io.atomic import AtomicOutput
+from .io.checkpoint import InMemoryCheckpoint
+from .io.grown_tokenizer import write_tokenizer
 from .io.hf_format import HfFormat
 from .io.native_format import MistralFormat
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
-from .io.atomic import AtomicOutput
 from .plan import Plan, compile_plan
-from .recipe.loader import LoadedRecipe, check_paths, load_recipe
+from .recipe.loader import LoadedRecipe, check_paths, load_recipe, validate_recipe
 from .report import Report, write_report, write_report_files
-from .io.grown_tokenizer import write_tokenizer
-from .runner import Progress, model_from_tensors
-from .verify import disk_layout, verify_plan
-
+from .runner import Progress, model_from_tensors, skeleton
+from .verify import calibration_ids, disk_layout, verify_plan
 
 FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
 
@@ -140,10 +139,6 @@ def run_inputs(loaded: LoadedRecipe, verify: bool) -> tuple[tuple[str, Path], ..
 def prepare_verification(p: Plan):
     """Everything verification needs, checked before any weight is written: the calibration tokens
     (tokenizer and data), and configs transformers can build the source and output models from."""
-    from .execute import compute_dtype_for
-    from .runner import skeleton
-    from .verify import calibration_ids
-
     v = p.loaded.recipe.verify
     try:
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
@@ -159,9 +154,6 @@ def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibr
     """Apply ops to a transformers model in memory; returns (new model, plan). For notebooks and tests.
 
     `calibration_ids` (token ids, 1 x n) feed ops that learn from data (upcycle_moe's router: hidden)."""
-    from .io.checkpoint import InMemoryCheckpoint
-    from .recipe.loader import validate_recipe
-
     loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
     ckpt = InMemoryCheckpoint(config, disk_layout(model, dict(model.state_dict())))

@@ -23,6 +23,7 @@ import torch
 import numpy as np
 from tqdm import tqdm
 
+from .errors import SurgeryError
 from .finite import tensor_non_finite
 from .lazy import LazyTensor, evaluate, storage_exact
 from .io.checkpoint import SourceDigest
@@ -45,8 +46,6 @@ class Written:
 
 
 def pick_device(name: str) -> torch.device:
-    from .errors import SurgeryError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -90,8 +89,6 @@ class FiniteReader:
         t = self.reader.load(name)
         bad = tensor_non_finite(t) if t.is_floating_point() else 0
         if bad:
-            from .errors import SurgeryError
-
             raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
                                where=str(getattr(self.reader, "path", "source")))
         return t

@@ -17,7 +17,7 @@ from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
 from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
-from .spec import ModelSpec
+from .spec import ModelSpec, _first_line, config_errors, hf_config
 from .state import ModelState
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
@@ -82,8 +82,6 @@ def cumulative_promise(promises: list[Promise], spec: ModelSpec) -> Promise:
 
 def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
     """transformers must accept the config an op produces, or the output would not load."""
-    from .spec import _first_line, config_errors, hf_config
-
     try:
         hf_config(spec.config)
     except config_errors() as e:
