@@ -37,6 +37,10 @@ class Architecture:
     attn_scale_field: str | None = None  # scores scaled by this config field ** -0.5 instead of head_dim's (Gemma)
     patched_class: str | None = None  # class shipped for patch_layernorm
     layer_type_fields: tuple[str, ...] = ()  # per-layer config lists that follow num_layers
+    # How the family's config derives `layer_types` from `max_window_layers` m when sliding is on (transformers
+    # 5 configuration_*.py): "from" (Qwen2, Qwen3: layers i >= m slide) or "even_below" (Qwen2-MoE: even
+    # layers i < m slide). None: no such field.
+    max_window_rule: str | None = None
     extra_bias_flags: tuple[str, ...] = field(default_factory=tuple)
     axes: dict[tuple[TensorRole, str], tuple[Axis, ...]] = field(default_factory=dict)  # overrides of AXES
     fused: dict[str, tuple[TensorRole, ...]] = field(default_factory=dict)
@@ -46,6 +50,15 @@ class Architecture:
     ops_refusal: str = ""  # why the others are refused
     required_per_layer: tuple[TensorRole, ...] | None = None  # None: every per-layer role the table names
     init_rules: str | None = None  # "t5": `reinit method: hf` follows T5's own _init_weights
+
+    def window_types(self, config: dict, max_window_layers: int, n: int) -> list[str]:
+        """The layer types the family's config class derives from `max_window_layers` for n layers."""
+        on = bool(config.get("use_sliding_window"))
+        if self.max_window_rule == "from":  # the window is nulled unless use_sliding_window
+            slides = lambda i: on and config.get("sliding_window") is not None and i >= max_window_layers
+        else:
+            slides = lambda i: on and i % 2 == 0 and i < max_window_layers
+        return ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
 
     def gain(self, w):
         """The multiplier a norm weight stands for."""

@@ -47,6 +47,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         model_types=("qwen2",),
         names=dict(_DECODER),
         layer_type_fields=("layer_types",),
+        max_window_rule="from",
         **LLAMA_LIKE,
     ),
     "qwen3": Architecture(
@@ -59,6 +60,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         qk_norm="head",
         layer_type_fields=("layer_types",),
+        max_window_rule="from",
         **LLAMA_LIKE,
     ),
     # OLMo 2: no pre-norms; the branch outputs are normalised before the residual add, and q_norm / k_norm
@@ -133,6 +135,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             R.SHARED_ROUTER: "model.layers.{L}.mlp.shared_expert_gate",
         },
         layer_type_fields=("layer_types",),
+        max_window_rule="even_below",
         inter_field="moe_intermediate_size",
         axis_fields={Axis.EXPERT: "num_experts", Axis.SHARED_INTER: "shared_expert_intermediate_size"},
         experts_per_token_field="num_experts_per_tok",
