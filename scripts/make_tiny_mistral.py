@@ -11,7 +11,7 @@ Deterministic, CPU only (one thread), no network, about a minute:
    Mistral's tokenizers are) on ``surgery/assets/python-license.txt`` -> ``tokenizer.model``.
 2. Trains a transformers ``MistralForCausalLM`` (hidden 64, 4 heads / 2 kv heads, head_dim 16,
    2 layers, MLP 160, untied) on the text tokenized by that tokenizer until it nearly memorises it.
-3. Writes it with surgery's own native writer (``surgery.io.native.write_native``):
+3. Writes it with surgery's own native writer (``surgery.io.native_format.MistralFormat``):
    ``consolidated.safetensors`` (native names, interleaved rotary rows) and ``params.json``.
    Beside ``tokenizer.model`` it saves ``tokenizer.json``/``tokenizer_config.json`` converted
    from it by transformers' own converter (``surgery.io.tokenizer.hf_tokenizer_from_native``,
@@ -120,7 +120,9 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     from surgery.io.checkpoint import InMemoryCheckpoint
-    from surgery.io.native import NativeCheckpoint, write_native
+    from surgery.io.native import NativeCheckpoint
+    from surgery.execute import write_output
+    from surgery.io.native_format import MistralFormat
     from surgery.io.tokenizer import hf_tokenizer_from_native
     from surgery.spec import ModelSpec
     from surgery.state import ModelState
@@ -140,7 +142,7 @@ def main() -> int:
         cfg = model.config.to_dict()
         ck = InMemoryCheckpoint(cfg, {k: v.detach().clone() for k, v in model.state_dict().items()})
         state = ModelState.from_checkpoint(ModelSpec.from_config(cfg), ck.tensors)
-        write_native(state, ck, tmp, torch.device("cpu"), "float32")
+        write_output(state, MistralFormat("float32"), ck, tmp, torch.device("cpu"), progress=False)
         tok.save_pretrained(str(tmp))
 
         back = NativeCheckpoint(tmp)

@@ -15,21 +15,23 @@ from pathlib import Path
 import torch
 
 from . import interrupt
-from .card import write_model_card, write_resolved_recipe
+from .card import config_file, write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import Written, byte_copies, compute_dtype_for, copy_side_files, materialize, pick_device, write_config, write_weights
-from .card import config_file
-from .io.checkpoint import SourceDigest
-from .io.native import write_native
+from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_output
+from .io.atomic import AtomicOutput
+from .io.checkpoint import InMemoryCheckpoint
+from .io.grown_tokenizer import write_tokenizer
+from .io.hf_format import HfFormat
+from .io.native_format import MistralFormat
 from .io.resolve import resolve_source
 from .io.tokenizer import add_hf_tokenizer, text_encoder
-from .io.writer import AtomicOutput
 from .plan import Plan, compile_plan
-from .recipe.loader import LoadedRecipe, check_paths, load_recipe
+from .recipe.loader import LoadedRecipe, check_paths, load_recipe, validate_recipe
 from .report import Report, write_report, write_report_files
-from .io.grown_tokenizer import NewToken, write_tokenizer
-from .runner import Progress, model_from_tensors
-from .verify import disk_layout, verify_plan
+from .runner import Progress, model_from_tensors, skeleton
+from .verify import calibration_ids, disk_layout, verify_plan
+
+FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
 
 
 @dataclass
@@ -85,7 +87,7 @@ def run(
         raise SurgeryError("no output directory: set output: in the recipe or pass --output DIR", where=loaded.file)
     check_paths(loaded, data=verify)  # before any weight is written
     p = plan(loaded)
-    added = [NewToken(**a) for a in p.final.spec.meta.get("added_tokens", [])]
+    added = p.final.spec.meta.added_tokens
     if added and out_spec.format == "mistral":
         raise loaded.error(SurgeryError("Mistral's native tokenizer.model (sentencepiece) cannot take the new tokens; "
                                         "write format: hf (tokenizer.json)", loc=("output", "format")))
@@ -104,20 +106,13 @@ def run(
     atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir, run_inputs(loaded, verify))
     with atomic as tmp:
         t0 = time.perf_counter()
-        if out_spec.format == "mistral":
-            reader = SourceDigest(p.checkpoint)  # hashes the source as the writer reads it
-            written = Written(write_native(p.final, reader, tmp, dev, out_spec.dtype, progress))
-        else:
-            copies = {src: out for out, src in byte_copies(p.final, out_spec.dtype).items()}
-            reader = SourceDigest(p.checkpoint, copies)
-            written = write_weights(p.final, reader, tmp, dev, out_spec.dtype, out_spec.shard_size, progress)
-            reader.adopt(written.tensors, written.sources)
-            write_config(p.final, tmp, out_spec.dtype)
+        fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
+        written = write_output(p.final, fmt, p.checkpoint, tmp, dev, progress)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)
         if added:
             write_tokenizer(p.source_dir, tmp, added)
-        write_resolved_recipe(loaded, p, tmp, reader.content_hash(config_file(p.source_dir)))
+        write_resolved_recipe(loaded, p, tmp, written.source.content_hash(config_file(p.source_dir)))
         interrupt.check()  # a Ctrl-C swallowed while writing: nothing is kept
         surgery_seconds = time.perf_counter() - t0
         if progress:
@@ -155,10 +150,6 @@ def run_inputs(loaded: LoadedRecipe, verify: bool) -> tuple[tuple[str, Path], ..
 def prepare_verification(p: Plan):
     """Everything verification needs, checked before any weight is written: the calibration tokens
     (tokenizer and data), and configs transformers can build the source and output models from."""
-    from .execute import compute_dtype_for
-    from .runner import skeleton
-    from .verify import calibration_ids
-
     v = p.loaded.recipe.verify
     try:
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
@@ -174,9 +165,6 @@ def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibr
     """Apply ops to a transformers model in memory; returns (new model, plan). For notebooks and tests.
 
     `calibration_ids` (token ids, 1 x n) feed ops that learn from data (upcycle_moe's router: hidden)."""
-    from .io.checkpoint import InMemoryCheckpoint
-    from .recipe.loader import validate_recipe
-
     loaded = validate_recipe({"name": "in-memory", "source": "<memory>", "seed": seed, "ops": list(ops)}, "<ops>")
     config = model.config.to_dict()
     ckpt = InMemoryCheckpoint(config, disk_layout(model, dict(model.state_dict())))

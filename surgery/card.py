@@ -7,7 +7,7 @@ import yaml
 
 from . import __version__
 from .io.checkpoint import SourceDigest
-from .io.native import is_native
+from .io.native_params import is_native
 from .io.resolve import is_hub_id
 from .plan import Plan, format_plan
 from .recipe.loader import LoadedRecipe

@@ -113,7 +113,8 @@ def _extensions():
 def _recipes(args) -> int:
     from .plan import compile_plan
     from .io.resolve import resolve_source
-    from .recipe.library import copy_recipe, entries, find_recipe, guess_test_source
+    from .recipe.library import copy_recipe, find_recipe
+    from .recipe.listing import entries, guess_test_source
     from .recipe.loader import load_recipe
 
     if args.recipes_command == "list":

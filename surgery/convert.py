@@ -11,7 +11,8 @@ import sys
 
 def convert_recipe(source: str, output: str, to: str, dtype: str = "auto"):
     """The LoadedRecipe of a conversion (no ops)."""
-    from .recipe.loader import resolve_paths, validate_recipe
+    from .recipe.loader import validate_recipe
+    from .recipe.paths import resolve_paths
 
     data = {
         "name": f"convert-to-{to}",

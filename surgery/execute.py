@@ -2,11 +2,12 @@
 
 Memory holds the tensors one output needs (its sources and the intermediate results of its chain
 of ops), never the model. A background thread computes the next tensors while the current one is
-written, so reading, transforming and writing overlap.
+written, so reading, transforming and writing overlap. One loop writes every format: an
+`OutputFormat` (transformers' sharded safetensors, Mistral's native release) only names the
+tensors, places them in files and writes what describes them.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,16 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import numpy as np
 from tqdm import tqdm
 
+from .errors import SurgeryError
 from .finite import tensor_non_finite
 from .lazy import LazyTensor, evaluate, storage_exact
-from .io.writer import (PlannedTensor, Pieces, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names,
-                        write_index)
-from .modeling import MODELING_FILE, patched_output_config
+from .io.checkpoint import SourceDigest
+from .io.writer import PlannedTensor, Pieces, ShardWriter, SourceBytes, layout_order
+from .modeling import MODELING_FILE
 from .state import ModelState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -39,11 +42,10 @@ class Written:
     tensors: dict[str, str]  # tensor name -> digest of its bytes (`io.digest`)
     files: dict[str, str] = field(default_factory=dict)  # file -> digest, where computed while writing
     sources: dict[str, str] = field(default_factory=dict)  # source tensor -> digest, for those only copied in pieces
+    source: SourceDigest | None = None  # every source tensor's digest, taken as the executor read it
 
 
 def pick_device(name: str) -> torch.device:
-    from .errors import SurgeryError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -77,11 +79,6 @@ def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor,
     return out
 
 
-def byte_copies(state: ModelState, dtype: str) -> dict[str, str]:
-    """Output tensors written as the source's bytes, untouched (output name -> source name)."""
-    return {name: node.source for name, node, d in output_tensors(state, dtype) if node.fn is None and node.dtype == d}
-
-
 class FiniteReader:
     """Refuses source tensors holding NaN or Inf: no growth can promise anything about them."""
 
@@ -92,8 +89,6 @@ class FiniteReader:
         t = self.reader.load(name)
         bad = tensor_non_finite(t) if t.is_floating_point() else 0
         if bad:
-            from .errors import SurgeryError
-
             raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
                                where=str(getattr(self.reader, "path", "source")))
         return t
@@ -250,28 +245,61 @@ def materialize(state: ModelState, reader, device: torch.device, dtype: torch.dt
     return {name: evaluate(node, reader, device, cd) for name, node in state.output().items()}
 
 
-def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device, dtype: str = "auto",
-                  shard_size: str | int = "5GB", progress: bool = True) -> "Written":
-    """Stream every output tensor into its shard; returns the digest of each tensor and shard."""
-    tensors = output_tensors(state, dtype)
-    planned = [PlannedTensor(n, node.shape, d) for n, node, d in tensors]
-    shards = assign_shards(planned, parse_size(shard_size))
-    names = shard_file_names(len(shards))
-    cd = compute_dtype_for(state)
-    reader = FiniteReader(reader)
-    nodes = {n: (node, d) for n, node, d in tensors}
-    copies = byte_copies(state, dtype)
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of an output, as its format names and lays it out."""
+    name: str  # in the output's files
+    node: LazyTensor
+    dtype: torch.dtype
+    # A move of the computed tensor's entries into the format's layout (Mistral's rotary row order): the
+    # tensor is then computed, never copied as the source's bytes.
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    layouts = {n: lay for n, (node, d) in nodes.items() if n not in copies and (lay := kept_layout(node, d, reader.reader))}
+    @property
+    def is_copy(self) -> bool:
+        """Written as the source's bytes, untouched."""
+        return self.transform is None and self.node.fn is None and self.node.dtype == self.dtype
+
+
+class OutputFormat(Protocol):
+    """An output's layout on disk (`io.hf_format`, `io.native_format`): what the executor's tensors are
+    called, which file each goes in, and what is written beside them once they are."""
+
+    def tensors(self, state: ModelState) -> list[OutputTensor]:
+        """Every tensor to write; raises what the format cannot hold, before any weight is written."""
+
+    def files(self, planned: list[PlannedTensor]) -> list[tuple[str, list[PlannedTensor]]]:
+        """(file name, its tensors) for each weight file."""
+
+    def finish(self, state: ModelState, out_dir: Path, files: list[tuple[str, list[PlannedTensor]]]) -> None:
+        """The files that describe the weights (index, config), written after them."""
+
+
+def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, device: torch.device,
+                 progress: bool = True) -> Written:
+    """Stream every output tensor into the file `fmt` puts it in; returns the digest of each tensor and file,
+    and of each source tensor, hashed as it was read (`Written.source`)."""
+    outputs = {o.name: o for o in fmt.tensors(state)}
+    planned = [PlannedTensor(o.name, o.node.shape, o.dtype) for o in outputs.values()]
+    files = fmt.files(planned)
+    copies = {name: o.node.source for name, o in outputs.items() if o.is_copy}
+    hashed = SourceDigest(source, {src: out for out, src in copies.items()})
+    reader = FiniteReader(hashed)
+    cd = compute_dtype_for(state)
+    layouts = {n: lay for n, o in outputs.items()
+               if n not in copies and o.transform is None and (lay := kept_layout(o.node, o.dtype, hashed))}
 
     def compute(name: str) -> torch.Tensor | SourceBytes | Pieces:
-        node, d = nodes[name]
+        o = outputs[name]
+        node, d = o.node, o.dtype
         if name in copies:  # untouched tensor: the kernel copies its bytes where the source has them in a file
-            return source_bytes(reader.reader, node.source) or reader.load(node.source)
+            return source_bytes(hashed, node.source) or reader.load(node.source)
         if name in layouts:  # a growth: the kernel copies the kept entries, only the new ones are computed
             return grown_pieces(node, layouts[name], reader, device, cd, d)
         # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
         t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
+        if o.transform is not None:
+            t = o.transform(t)
         return t.to(dtype=d) if t.is_floating_point() else t
 
     # CPU-bound growths use both cores: a second tensor computes beside the first while the two cost no
@@ -279,7 +307,8 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     workers = 2 if device.type == "cpu" and cpu_cores() >= 2 else 1
 
     def cost(name: str) -> int:
-        node, d = nodes[name]
+        o = outputs[name]
+        node, d = o.node, o.dtype
         if name in copies:
             return 0
         if name in layouts:  # a growth in pieces holds its new entries, and its source where the fill reads it
@@ -287,15 +316,15 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
             return (node.numel - src.numel) * max(cd.itemsize, d.itemsize) + layouts[name].source.nbytes * node.growth.fill.reads_values
         return node.numel * max(cd.itemsize, d.itemsize)
 
-    costs = {n: cost(n) for n in nodes}
+    costs = {n: cost(n) for n in outputs}
     budget = max(costs.values(), default=0)
     digests: dict[str, str] = {}
-    files: dict[str, str] = {}
+    file_digests: dict[str, str] = {}
     sources: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool, streaming_threads(busy=2, workers=workers):
-        for shard, fname in zip(shards, names):
+        for fname, shard in files:
             writer = ShardWriter(out_dir / fname, shard)
             stream = computed_in_order(pool, compute, layout_order(shard), costs.__getitem__, workers, budget)
             try:
@@ -311,25 +340,11 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
             digests.update(writer.digests)
             sources.update(writer.source_digests)
             if file_digest:
-                files[fname] = file_digest
+                file_digests[fname] = file_digest
     bar.close()
-    write_index(out_dir, shards, names)
-    return Written(digests, files, sources)
-
-
-def write_config(state: ModelState, out_dir: Path, dtype: str) -> dict:
-    config = dict(state.spec.config)
-    # A source's own remote code was written for the model before surgery: never pass it on.
-    config.pop("auto_map", None)
-    if config.get("surgery_live_width"):
-        config = patched_output_config(config)
-    if dtype != "auto":
-        config["dtype"] = dtype
-        config.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if config.get("surgery_live_width"):
-        shutil.copyfile(Path(__file__).parent / "modeling" / MODELING_FILE, out_dir / MODELING_FILE)
-    return config
+    hashed.adopt(digests, sources)
+    fmt.finish(state, out_dir, files)
+    return Written(digests, file_digests, sources, hashed)
 
 
 def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:

@@ -14,11 +14,33 @@ from typing import TYPE_CHECKING, Callable, Protocol
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
 
-    from .ops.slices import AxisGrowth
-
 
 class TensorReader(Protocol):
     def load(self, name: str) -> torch.Tensor: ...
+
+
+class GrowthFill(Protocol):
+    """What fills the new entries of an `AxisGrowth` (`ops.slices.Fill`), as the writer uses it."""
+
+    kind: str
+
+    @property
+    def reads_values(self) -> bool: ...
+
+    def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor: ...
+
+    def constant(self, shape, dtype: torch.dtype, device) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class AxisGrowth:
+    """What a growth's `fn` does, as data: old entry i goes to position dest[i] of an axis of new_size,
+    the rest take `fill`. The writer reads it to copy the old entries' bytes by kernel."""
+
+    axis: int
+    new_size: int
+    dest: torch.Tensor  # int64, one per old entry: the tensor the growth's fn is given, not a copy
+    fill: GrowthFill
 
 
 @dataclass(eq=False)
@@ -38,7 +60,7 @@ class LazyTensor:
     # The values a "move" writes besides its inputs' elements (a pad's 0, a norm's 1): it moves
     # exactly into a dtype only where each of them is representable there (0.1 is not, in bfloat16).
     fixed: tuple[float, ...] = field(default=(), repr=False)
-    # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.AxisGrowth`):
+    # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.grow_axis`):
     # the writer then copies the kept elements' bytes from the source file instead of computing them.
     growth: AxisGrowth | None = field(default=None, repr=False)
 

@@ -18,7 +18,7 @@ from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
 from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
-from .spec import ModelSpec
+from .spec import ModelSpec, _first_line, config_errors, hf_config
 from .state import ModelState
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
@@ -78,7 +78,7 @@ def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
     out = []
     if spec.norm_width != spec.hidden_size:
         out.append((Exactness.APPROXIMATE, f"norms still expect width {spec.norm_width}, residual is {spec.hidden_size} (add rescale_norm)"))
-    if spec.meta.get("layernorm_zero_padded"):
+    if spec.meta.layernorm_zero_padded:
         out.append((Exactness.APPROXIMATE, "stock LayerNorm centres over zero-padded dims (add patch_layernorm, or grow with residual_fill: mean)"))
     if spec.live_width:
         out.append((Exactness.EXACT_SHIPPED_CODE, "patched LayerNorm shipped as modeling_surgery.py"))
@@ -98,8 +98,6 @@ def cumulative_promise(promises: list[Promise], spec: ModelSpec) -> Promise:
 
 def _check_config(spec: ModelSpec, loaded: LoadedRecipe, i: int) -> None:
     """transformers must accept the config an op produces, or the output would not load."""
-    from .spec import _first_line, config_errors, hf_config
-
     try:
         hf_config(spec.config)
     except config_errors() as e:
@@ -152,7 +150,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
         except SurgeryError as e:
             e.loc = ("ops", i) + (e.loc or ())
             raise loaded.error(e) from None
-        promise.notes += nxt.spec.meta.pop("notes", [])  # what helpers shared by several ops have to say
+        promise.notes += nxt.spec.meta.take_notes()  # what helpers shared by several ops have to say
         nxt.check_shapes(where=f"after ops[{i}] ({op.op}) [internal error]")
         _check_config(nxt.spec, loaded, i)
         promises.append(promise)
@@ -184,7 +182,7 @@ def format_plan(plan: Plan, max_tensors: int = 12, warnings: bool = False) -> st
     """`warnings`: end with `Plan.warnings` (`surgery plan`; a model card's plan has none: its run went through)."""
     lines = [f"recipe {plan.loaded.recipe.name} ({plan.loaded.file})", f"source {plan.source_dir}", f"  {plan.initial.spec.describe()}",
              f"  parameters: {plan.initial.num_parameters:,}"]
-    lines += [f"  config: {n}" for n in plan.initial.spec.meta.get("standardised", [])]
+    lines += [f"  config: {n}" for n in plan.initial.spec.meta.standardised]
     if plan.initial.dropped:
         lines.append(f"  dropped {len(plan.initial.dropped)} persisted buffer(s) transformers recomputes from the config and "
                      f"ignores on load, e.g. {plan.initial.dropped[0]}: not written to the output")

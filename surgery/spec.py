@@ -17,6 +17,7 @@ from functools import lru_cache
 
 from .arch import Architecture, Axis, architecture_for, ARCHITECTURES
 from .errors import SurgeryError
+from .io.grown_tokenizer import NewToken
 from .modeling import PATCHED_MODEL_TYPES
 
 # Top-level keys transformers 5 folds into `rope_parameters` (and no longer writes).
@@ -82,6 +83,23 @@ def _first_line(e: Exception) -> str:
 
 
 @dataclass
+class SpecMeta:
+    """What the ops have done that the config does not say, carried from op to op."""
+
+    added_tokens: list[NewToken] = field(default_factory=list)  # tokens grow_vocab gave rows, in id order
+    source_vocab_size: int | None = None  # rows before the first grow_vocab: ids the source tokenizer may name
+    layernorm_zero_padded: bool = False  # LayerNorm residual holds zero-padded dims awaiting patch_layernorm
+    signal_width: int | None = None  # the residual's live prefix while the rest is zero-padded
+    notes: list[str] = field(default_factory=list)  # what helpers shared by several ops say; the plan takes them
+    standardised: list[str] = field(default_factory=list)  # how the source config was rewritten as transformers 5 reads it
+
+    def take_notes(self) -> list[str]:
+        """The notes, cleared: each is said once, by the step that caused it."""
+        notes, self.notes = self.notes, []
+        return notes
+
+
+@dataclass
 class ModelSpec:
     arch: Architecture
     config: dict
@@ -90,7 +108,7 @@ class ModelSpec:
     norm_width: int = 0
     # How the new residual dims are filled since the last rescale: "zero" | "mean" | "clone".
     residual_fill: str = "zero"
-    meta: dict = field(default_factory=dict)
+    meta: SpecMeta = field(default_factory=SpecMeta)
 
     @classmethod
     def from_config(cls, config: dict, where: str = "source") -> "ModelSpec":
@@ -121,7 +139,7 @@ class ModelSpec:
             spec.config["model_type"] = PATCHED_MODEL_TYPES[spec.config["model_type"]]
             spec.config.pop("auto_map", None)
             spec.config.pop("architectures", None)
-        spec.meta["standardised"] = renamed + spec._standardise(where)
+        spec.meta.standardised = renamed + spec._standardise(where)
         if "tie_word_embeddings" not in spec.config:  # 4.x configs leave the class default out (Gemma, T5: tied)
             spec.config["tie_word_embeddings"] = bool(hf_config(spec.config).tie_word_embeddings)
         spec.norm_width = spec.config.get("surgery_norm_width", spec.hidden_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .arch import TensorInfo, TensorRole
+from .arch import Axis, TensorInfo, TensorRole
 from .errors import SurgeryError
 from .lazy import LazyTensor, read
 from .spec import ModelSpec
@@ -119,8 +119,6 @@ class ModelState:
                 yield name, info, t
 
     def expected_shape(self, info: TensorInfo) -> tuple[int, ...]:
-        from .arch import Axis
-
         s = self.spec
         sizes = {
             Axis.VOCAB: s.vocab_size,

@@ -27,6 +27,7 @@ from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, 
                      WholeModel, compare, disk_layout, evaluate, open_source, streamable)
 
 if TYPE_CHECKING:
+    from .io.grown_tokenizer import NewToken
     from .plan import Plan
     from .state import ModelState
 
@@ -380,11 +381,11 @@ def baseline_row(pruning, cmp: Comparison, base: Comparison | None, source_loss:
     }
 
 
-def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor:
+def with_new_tokens(ids: torch.Tensor, added: list[NewToken] | None) -> torch.Tensor:
     """Ids for the gradient check: added tokens first, so their input rows can get gradient too."""
     if not added:
         return ids
-    new = torch.tensor([[a["id"] for a in added]], dtype=ids.dtype)
+    new = torch.tensor([[a.id for a in added]], dtype=ids.dtype)
     return torch.cat([new, ids], dim=1)
 
 
@@ -632,7 +633,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                                     ref.label, cmp.rel_change))
         if last:
             evaluated = open_source(out_dir)
-            grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
+            grad_ids = with_new_tokens(ids, p.final.spec.meta.added_tokens)
             ev = evaluate(evaluated, ids, device, dtype, progress, "evaluating output")
             cmp = compare(ref.evaluation, ev)
             if streamable(evaluated.config):
@@ -687,7 +688,7 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     if dead:
         ok = False
         rule += f"; {len(dead)} new slice(s) get no gradient"
-    wrong = tokenizer_problems(out_dir, p.final.spec.meta.get("added_tokens"))
+    wrong = tokenizer_problems(out_dir, p.final.spec.meta.added_tokens)
     if wrong:
         ok = False
         rule += f"; tokenizer: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else "")
@@ -744,7 +745,7 @@ def planned_rule(p: Plan) -> str:
             "the loss judged net of the new rows' share of the normaliser" if promise.exactness == Exactness.APPROXIMATE else
             f"the loss change must equal the {new_vocab - old_vocab} new rows' share of the normaliser, mean log(1 + "
             "sum_new e^z / sum_old e^z), within that noise plus the float32 rounding of the loss"))
-    if p.final.spec.meta.get("added_tokens"):
+    if p.final.spec.meta.added_tokens:
         parts.append("each added token encodes, with the output's AutoTokenizer, as its one planned id")
     return "; ".join(parts)
 
@@ -772,7 +773,7 @@ def _promise_after(p: Plan, start: int, step) -> Promise:
     return Promise(pr.exactness, f"relative to the state after ops[{start}] {p.steps[start].op.op}: {pr.reason}")
 
 
-def tokenizer_problems(out_dir: Path, added: list[dict] | None) -> list[str]:
+def tokenizer_problems(out_dir: Path, added: list[NewToken] | None) -> list[str]:
     """Each added token, encoded by the output's tokenizer as users load it, must be exactly its one planned id."""
     if not added:
         return []
@@ -781,9 +782,9 @@ def tokenizer_problems(out_dir: Path, added: list[dict] | None) -> list[str]:
     tok = load_tokenizer(out_dir)
     out = []
     for a in added:
-        got = tok(a["content"], add_special_tokens=False)["input_ids"]
-        if got != [a["id"]]:
-            out.append(f"{a['content']!r} encodes as {got}, not [{a['id']}]")
+        got = tok(a.content, add_special_tokens=False)["input_ids"]
+        if got != [a.id]:
+            out.append(f"{a.content!r} encodes as {got}, not [{a.id}]")
     return out
 
 

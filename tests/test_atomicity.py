@@ -30,7 +30,7 @@ from factories import make_config, make_model
 from surgery import api
 from surgery.cli import main
 from surgery.io import writer
-from surgery.io.writer import TMP_PREFIX
+from surgery.io.atomic import TMP_PREFIX
 
 SEED = int(os.environ.get("SURGERY_KILL_SEED", "20240609"))  # vary it to stress: the moments change
 RECIPE = """\

@@ -90,7 +90,7 @@ def test_old_logits_exact_and_loss_moves_by_the_new_rows_mass(family, tied, n, p
     else:  # hewitt: the mean plus a draw with 1e-9 x the covariance: tiny, non-zero, different per row
         spread = (emb[old:] - mean).abs().max()
         assert 0 < spread < 1e-3 * model.get_input_embeddings().weight.std()
-    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
+    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.added_tokens), plan.final.new_slices) == []
 
 
 VOCAB_OP = {"op": "grow_vocab", "add_tokens": ["a", "b", "c"], "pad_to_multiple_of": 16, "init": "hewitt"}
@@ -117,7 +117,7 @@ def test_grow_vocab_composes_with_growth_before_and_after(family, tied, ops):
     assert verdict.passed, verdict.rule
     # transformers computes RMSNorm statistics in float32 even in a float64 model
     assert cmp.max_logit_diff <= 1e-6 * _scale(model)
-    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.get("added_tokens")), plan.final.new_slices) == []
+    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.added_tokens), plan.final.new_slices) == []
 
 
 def test_a_moved_old_logit_fails_the_rule_even_when_the_loss_barely_moves():
@@ -147,7 +147,7 @@ def test_the_gradient_check_reports_new_input_rows_that_no_token_reaches():
     grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"], "pad_to_multiple_of": 8}])
     dead = dead_slices(grown, IDS, plan.final.new_slices)
     assert dead == [{"tensor": "model.embed_tokens.weight", "op": "grow_vocab", "dead": 2, "of": 2}]
-    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta["added_tokens"]), plan.final.new_slices) == []
+    assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.added_tokens), plan.final.new_slices) == []
 
 
 def test_after_an_approximate_op_the_tolerance_judges_the_old_vocabulary_not_the_new_rows_mass():
@@ -272,7 +272,7 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
 
     loads: dict[str, int] = {}
     writing = []
-    real_read, real_write = checkpoint.read_tensor, api.write_weights
+    real_read, real_write = checkpoint.read_tensor, api.write_output
 
     def counting(meta):
         if writing:  # reads while writing the output; per-op verification reads the source again, apart
@@ -287,7 +287,7 @@ def test_grow_then_add_tokens_then_clone_width_is_verified_and_streams_each_tens
             writing.clear()
 
     monkeypatch.setattr(checkpoint, "read_tensor", counting)
-    monkeypatch.setattr(api, "write_weights", write)
+    monkeypatch.setattr(api, "write_output", write)
     out = tmp_path / "out"
     ops = [{"op": "grow_mlp", "intermediate_size": "x1.5"}, {"op": "grow_vocab", "add_tokens": TOKENS3, "pad_to_multiple_of": 16},
            {"op": "clone_width", "factor": 2}]
@@ -537,3 +537,14 @@ def test_a_sentencepiece_only_hf_source_gets_a_tokenizer_json_with_the_new_token
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok("surgeryword", add_special_tokens=False)["input_ids"] == [512]
     assert tok.chat_template == "{{ x }}"
+
+
+def test_each_planned_state_keeps_the_added_tokens_and_source_rows_of_its_own_step(write_recipe, tmp_path):
+    ops = [{"op": "grow_vocab", "add_tokens": ["surgeryword"]},
+           {"op": "grow_vocab", "add_tokens": [{"content": "<|im_end|>", "special": True}], "pad_to_multiple_of": 16}]
+    p = api.plan(_recipe(write_recipe, "builtin:tiny-mistral-hf", ops, tmp_path / "out"))
+    metas = [s.spec.meta for s in p.states()]
+    assert [[(t.content, t.special, t.id) for t in m.added_tokens] for m in metas] == [
+        [], [("surgeryword", False, 512)], [("surgeryword", False, 512), ("<|im_end|>", True, 513)]]
+    assert [m.source_vocab_size for m in metas] == [None, 512, 512]
+    assert p.final.spec.copy().meta == p.final.spec.meta and p.final.spec.copy().meta.added_tokens is not metas[-1].added_tokens

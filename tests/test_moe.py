@@ -407,7 +407,7 @@ def test_a_qwen3_moe_checkpoint_saved_by_transformers_5_or_4_grows_and_verifies(
     src = qwen3_moe_source(tmp_path, writer)
     plan = api.plan(write_recipe(f"name: q\nsource: {src}\nops:\n{op}"))
     assert plan.initial.spec.num_experts == 4
-    assert any("num_experts written as num_local_experts" in n for n in plan.initial.spec.meta["standardised"]) \
+    assert any("num_experts written as num_local_experts" in n for n in plan.initial.spec.meta.standardised) \
         == (writer == "4.x")
     out, report = run(tmp_path, write_recipe, src, op)
     assert report["passed"] and report["steps"][-1]["exactness"] == "exact"

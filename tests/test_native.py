@@ -23,7 +23,8 @@ from surgery import api
 from surgery.cli import main
 from surgery.convert import add_convert_parser, convert_recipe, run_convert
 from surgery.errors import SurgeryError
-from surgery.io.native import NativeCheckpoint, is_native, params_to_config, read_params
+from surgery.io.native import NativeCheckpoint
+from surgery.io.native_params import is_native, params_to_config, read_params
 from surgery.io.tokenizer import hf_tokenizer_from_native, text_encoder
 from surgery.runner import load_model
 

@@ -20,7 +20,7 @@ from conftest import save_checkpoint
 from factories import make_config, make_model
 from surgery import api, interrupt
 from surgery.cli import main
-from surgery.io.writer import TMP_PREFIX
+from surgery.io.atomic import TMP_PREFIX
 from surgery.ops import Exactness, Promise
 from surgery.rule_summary import short_rule
 from surgery.runner import Comparison

@@ -92,6 +92,45 @@ def test_a_grown_output_holds_the_bytes_of_the_reference_computation(source, tmp
     assert result.output == out or out.is_dir()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_native_output_takes_the_same_write_path_and_holds_the_reference_bits_in_native_layout(tmp_path, monkeypatch, dtype):
+    """format: mistral is written by the one executor: untouched tensors are kernel copies of the source's bytes,
+    growths are written in pieces, wq/wk are computed and put in native rotary order, the tied embedding is also
+    output.weight; every tensor holds the bits of the plain computation, and the file's digest is taken on the way."""
+    from surgery.io.native_layout import hf_to_native, to_native_rotary
+
+    model = make_model(make_config("mistral", vocab=96, hidden_heads=4, kv_heads=2, head_dim=8, tied=True), dtype=torch.float32)
+    source = save_checkpoint(model.to(dtype), tmp_path / "src")
+    copied, pieces = [], []
+    real_copy, real_pieces = writer.copy_range, execute.grown_pieces
+    monkeypatch.setattr(writer, "copy_range", lambda *a: copied.append(a) or real_copy(*a))
+    monkeypatch.setattr(execute, "grown_pieces", lambda node, *a: pieces.append(node) or real_pieces(node, *a))
+    monkeypatch.setattr(execute, "MIN_PIECE", 0)
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: native\nsource: {source}\noutput:\n  path: {out}\n  format: mistral\n"
+                      "ops:\n  - op: grow_mlp\n    intermediate_size: x1.5\n")
+    api.run(recipe, verify=False)
+    p = api.plan(recipe)
+    spec, cd = p.final.spec, compute_dtype_for(p.final)
+    written = tensor_bytes(out)
+    expected = {}
+    for name, node, d in output_tensors(p.final, "auto"):
+        t = evaluate(node, p.checkpoint, torch.device("cpu"), cd).to(d)
+        role = p.final.info(name).role.value
+        if role in ("attn.q", "attn.k"):
+            t = to_native_rotary(t, spec.num_heads if role == "attn.q" else spec.num_kv_heads, spec.head_dim)
+        expected[hf_to_native(name)] = as_bytes(t)
+    expected["output.weight"] = expected["tok_embeddings.weight"]
+    assert written == expected
+    untouched = [n for n, node, d in output_tensors(p.final, "auto") if node.fn is None and "q_proj" not in n and "k_proj" not in n]
+    assert len(copied) == len(untouched) + 1 and untouched, "untouched tensors (and the tied output) go through the kernel copy"
+    assert len(pieces) == 3 * spec.num_layers, "gate, up and down grow in pieces"
+    report = json.loads((out / "surgery_report.json").read_text())
+    assert report["tensor_blake3"] == {n: blake3(b).hexdigest() for n, b in written.items()}
+    assert report["files_blake3"]["consolidated.safetensors"] == blake3((out / "consolidated.safetensors").read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "buffer"])
 def test_untouched_tensors_are_the_source_bytes_whichever_kernel_call_copies_them(source, tmp_path, monkeypatch, kernel):
     """`buffer`: neither kernel call copies between files (macOS's sendfile writes to sockets only)."""

@@ -33,3 +33,13 @@ def file_hexdigest(path: Path, algorithm: str = ALGORITHM) -> str:
         for block in iter(lambda: fh.read(BLOCK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digests(directory: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None,
+                 algorithm: str = ALGORITHM) -> dict[str, str]:
+    """The digest of every file of an output (BLAKE3 unless told), read in 16 MiB blocks unless already `known`."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in skip):
+        rel = str(f.relative_to(directory))
+        out[rel] = known[rel] if known and rel in known else file_hexdigest(f, algorithm)
+    return out

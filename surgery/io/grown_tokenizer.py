@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SurgeryError
+from .native_params import is_native
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 RESERVED = "<|surgery_reserved_{}|>"
@@ -47,7 +48,6 @@ def load_tokenizer(folder: Path):
     tokenizer.model) with no tokenizer.json beside it is converted by transformers' own converters
     (`hf_tokenizer_from_native`, checked against the native tokenizer on probe strings).
     """
-    from .native import is_native
     from .tokenizer import _PROBES, _auto_tokenizer, hf_tokenizer_from_native, native_tokenizer_file, read_native_tokenizer
 
     folder = Path(folder)

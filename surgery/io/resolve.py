@@ -120,6 +120,7 @@ def hub_error(e: Exception, what: str, hint: str) -> SurgeryError:
 def open_checkpoint(path: Path):
     """A checkpoint directory in either layout: Mistral native (params.json) or transformers."""
     from .checkpoint import Checkpoint
-    from .native import NativeCheckpoint, is_native
+    from .native import NativeCheckpoint
+    from .native_params import is_native
 
     return NativeCheckpoint(path) if is_native(path) else Checkpoint(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SurgeryError
+from .native_params import is_native
 
 TEKKEN = "tekken.json"
 _SPM = re.compile(r"^tokenizer\.model(\.v\d+(m\d+)?)?$")
@@ -101,8 +102,6 @@ def text_encoder(folder: Path) -> Callable[[str], list[int]]:
     folder with only the other kind's files (a native release written from a transformers source,
     a transformers folder holding only tokenizer.model) by what it has.
     """
-    from .native import is_native
-
     folder = Path(folder)
     file = native_tokenizer_file(folder)
     hf_files = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

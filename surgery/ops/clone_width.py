@@ -81,7 +81,7 @@ class CloneWidth(Op):
                 f"{spec.live_width} dims, and cloning scatters the original dims over {k} blocks; clone first, then grow and patch",
                 loc=("op",),
             )
-        if spec.meta.get("layernorm_zero_padded"):
+        if spec.meta.layernorm_zero_padded:
             raise SurgeryError(
                 "the LayerNorm residual has zero-padded dims waiting for patch_layernorm, which centres over a prefix of "
                 "dims that cloning would scatter; clone first, or grow with residual_fill: mean",
@@ -133,7 +133,7 @@ class CloneWidth(Op):
         spec.norm_width *= k  # [x, x] keeps each norm's statistics: no rescale needed, or the same one as before
         if "surgery_norm_width" in spec.config:
             spec.config["surgery_norm_width"] *= k
-        spec.meta.pop("signal_width", None)  # the live dims are no longer a prefix (and all of them are live)
+        spec.meta.signal_width = None  # the live dims are no longer a prefix (and all of them are live)
         if not pending:
             spec.residual_fill = "clone"
         notes = []

@@ -151,13 +151,13 @@ class GrowVocab(Op):
         old = spec.vocab_size
         tokens = [self.token(t) for t in self.add_tokens]
         source_dir = ctx.source_dir
-        added: list[dict] = list(spec.meta.get("added_tokens", []))
+        added = list(spec.meta.added_tokens)
         notes: list[str] = []
         pieces: list[list[int] | None] = [None] * len(tokens)
         if tokens and has_tokenizer(source_dir):
             tok = load_tokenizer(source_dir)
             vocab = tok.get_vocab()
-            earlier = {a["content"] for a in added}
+            earlier = {a.content for a in added}
             for i, t in enumerate(tokens):
                 if t.content in vocab or t.content in earlier:
                     where = f"id {vocab[t.content]}" if t.content in vocab else "an earlier grow_vocab"
@@ -166,18 +166,18 @@ class GrowVocab(Op):
                     raise SurgeryError(f"the source tokenizer splits special tokens in text (split_special_tokens), so "
                                        f"{t.content!r} would never be encoded as one id; add it with special: false",
                                        loc=("add_tokens", i))
-            source_rows = spec.meta.get("source_vocab_size", old)
+            source_rows = old if spec.meta.source_vocab_size is None else spec.meta.source_vocab_size
             if len(tok) > source_rows:
                 raise SurgeryError(f"the tokenizer has {len(tok)} tokens but the model only {source_rows} rows",
                                    where=str(source_dir))
-            named = max([a["id"] + 1 for a in added], default=len(tok))  # the tokenizer's length after earlier ops
+            named = max([a.id + 1 for a in added], default=len(tok))  # the tokenizer's length after earlier ops
             if named < old:
                 notes.append(f"the tokenizer names {named} of {old} rows: ids {named}..{old - 1} become reserved special "
                              f"tokens ({RESERVED.format('ID')}) so the new tokens take new rows")
             if self.init == VocabInit.SUBWORD:
                 pieces = [tok(t.content, add_special_tokens=False)["input_ids"] for t in tokens]
                 pieces = [[i for i in p if i < old] or None for p in pieces]
-            add_tokens(tok, [NewToken(**a) for a in added])  # the tokenizer as earlier grow_vocab ops leave it
+            add_tokens(tok, added)  # the tokenizer as earlier grow_vocab ops leave it
             problems = split_changes(tok, [NewToken(t.content, t.special, old + i) for i, t in enumerate(tokens)])
             if problems:
                 i = min(problems)
@@ -195,7 +195,7 @@ class GrowVocab(Op):
         count = new - old
         pieces = pieces + [None] * (count - len(tokens))
         for i, t in enumerate(tokens):
-            added.append({"content": t.content, "special": t.special, "id": old + i})
+            added.append(NewToken(t.content, t.special, old + i))
         if count == 0:
             return Promise(Exactness.EXACT, f"the vocabulary ({old}) is already a multiple of {self.pad_to_multiple_of}: nothing to add")
 
@@ -215,10 +215,11 @@ class GrowVocab(Op):
                 if rows:
                     state.new_slices.append(NewSlice(name, axis, rows, "grow_vocab"))
         spec.config["vocab_size"] = new
-        spec.meta["added_tokens"] = added
-        spec.meta.setdefault("source_vocab_size", old)
+        spec.meta.added_tokens = added
+        if spec.meta.source_vocab_size is None:
+            spec.meta.source_vocab_size = old
         if tokens:
-            shown = [f"{a['content']!r} -> {a['id']}" + (" (special)" if a["special"] else "") for a in added[-len(tokens):]]
+            shown = [f"{a.content!r} -> {a.id}" + (" (special)" if a.special else "") for a in added[-len(tokens):]]
             notes.insert(0, "ids: " + ", ".join(shown[:8]) + (f", ... ({len(shown) - 8} more)" if len(shown) > 8 else ""))
         if count > len(tokens):
             notes.append(f"{count - len(tokens)} padding row(s) with no token (ids {old + len(tokens)}..{new - 1}): "

@@ -34,11 +34,11 @@ class PatchLayerNorm(Op):
             )
         if spec.live_width:
             raise SurgeryError("the LayerNorm is already patched", loc=("op",))
-        signal = spec.meta.get("signal_width")
+        signal = spec.meta.signal_width
         if signal is None or signal == spec.hidden_size:
             raise SurgeryError("nothing to patch: no zero-padded residual dims; put patch_layernorm after a growth", loc=("op",))
         spec.config["surgery_live_width"] = signal
-        spec.meta.pop("layernorm_zero_padded", None)
+        spec.meta.layernorm_zero_padded = False
         shipped = next(k for k, v in PATCHED_MODEL_TYPES.items() if v == spec.arch.name)
         return Promise(
             Exactness.EXACT_SHIPPED_CODE,

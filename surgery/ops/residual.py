@@ -59,9 +59,9 @@ def grow_residual(state: ModelState, new_width: int, init: Init, fill: str, ctx:
     if fill == "mean":
         spec.residual_fill = "mean"
     elif spec.arch.norm == "layernorm" and not spec.live_width:
-        spec.meta["layernorm_zero_padded"] = True
-    if fill != "mean":
-        spec.meta.setdefault("signal_width", d)
+        spec.meta.layernorm_zero_padded = True
+    if fill != "mean" and spec.meta.signal_width is None:
+        spec.meta.signal_width = d
 
 
 def embedding_factor(width: int, new_width: int) -> float:
@@ -92,7 +92,7 @@ def rescale_embedding(state: ModelState, width: int, new_width: int, op: str) ->
     f = embedding_factor(width, new_width)
     half = str(state.tensors[emb].dtype).replace("torch.", "")
     if half in ("bfloat16", "float16"):
-        spec.meta.setdefault("notes", []).append(
+        spec.meta.notes.append(
             f"run in {half}, {arch.name} rounds its sqrt(hidden_size) embedding scale to {half}: sqrt({width}) and "
             f"sqrt({new_width}) round differently, up to one {half} rounding of every embedding (verification runs in "
             "float32, where the scale is exact)")

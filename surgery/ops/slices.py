@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..lazy import LazyTensor, generator
+from ..lazy import AxisGrowth, LazyTensor, generator
 from ..state import ModelState, NewSlice
 from . import moments
 
@@ -102,17 +102,6 @@ def scatter_axis(old: torch.Tensor, axis: int, new_size: int, dest: torch.Tensor
     if missing.numel():
         _place(out, axis, missing, fill.values(old, axis, missing.numel()))
     return out
-
-
-@dataclass(frozen=True, eq=False)
-class AxisGrowth:
-    """What `scatter_axis` does to a tensor, as data: old entry i goes to position dest[i] of an axis
-    of new_size, the rest take `fill`. The writer reads it to copy the old entries' bytes by kernel."""
-
-    axis: int
-    new_size: int
-    dest: torch.Tensor  # int64, one per old entry: the tensor `scatter_axis` is given, not a copy
-    fill: Fill
 
 
 def missing_positions(new_size: int, dest: list[int]) -> list[int]:

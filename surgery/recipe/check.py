@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SurgeryError
 from ..text_table import fit_lines, text_table
-from .library import entries, guess_test_source
+from .listing import entries, guess_test_source
 
 
 @dataclass

@@ -6,7 +6,6 @@ A recipe is found by path, by file name (`stablelm_grow`), by its `name:` field,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -65,54 +64,6 @@ def fetch_hub_recipe(ref: str) -> Path:
         raise SurgeryError("hub recipes are hf://ORG/REPO/path/to/recipe.yaml[@revision]", where=ref)
     return fetch_hub_file("/".join(parts[:2]), "/".join(parts[2:]), revision or None, where=ref,
                           what="the recipe")
-
-
-@dataclass
-class LibraryEntry:
-    name: str
-    path: Path
-    library: Path
-    description: str
-    ops: list[str]
-    test_source: str | None
-    source: str
-    test_overrides: list[str]
-    declared: str = ""  # the recipe's `name:`, which finds it too
-
-
-def entries(libraries: list[str] | None = None, broken: list[tuple[Path, SurgeryError]] | None = None) -> list[LibraryEntry]:
-    """Every loadable recipe of the libraries; those that do not load go to `broken` when given."""
-    from .loader import load_recipe
-
-    out: list[LibraryEntry] = []
-    seen: set[str] = set()
-    for d in library_dirs(libraries):
-        for path in sorted(d.glob("*.y*ml")):
-            if path.stem in seen or not path.is_file():
-                continue  # an earlier library shadows a later one
-            seen.add(path.stem)
-            try:
-                r = load_recipe(path, libraries=libraries).recipe
-            except SurgeryError as e:
-                if broken is not None:
-                    broken.append((path, e))
-                continue
-            desc = (r.description or "").strip().splitlines()[0] if r.description else ""
-            out.append(LibraryEntry(path.stem, path, d, desc, [o.op for o in r.ops], r.test_source, r.source_spec.path,
-                                   r.test_overrides, r.name))
-    return out
-
-
-def guess_test_source(source: str) -> str | None:
-    """The builtin of the same family, for recipes that name no test_source."""
-    if source.startswith("builtin:"):
-        return source
-    s = source.lower()
-    for key, builtin in (("stablelm", "builtin:tiny-stablelm"), ("mistral", "builtin:tiny-mistral-hf"),
-                         ("llama", "builtin:tiny-llama")):
-        if key in s:
-            return builtin
-    return None
 
 
 SCHEMA_LINE = "# yaml-language-server: $schema="
