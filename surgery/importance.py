@@ -225,12 +225,12 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
 
 def _removal_losses(state, calib, ids: torch.Tensor, block: int) -> torch.Tensor:
     """The loss of the model without layers [s, s + block), for every start s: each candidate is the state the
-    prune would leave (`prune_layers.keep_layers`), run by the streamed runner as verification runs the output."""
+    prune would leave (`state.keep_layers`), run by the streamed runner as verification runs the output."""
     import torch
 
     from .execute import compute_dtype_for
-    from .ops.prune_layers import keep_layers
     from .runner import StateSource, evaluate
+    from .state import keep_layers
 
     L = state.spec.num_layers
     dtype = compute_dtype_for(state)

@@ -185,3 +185,12 @@ def evaluate(node: LazyTensor, reader: TensorReader, device: torch.device, compu
         return t
 
     return go(node)
+
+
+def _chosen_when_run():
+    raise AssertionError("a prune's choice is made when the run starts: compile the plan with measure=True")
+
+
+def deferred(node, shape: tuple[int, ...], label: str):
+    """A tensor whose content depends on a choice not made yet (planning only)."""
+    return node.map(lambda t: _chosen_when_run(), shape, f"{label} (chosen when the run starts)")

@@ -64,7 +64,7 @@ class Plan:
         from .io.tokenizer import text_encoder
 
         if not self.source_dir.is_dir() or (self.loaded.recipe.verify.data == "random"
-                                            and not self.final.spec.meta.get("added_tokens")):
+                                            and not self.final.spec.meta.added_tokens):
             return []
         try:
             text_encoder(self.source_dir)

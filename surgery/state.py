@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .arch import Axis, TensorInfo, TensorRole
 from .errors import SurgeryError
-from .lazy import LazyTensor, read
+from .lazy import LazyTensor, deferred, read
 from .spec import ModelSpec
 
 # Buffers older checkpoints persisted and transformers recomputes from the config, ignoring the
@@ -222,3 +222,31 @@ def _split(spec: ModelSpec, name: str, meta, layer: int | None, kind: str, roles
             lambda t, o=offset, n=size: t.narrow(0, o, n).clone(), shape, f"{role.value} rows of {name}", kind="move")
         offset += size
     return parts
+
+
+def keep_layers(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
+    """The model with only the `kept` layers, in order: tensors renumbered, config lists with their layers."""
+    renumber(state, kept, label, chosen)
+    state.spec.set_num_layers(len(kept), origin=kept)
+
+
+def renumber(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
+    """Only the `kept` layers remain, renumbered in order (per-head and per-expert tensors with them); with
+    `chosen` false the choice is made when the run starts, and no layer's tensor can be computed yet."""
+    arch = state.spec.arch
+    position = {j: p for p, j in enumerate(kept)}
+    rename, removed = {}, []
+    for name, info, node in list(state.items()):
+        if info.layer is None:
+            continue
+        if info.layer in position:
+            rename[name] = arch.parameter_name(info.role, info.kind, position[info.layer], info.head, info.expert)
+        else:
+            removed.append(name)
+    for name in removed:
+        del state.tensors[name]
+    state.new_slices = [s for s in state.new_slices if s.tensor not in removed]
+    state.rename(rename)
+    if not chosen:
+        for name in rename.values():
+            state.tensors[name] = deferred(state.tensors[name], state.tensors[name].shape, label)

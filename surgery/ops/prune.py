@@ -14,6 +14,7 @@ from pydantic import field_validator
 
 from ..errors import SurgeryError
 from ..importance import Importance, Measurement, measure
+from ..lazy import deferred
 from ..state import ModelState
 from .base import Op, OpContext
 
@@ -54,15 +55,6 @@ class Pruning:
         if len(self.dropped) > limit:
             out.append(f"  ... and {len(self.dropped) - limit} more layers (the report lists every one)")
         return out
-
-
-def _chosen_when_run():
-    raise AssertionError("a prune's choice is made when the run starts: compile the plan with measure=True")
-
-
-def deferred(node, shape: tuple[int, ...], label: str):
-    """A tensor whose content depends on a choice not made yet (planning only)."""
-    return node.map(lambda t: _chosen_when_run(), shape, f"{label} (chosen when the run starts)")
 
 
 def keep_axis(state: ModelState, name: str, axis: int, keep: list[int] | None, new_size: int, label: str) -> None:

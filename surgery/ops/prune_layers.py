@@ -13,10 +13,10 @@ from typing import ClassVar, Literal, Optional
 
 from ..errors import SurgeryError
 from ..importance import Importance, top
-from ..state import ModelState
+from ..state import ModelState, keep_layers
 from .base import Exactness, OpContext, Promise, SizeValue, checked_indices, resolve_size
 from .grow_layers import SOURCE_LAYER
-from .prune import PruneOp, Pruning, deferred, refuse_growth
+from .prune import PruneOp, Pruning, refuse_growth
 
 
 class PruneLayers(PruneOp):
@@ -78,31 +78,3 @@ class PruneLayers(PruneOp):
         if len(seen) >= old:
             raise SurgeryError(f"dropping all {old} layers leaves no model; keep at least one", loc=("drop",))
         return sorted(seen)
-
-
-def keep_layers(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
-    """The model with only the `kept` layers, in order: tensors renumbered, config lists with their layers."""
-    renumber(state, kept, label, chosen)
-    state.spec.set_num_layers(len(kept), origin=kept)
-
-
-def renumber(state: ModelState, kept: list[int], label: str, chosen: bool = True) -> None:
-    """Only the `kept` layers remain, renumbered in order (per-head and per-expert tensors with them); with
-    `chosen` false the choice is made when the run starts, and no layer's tensor can be computed yet."""
-    arch = state.spec.arch
-    position = {j: p for p, j in enumerate(kept)}
-    rename, removed = {}, []
-    for name, info, node in list(state.items()):
-        if info.layer is None:
-            continue
-        if info.layer in position:
-            rename[name] = arch.parameter_name(info.role, info.kind, position[info.layer], info.head, info.expert)
-        else:
-            removed.append(name)
-    for name in removed:
-        del state.tensors[name]
-    state.new_slices = [s for s in state.new_slices if s.tensor not in removed]
-    state.rename(rename)
-    if not chosen:
-        for name in rename.values():
-            state.tensors[name] = deferred(state.tensors[name], state.tensors[name].shape, label)
