@@ -27,7 +27,8 @@ from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .io.grown_tokenizer import NewToken, write_tokenizer
-from .runner import Progress, model_from_tensors
+from .runtime.build import model_from_tensors
+from .runtime.progress import Progress
 from .verify import disk_layout, verify_plan
 
 
@@ -145,7 +146,7 @@ def prepare_verification(p: Plan):
     """Everything verification needs, checked before any weight is written: the calibration tokens
     (tokenizer and data), and configs transformers can build the source and output models from."""
     from .execute import compute_dtype_for
-    from .runner import skeleton
+    from .runtime.build import skeleton
     from .verify import calibration_ids
 
     v = p.loaded.recipe.verify

@@ -62,7 +62,7 @@ class Calibration:
         self.seed = seed
         self.device = device or torch.device("cpu")
         if progress is None:
-            from .runner import QUIET as progress
+            from .runtime.progress import QUIET as progress
         self.progress = progress
         self._rows: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -77,7 +77,8 @@ class Calibration:
 
     def hidden_routers(self, state, num_experts: int, seed: tuple) -> list[torch.Tensor]:
         """Each layer's router rows from what its MLP reads when `state`'s model runs on the calibration tokens."""
-        from .runner import StateSource, StreamedModel
+        from .runtime.sources import StateSource
+        from .runtime.streamed import StreamedModel
 
         sm = StreamedModel(StateSource(state, self.reader, "the model before upcycle_moe"), self.device, torch.float32)
         rows: dict[int, torch.Tensor] = {}

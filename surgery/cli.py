@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import DISTRIBUTION, __version__
 from .errors import SurgeryError, VerificationFailed
+from .runtime.memory import limit_malloc_arenas
 from .text_table import fit_lines, terminal_width, text_table
 
 
@@ -185,7 +186,7 @@ def _run(args) -> int:
 
     if args.command == "plan":
         from .plan import format_plan
-        from .runner import Progress
+        from .runtime.progress import Progress
 
         loaded = api.load(args.recipe, **kw)
         measure = dict(measure=True, device=args.device or loaded.recipe.device, progress=Progress(True)) if args.measure else {}
@@ -223,23 +224,6 @@ def entry() -> None:
     except (BrokenPipeError, ValueError):
         pass
     os._exit(code)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Two glibc malloc arenas for the command's threads, unless MALLOC_ARENA_MAX says otherwise.
-
-    The executor's compute, writing and hashing threads each took an arena of their own, and freed
-    tensor memory kept in one arena cannot serve another thread: a streaming grow_mlp's peak memory
-    rose with the checkpoint's size (float32, 0.5 -> 4 GB: 474 -> 619 MiB). Set before any thread starts.
-    """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX; a libc without it (musl) has no such arenas
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,10 @@ from torch import nn
 
 from .arch import TensorRole as R, architecture_for
 from .lazy import generator
-from .runner import QUIET, Progress, StreamedModel, TensorSource, disk_layout, model_source, streamable
+from .runtime.build import disk_layout, streamable
+from .runtime.progress import QUIET, Progress
+from .runtime.sources import TensorSource, model_source
+from .runtime.streamed import StreamedModel
 
 
 def dead_units(grads: dict[str, torch.Tensor | None], slices, indices, prefix: str) -> dict[int, int]:

@@ -155,7 +155,8 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
     import torch
 
     from .execute import compute_dtype_for
-    from .runner import StateSource, StreamedModel
+    from .runtime.sources import StateSource
+    from .runtime.streamed import StreamedModel
 
     spec = state.spec
     arch = spec.arch
@@ -230,7 +231,8 @@ def _removal_losses(state, calib, ids: torch.Tensor, block: int) -> torch.Tensor
 
     from .execute import compute_dtype_for
     from .ops.prune_layers import keep_layers
-    from .runner import StateSource, evaluate
+    from .runtime.evaluation import evaluate
+    from .runtime.sources import StateSource
 
     L = state.spec.num_layers
     dtype = compute_dtype_for(state)

@@ -23,8 +23,11 @@ from .lazy import generator
 from .importance import Importance
 from .ops import RESETS, Exactness, Promise
 from .report import Report, StepResult
-from .runner import (QUIET, CheckpointSource, Comparison, Evaluation, Progress, StateSource, StreamedModel, TensorSource,
-                     WholeModel, compare, disk_layout, evaluate, open_source, streamable)
+from .runtime.build import disk_layout, streamable
+from .runtime.evaluation import Comparison, Evaluation, compare, evaluate
+from .runtime.progress import QUIET, Progress
+from .runtime.sources import CheckpointSource, StateSource, TensorSource, open_source
+from .runtime.streamed import StreamedModel, WholeModel
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -483,7 +486,7 @@ class WrittenRope:
     different model, not rounding, and get no allowance."""
 
     def __init__(self, inner: TensorSource, candidate_config: dict, to: tuple[int, ...]):
-        from .runner import skeleton
+        from .runtime.build import skeleton
 
         self.inner, self.config, self.where = inner, inner.config, inner.where
         theirs = skeleton(candidate_config, torch.float32, torch.device("cpu")).named_buffers()

@@ -57,7 +57,10 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
     from .execute import pick_device
     from .ops import Exactness, Promise
-    from .runner import Progress, StreamedModel, compare, evaluate, open_source
+    from .runtime.evaluation import compare, evaluate
+    from .runtime.progress import Progress
+    from .runtime.sources import open_source
+    from .runtime.streamed import StreamedModel
     from .verify import HALF, calibration_ids, judge_measured, measure_reference
 
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ def test_dead_check_leaves_the_weights_unchanged():
 
 def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_expert_slice_is_named():
     """Experts fused in memory, slices named per stored expert tensor: the streamed check maps between them."""
-    from surgery.runner import disk_layout, model_from_tensors
+    from surgery.runtime.build import disk_layout, model_from_tensors
 
     model = make_model(make_config("mistral", intermediate=16), dtype=torch.float32)
     moe, plan = api.transform(model, [{"op": "grow_mlp", "intermediate_size": "x2"}, {"op": "upcycle_moe", "num_experts": 4}])
@@ -92,7 +92,7 @@ def unreached(moe, ids) -> tuple[int, int]:
 
 
 def mutated(moe, change):
-    from surgery.runner import disk_layout, model_from_tensors
+    from surgery.runtime.build import disk_layout, model_from_tensors
 
     tensors = disk_layout(moe, dict(moe.state_dict()))
     change(tensors)

@@ -21,7 +21,8 @@ from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import InMemoryCheckpoint
 from surgery.ops import Exactness
-from surgery.runner import Evaluation, compare, evaluate, model_source
+from surgery.runtime.evaluation import Evaluation, compare, evaluate
+from surgery.runtime.sources import model_source
 from surgery.verify import judge, measure_reference, with_new_tokens
 from surgery.verify import whole_model_dead_slices as dead_slices
 
