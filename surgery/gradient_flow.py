@@ -53,6 +53,7 @@ from torch import nn
 
 from .arch import TensorRole as R, architecture_for
 from .lazy import generator
+from .report import DeadSlice, ExpertSymmetry
 from .runtime.build import disk_layout, streamable
 from .runtime.progress import QUIET, Progress
 from .runtime.sources import TensorSource, model_source
@@ -322,7 +323,7 @@ def _judge_moe_layer(module: nn.Module, run, router: nn.Module, prefix: str, sli
 
 def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None, max_tokens: int = 128, lr: float = 1e-3,
-                progress: Progress = QUIET) -> list[dict]:
+                progress: Progress = QUIET) -> list[DeadSlice]:
     """New slices (from `ModelState.new_slices`) with units that get no gradient, as report rows.
 
     `source` is a tensor source, or a transformers model in memory (run the same way, layer by layer).
@@ -403,19 +404,18 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
         if notes:
             line += "; experts no token was routed to: " + ", ".join(f"{n} {what}" for what, n in notes.items() if n)
         summary.append(line)
-    return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)}
-            for i, n in sorted(dead.items())]
+    return [DeadSlice(slices[i].tensor, slices[i].op, n, len(slices[i].index)) for i, n in sorted(dead.items())]
 
 
 def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                    max_tokens: int = 128, lr: float = 1e-3, progress: Progress = QUIET) -> list[dict]:
+                    max_tokens: int = 128, lr: float = 1e-3, progress: Progress = QUIET) -> list[ExpertSymmetry]:
     """Per mixture-of-experts layer: how many experts differ, and the router's gradient, before and after one SGD
     step of that layer on a random cotangent (module docstring); one layer in memory at a time."""
     arch = architecture_for(source.config.get("model_type"))
     if arch is None or not arch.is_moe:
         return []
     sm = StreamedModel(source, torch.device(device), dtype or torch.float32)
-    rows: list[dict] = []
+    rows: list[ExpertSymmetry] = []
 
     def by_expert(tensors: dict[str, torch.Tensor]) -> tuple[dict[int, list], torch.Tensor | None]:
         experts, router = {}, None
@@ -455,8 +455,8 @@ def expert_symmetry(source: TensorSource, ids: torch.Tensor, device: torch.devic
             with step:
                 after = counted({n: p.detach() for n, p in params.items()})[1]
                 router_after = counted(_local_gradients(mod, run, f"{prefix}symmetry"))[2]
-            rows.append({"layer": i, "experts": n_experts, "distinct": before, "distinct_after_step": after,
-                         "router_grad": router_grad, "router_grad_after_step": router_after})
+            rows.append(ExpertSymmetry(layer=i, experts=n_experts, distinct=before, distinct_after_step=after,
+                                       router_grad=router_grad, router_grad_after_step=router_after))
         return [layer.register_forward_pre_hook(once_per_forward(measure), with_kwargs=True)]
 
     sm.on_layer = on_layer

@@ -22,7 +22,7 @@ from .gradient_flow import dead_slices, dead_units as dead_units_of, expert_symm
 from .lazy import generator
 from .importance import Importance
 from .ops import RESETS, Exactness, Promise
-from .report import Report, StepResult
+from .report import DeadSlice, ExpertSymmetry, PruningRow, RandomPrune, Report, StepResult
 from .runtime.build import disk_layout, streamable
 from .runtime.evaluation import Comparison, Evaluation, compare, evaluate
 from .runtime.progress import QUIET, Progress
@@ -358,29 +358,28 @@ def relative(loss: float, reference: float) -> float:
     return (loss - reference) / abs(reference) if reference else math.inf
 
 
-def baseline_row(pruning, cmp: Comparison, base: Comparison | None, source_loss: float, reference: str = "source") -> dict:
+def baseline_row(step, pruning, cmp: Comparison, base: Comparison | None, dropped: list | None, source_loss: float,
+                 reference: str = "source") -> PruningRow:
     """A prune beside its random baseline (None: the prune is random, its own baseline), for the report. `rel_change`
     is against the source, as on every row; `rel_change_vs_reference` against `reference`, the state it pruned."""
     m = pruning.measurement.scores if pruning.measurement is not None else None
-
-    def changes(c: Comparison) -> dict:
-        return {"rel_change": relative(c.loss, source_loss), "rel_change_vs_reference": c.rel_change}
-
-    return {
-        "importance": pruning.importance.value if pruning.importance else "listed",
-        "unit": pruning.unit, "kept_per_layer": pruning.kept_per_layer, "of": pruning.of,
-        "tokens": pruning.measurement.tokens if pruning.measurement is not None else 0,
-        "dropped": pruning.dropped,
-        "loss": cmp.loss, **changes(cmp), "reference": reference, "kl_divergence": cmp.kl_divergence,
-        "top1_agreement": cmp.top1_agreement,
-        "random": None if base is None else {
-            "loss": base.loss, **changes(base), "kl_divergence": base.kl_divergence, "top1_agreement": base.top1_agreement,
-            "max_logit_diff": base.max_logit_diff},
-        "beats_random": None if base is None else cmp.loss < base.loss,
+    return PruningRow(
+        op_index=step.index, op=step.op.label(),
+        importance=pruning.importance.value if pruning.importance else "listed",
+        unit=pruning.unit, kept_per_layer=pruning.kept_per_layer, of=pruning.of,
+        tokens=pruning.measurement.tokens if pruning.measurement is not None else 0,
+        dropped=pruning.dropped,
+        loss=cmp.loss, rel_change=relative(cmp.loss, source_loss), rel_change_vs_reference=cmp.rel_change,
+        reference=reference, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
+        random=None if base is None else RandomPrune(
+            loss=base.loss, rel_change=relative(base.loss, source_loss), rel_change_vs_reference=base.rel_change,
+            kl_divergence=base.kl_divergence, top1_agreement=base.top1_agreement, max_logit_diff=base.max_logit_diff,
+            dropped=dropped),
+        beats_random=None if base is None else cmp.loss < base.loss,
         # every score for the plot, up to MAX_REPORTED_SCORES numbers (a 70B model's 2.3M neuron scores: per layer min/median/max)
-        "scores": m.tolist() if m is not None and m.numel() <= MAX_REPORTED_SCORES else None,
-        "score_summary": [[float(r.min()), float(r.median()), float(r.max())] for r in m] if m is not None and m.dim() == 2 else None,
-    }
+        scores=m.tolist() if m is not None and m.numel() <= MAX_REPORTED_SCORES else None,
+        score_summary=[[float(r.min()), float(r.median()), float(r.max())] for r in m] if m is not None and m.dim() == 2 else None,
+    )
 
 
 def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor:
@@ -391,7 +390,7 @@ def with_new_tokens(ids: torch.Tensor, added: list[dict] | None) -> torch.Tensor
     return torch.cat([new, ids], dim=1)
 
 
-def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[dict]:
+def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 128, lr: float = 1e-3) -> list[DeadSlice]:
     """Every new unit made trainable must receive gradient: one it never gets is dead.
 
     A unit (one index of a new slice) is judged on the first backward pass, and, where it got
@@ -416,7 +415,7 @@ def whole_model_dead_slices(model, ids: torch.Tensor, slices, max_tokens: int = 
         with one_sgd_step(params, {n: p.grad for n, p in params.items()}, lr):
             dead = {i: n for i, n in dead_units().items() if i in dead}
     model.zero_grad(set_to_none=True)
-    return [{"tensor": slices[i].tensor, "op": slices[i].op, "dead": n, "of": len(slices[i].index)} for i, n in dead.items()]
+    return [DeadSlice(slices[i].tensor, slices[i].op, n, len(slices[i].index)) for i, n in dead.items()]
 
 
 def variance_culprit(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -577,9 +576,9 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
     source = ref
     resets = [s.index for s in p.steps if s.promise.exactness in RESETS]  # each a new reference
     steps: list[StepResult] = []
-    pruning: list[dict] = []
-    dead: list[dict] = []
-    symmetry: list[dict] = []
+    pruning: list[PruningRow] = []
+    dead: list[DeadSlice] = []
+    symmetry: list[ExpertSymmetry] = []
     final = None
     final_floor = ref.floor
     rope_noise: dict[tuple, Comparison] = {}
@@ -629,10 +628,8 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
             verdict, _ = judged_against(ref, since, step, promise, cmp, exact_math, ev, label)
             if promise.exactness in (Exactness.APPROXIMATE, Exactness.PRUNED):
                 verdict = Verdict(None, f"{promise.exactness.value}: judged on the written output", [], verdict.bound)
-            steps.append(StepResult(f"{step.op.label()} [before {_name(storage)} rounding]", cmp.loss,
-                                    relative(cmp.loss, source.evaluation.loss), cmp.max_logit_diff, promise.exactness.value,
-                                    verdict.rule, verdict.passed, step.index, cmp.kl_divergence, cmp.top1_agreement,
-                                    ref.label, cmp.rel_change))
+            steps.append(step_result(f"{step.op.label()} [before {_name(storage)} rounding]", step.index, cmp, verdict,
+                                     promise, source.evaluation.loss, ref.label))
         if last:
             evaluated = open_source(out_dir)
             grad_ids = with_new_tokens(ids, p.final.spec.meta.get("added_tokens"))
@@ -663,18 +660,13 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
                 base, dropped = random_baseline(p, step)
                 bcmp = compare(before.evaluation, evaluate(StateSource(base, p.checkpoint, f"{label} with importance: random"),
                                                            ids, device, dtype, progress, f"evaluating {label}'s random baseline"))
-            row = baseline_row(step.promise.pruning, cmp, bcmp, source.evaluation.loss, before.label)
-            if bcmp is not None:
-                row["random"]["dropped"] = dropped
-            pruning.append({"op_index": step.index, "op": step.op.label(), **row})
+            pruning.append(baseline_row(step, step.promise.pruning, cmp, bcmp, dropped, source.evaluation.loss, before.label))
         if verdict.passed is False and promise.exactness == Exactness.REINIT:
             name, gain = variance_culprit(evaluated, ids, device, dtype)
             verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
         if not closes and promise.exactness == Exactness.APPROXIMATE:
             verdict = Verdict(None, "approximate so far: informational, later ops may restore it", [], verdict.bound)
-        steps.append(StepResult(step.op.label(), cmp.loss, relative(cmp.loss, source.evaluation.loss), cmp.max_logit_diff,
-                                promise.exactness.value, verdict.rule, verdict.passed, step.index, cmp.kl_divergence,
-                                cmp.top1_agreement, before.label, cmp.rel_change))
+        steps.append(step_result(step.op.label(), step.index, cmp, verdict, promise, source.evaluation.loss, before.label))
         if last:
             final = (cmp, verdict)
             final_reference = before.label
@@ -709,6 +701,14 @@ def verify_plan(p: Plan, out_dir: Path, device: torch.device, ids: torch.Tensor 
         noise_floor={"compute": asdict(ref.floor.compute), "storage": asdict(ref.floor.storage) if ref.floor.storage else None,
                      "rope": asdict(final_floor.rope) if final_floor.rope else None},
     )
+
+
+def step_result(row: str, op_index: int, cmp: Comparison, verdict: Verdict, promise: Promise, source_loss: float,
+                reference: str) -> StepResult:
+    return StepResult(op=row, loss=cmp.loss, rel_change=relative(cmp.loss, source_loss), max_logit_diff=cmp.max_logit_diff,
+                      exactness=promise.exactness.value, rule=verdict.rule, passed=verdict.passed, op_index=op_index,
+                      kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement, reference=reference,
+                      rel_change_vs_reference=cmp.rel_change)
 
 
 def planned_rule(p: Plan) -> str:

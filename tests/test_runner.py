@@ -208,14 +208,14 @@ def test_layer_local_gradient_check_agrees_with_the_whole_model_backward(family,
     grown, plan = api.transform(model, OPS[ops])
     ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(6))
     slices = plan.final.new_slices
-    local = {d["tensor"]: d["dead"] for d in dead_slices(grown, ids, slices)}
+    local = {d.tensor: d.dead for d in dead_slices(grown, ids, slices)}
     assert slices and local == global_dead(grown, ids, slices) == {}
     with torch.no_grad():  # kill the new units on both sides: values and writers, gate and down
         for layer in grown.model.layers:
             layer.mlp.up_proj.weight[model.config.intermediate_size:] = 0
             layer.mlp.gate_proj.weight[model.config.intermediate_size:] = 0
     if ops != 1:
-        local = {d["tensor"]: d["dead"] for d in dead_slices(grown, ids, slices)}
+        local = {d.tensor: d.dead for d in dead_slices(grown, ids, slices)}
         assert local and local == global_dead(grown, ids, slices)
 
 
