@@ -27,9 +27,9 @@ from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .io.grown_tokenizer import NewToken, write_tokenizer
-from .runtime.build import model_from_tensors
+from .runtime.build import disk_layout, model_from_tensors
 from .runtime.progress import Progress
-from .verify import disk_layout, verify_plan
+from .verify.run import verify_plan
 
 
 @dataclass
@@ -125,7 +125,7 @@ def run(
         report = None
         if verify:
             t1 = time.perf_counter()
-            report = verify_plan(p, tmp, dev, ids, show)
+            report = verify_plan(p, tmp, dev, ids, show)  # first says what it will run and for about how long
             report.seconds = time.perf_counter() - t1
             write_report_files(tmp, report, loaded.recipe.name)
         write_model_card(loaded, p, tmp, report, surgery_seconds)
@@ -147,7 +147,7 @@ def prepare_verification(p: Plan):
     (tokenizer and data), and configs transformers can build the source and output models from."""
     from .execute import compute_dtype_for
     from .runtime.build import skeleton
-    from .verify import calibration_ids
+    from .verify.data import calibration_ids
 
     v = p.loaded.recipe.verify
     try:

@@ -102,7 +102,7 @@ def _extensions():
     """Commands that live in their own modules (each adds its parser and a `func`)."""
     out = []
     for mod, name in (("surgery.inspect", "add_inspect_parser"), ("surgery.convert", "add_convert_parser"),
-                      ("surgery.verify_command", "add_verify_parser")):
+                      ("surgery.verify.pair", "add_verify_parser")):
         try:
             module = __import__(mod, fromlist=[name])
         except ModuleNotFoundError:
@@ -187,10 +187,13 @@ def _run(args) -> int:
     if args.command == "plan":
         from .plan import format_plan
         from .runtime.progress import Progress
+        from .verify.schedule import Rate, schedule
 
         loaded = api.load(args.recipe, **kw)
         measure = dict(measure=True, device=args.device or loaded.recipe.device, progress=Progress(True)) if args.measure else {}
-        print(format_plan(api.plan(loaded, **measure)))
+        p = api.plan(loaded, **measure)
+        rate = Rate.assumed(p.initial.active_parameters, loaded.recipe.verify.max_tokens, threads=os.cpu_count() or 1)
+        print("\n".join([format_plan(p), ""] + schedule(p).describe(rate)))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=True, **kw)  # bars on a terminal, one summary line per phase always

@@ -26,7 +26,7 @@ from factories import make_config, make_model
 from surgery import api
 from surgery.card import source_content_hash
 from surgery.cli import main
-from surgery.verify import license_text
+from surgery.verify.data import license_text
 
 VOCAB = 512  # the tiny-stablelm tokenizer's
 FLOAT32 = 1e-5  # RMSNorm statistics and RoPE frequencies are float32 in transformers whatever the model dtype

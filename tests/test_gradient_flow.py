@@ -4,7 +4,7 @@ import torch
 
 from factories import make_config, make_model
 from surgery import api
-from surgery.verify import dead_slices
+from surgery.verify.gradient_flow import dead_slices
 
 IDS = torch.randint(0, 48, (1, 24), generator=torch.Generator().manual_seed(0))
 
@@ -56,7 +56,7 @@ def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_exper
 
 
 def test_the_moe_gradient_check_runs_on_enough_tokens_for_every_expert_to_expect_sixteen(tmp_path):
-    from surgery.verify import gradient_tokens
+    from surgery.verify.schedule import gradient_tokens
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: t\nsource: builtin:tiny-llama\nops:\n  - op: upcycle_moe\n    num_experts: 32\n    top_k: 2\n")

@@ -245,7 +245,7 @@ def test_loss_importance_drops_the_layer_or_block_whose_removal_costs_least_of_e
 @pytest.mark.parametrize("source, count, block", [("tiny-llama", 1, False), ("tiny-llama-deep", 1, False),
                                                   ("tiny-llama-deep", 3, True), ("tiny-gemma2", 1, False)])
 def test_loss_importance_on_the_trained_models_drops_what_costs_least_of_every_choice(source, count, block, tmp_path):
-    from surgery.verify import calibration_ids
+    from surgery.verify.data import calibration_ids
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "p", "source": f"builtin:{source}", "verify": {"max_tokens": 256},

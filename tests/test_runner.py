@@ -13,7 +13,7 @@ from conftest import save_checkpoint
 from factories import FAMILIES, make_config, make_model
 from surgery import api
 from surgery.execute import materialize
-from surgery.gradient_flow import dead_slices
+from surgery.verify.gradient_flow import dead_slices
 from surgery.runtime import evaluation
 from surgery.runtime.build import experts_kwargs, model_from_tensors
 from surgery.runtime.evaluation import compare, evaluate

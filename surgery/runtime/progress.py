@@ -29,4 +29,10 @@ class Progress:
             print(f"{desc}{extra} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 
+    def note(self, line: str) -> None:
+        """One line on stderr, when on: what is about to happen, or a changed estimate."""
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+
 QUIET = Progress(False)
