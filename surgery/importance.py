@@ -57,8 +57,9 @@ class Measurement:
     tokens: int = 0  # calibration tokens it was measured on (0: no data)
 
 
-def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Measurement:
-    """Score every unit of `state` (the model before the prune)."""
+def measure(state, unit: str, importance: Importance, ctx, block: int = 1, keep_layers=None) -> Measurement:
+    """Score every unit of `state` (the model before the prune); `keep_layers(state, kept, label)` leaves only the
+    kept layers (loss importance: the model each candidate prune would leave)."""
     import torch
 
     spec = state.spec
@@ -83,7 +84,7 @@ def measure(state, unit: str, importance: Importance, ctx, block: int = 1) -> Me
                            loc=("importance",)) from None
     if importance == Importance.LOSS:
         assert unit in ("layer", "block"), unit
-        return Measurement(unit, importance, _removal_losses(state, calib, ids, block), int(ids.shape[1]))
+        return Measurement(unit, importance, _removal_losses(state, calib, ids, block, keep_layers), int(ids.shape[1]))
     return Measurement(unit, importance, _streamed(state, unit, importance, calib, ids, block), int(ids.shape[1]))
 
 
@@ -224,13 +225,12 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
     return acc
 
 
-def _removal_losses(state, calib, ids: torch.Tensor, block: int) -> torch.Tensor:
+def _removal_losses(state, calib, ids: torch.Tensor, block: int, keep_layers) -> torch.Tensor:
     """The loss of the model without layers [s, s + block), for every start s: each candidate is the state the
     prune would leave (`prune_layers.keep_layers`), run by the streamed runner as verification runs the output."""
     import torch
 
     from .execute import compute_dtype_for
-    from .ops.prune_layers import keep_layers
     from .runtime.evaluation import evaluate
     from .runtime.sources import StateSource
 

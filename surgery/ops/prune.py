@@ -100,9 +100,10 @@ class PruneOp(Op):
                              f"(prune_layers); for {cls.unit_noun}s use activation, magnitude or random")
         return v
 
-    def measured(self, state: ModelState, unit: str, ctx: OpContext, importance: Importance, block: int = 1) -> Measurement | None:
+    def measured(self, state: ModelState, unit: str, ctx: OpContext, importance: Importance, block: int = 1,
+                 keep_layers=None) -> Measurement | None:
         if importance == Importance.RANDOM or ctx.measure:
-            return measure(state, unit, importance, ctx, block)
+            return measure(state, unit, importance, ctx, block, keep_layers)
         return None
 
     def random_baseline(self) -> dict:

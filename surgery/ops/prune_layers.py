@@ -62,7 +62,7 @@ class PruneLayers(PruneOp):
         n = old - new
         importance = Importance(self.importance or Importance.BLOCK_INFLUENCE)
         unit = "block" if self.block and n > 1 else "layer"
-        m = self.measured(state, unit, ctx, importance, block=n if unit == "block" else 1)
+        m = self.measured(state, unit, ctx, importance, block=n if unit == "block" else 1, keep_layers=keep_layers)
         if m is None:
             return unit, importance, None, None, n
         if unit == "block":
