@@ -1,6 +1,7 @@
 """Verification fails early with the reason, works without a tokenizer, and says what it is doing."""
 import re
 
+import pytest
 import torch
 
 from factories import make_config, make_model
@@ -93,3 +94,16 @@ def test_the_schedule_states_the_rule_of_each_judged_row_and_a_stable_key_for_ea
     assert [j.shown != "" for j in s.judgements] == [True, True, False]
     assert s.planned_rule() == s.judgements[-1].rule and s.planned_rule().startswith("exact with shipped code against the source")
     assert RANDOM not in {p.model.kind for p in s.passes}
+
+
+def test_the_estimate_is_the_passes_units_at_a_rate_that_the_first_pass_measures():
+    from surgery.verify.schedule import Kind, Rate, schedule
+
+    s = schedule(api.plan(api.load("stablelm_grow", source="builtin:tiny-stablelm", sets=["ops.0.init=trainable"])))
+    run = [p for p in s.passes if not p.when]
+    assert [p.units for p in run[:2]] == [1.0, 2.0]  # the source, then its float64 probe: twice the work
+    gradient = next(p for p in run if p.kind == Kind.GRADIENT)
+    assert gradient.tokens == 128 and gradient.units == pytest.approx(3 * 211_200 / 160_768 * 128 / 2048)
+    rate = Rate(overhead=1.0, unit=2.0, basis="test")
+    assert s.estimate(rate) == pytest.approx(sum(1.0 + 2.0 * p.units for p in run))
+    assert rate.timed(11.0).unit == 10.0 and s.headline(rate).endswith(f"~ {s.estimate(rate):.0f} s")

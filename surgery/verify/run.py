@@ -7,6 +7,7 @@ wrote its output and turns the judgements into the `Report`; `pair.compare_check
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -44,8 +45,7 @@ class Judged:
 class Execution:
     """A schedule being run: each pass once, its evaluation kept while a later judgement still needs it.
 
-    `models` gives the tensor source of each `schedule.Model`; the random baseline of a prune also says what it
-    dropped (`dropped`)."""
+    `models` gives the tensor source of each `schedule.Model`; `gradient_ids` and `slices` feed the gradient check."""
 
     def __init__(self, s: Schedule, models: Callable, ids: torch.Tensor, device: torch.device, progress: Progress = QUIET,
                  rate: Rate | None = None, gradient_ids: torch.Tensor | None = None, slices=None):
@@ -56,8 +56,7 @@ class Execution:
         self.rope: dict[tuple, Comparison] = {}
         self.dead: list[DeadSlice] = []
         self.symmetry: list[ExpertSymmetry] = []
-        self.culprits: dict[tuple, tuple[str, float]] = {}
-        self.timed = 0
+        self.timed = False
         self.source_loss = float("nan")
 
     # passes -------------------------------------------------------------------------------------
@@ -73,19 +72,17 @@ class Execution:
         return self.done[p.key]
 
     def _timed(self, p: Pass, run):
-        """The first pass re-estimates the rest, said where the estimate was off by more than 1.5x."""
-        import time
-
+        """The first pass re-estimates the rest, said where that is 10 s or more and the estimate was off by over 1.5x."""
         t0 = time.perf_counter()
         out = run()
-        if self.rate is not None and not self.timed and p.kind == Kind.EVALUATE and self.progress.enabled:
+        if self.rate is not None and not self.timed and self.progress.enabled:
             rest = [q for q in self.s.passes if not q.when and q.key != p.key]
             was = sum(self.rate.seconds(q) for q in rest)
             self.rate = self.rate.timed(time.perf_counter() - t0, p.units)
             now = sum(self.rate.seconds(q) for q in rest)
             if max(was, now) >= 10 and not was / 1.5 <= now <= was * 1.5:
                 self.progress.note(f"verification: re-estimated from the first pass, ~ {seconds_text(now)} for the rest")
-        self.timed += 1
+        self.timed = True
         return out
 
     def floor(self, ref) -> NoiseFloor:

@@ -71,7 +71,8 @@ class Pass:
     @property
     def phase(self) -> str:
         if self.kind == Kind.EVALUATE:
-            return {SOURCE: "source", REFERENCE: "reference", RANDOM: "random baseline"}.get(self.model.kind, "step")
+            names = {SOURCE: "source", REFERENCE: "reference", CANDIDATE: "candidate", RANDOM: "random baseline"}
+            return names.get(self.model.kind, "step")
         if self.kind in (Kind.STORAGE_NOISE, Kind.COMPUTE_NOISE, Kind.ROPE_NOISE, Kind.OWN_NOISE):
             return "noise floor"
         return self.kind.value
@@ -201,7 +202,7 @@ class Rate:
 
 
 def seconds_text(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    return f"{max(s, 1):.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def gradient_tokens(spec) -> int:
@@ -332,7 +333,7 @@ def schedule(p) -> Schedule:
         else:
             cand = Pass(Kind.EVALUATE, state, dtype, f"evaluating {label}", units(step.state))
         baseline = None
-        if step.promise.pruning is not None and step.op.model_dump().get("importance") != "random":
+        if step.promise.pruning is not None and step.promise.pruning.importance != "random":  # else its own baseline
             baseline = Pass(Kind.EVALUATE, Model(RANDOM, step.index, f"{label}'s random baseline"), dtype,
                             f"evaluating {label}'s random baseline", units(step.state))
         culprit = None
