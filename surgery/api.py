@@ -27,8 +27,9 @@ from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe
 from .report import Report, write_report, write_report_files
 from .io.grown_tokenizer import NewToken, write_tokenizer
-from .runtime.build import disk_layout, model_from_tensors
+from .runtime.build import disk_layout, model_from_tensors, skeleton
 from .runtime.progress import Progress
+from .verify.data import calibration_ids
 from .verify.run import verify_plan
 
 
@@ -145,10 +146,6 @@ def run_inputs(loaded: LoadedRecipe, verify: bool) -> tuple[tuple[str, Path], ..
 def prepare_verification(p: Plan):
     """Everything verification needs, checked before any weight is written: the calibration tokens
     (tokenizer and data), and configs transformers can build the source and output models from."""
-    from .execute import compute_dtype_for
-    from .runtime.build import skeleton
-    from .verify.data import calibration_ids
-
     v = p.loaded.recipe.verify
     try:
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)

@@ -15,6 +15,9 @@ import torch
 
 from .errors import SurgeryError
 from .lazy import generator
+from .runtime.progress import QUIET
+from .runtime.sources import StateSource
+from .runtime.streamed import StreamedModel
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, seed: tuple, iters: int = 25) -> torch.Tensor:
@@ -61,9 +64,7 @@ class Calibration:
     def __init__(self, reader, tokens: Callable[[], torch.Tensor], device: torch.device | None = None, progress=None):
         self.reader, self._tokens, self._ids = reader, tokens, None
         self.device = device or torch.device("cpu")
-        if progress is None:
-            from .runtime.progress import QUIET as progress
-        self.progress = progress
+        self.progress = progress or QUIET
         self._rows: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -74,9 +75,6 @@ class Calibration:
 
     def hidden_routers(self, state, num_experts: int, seed: tuple) -> list[torch.Tensor]:
         """Each layer's router rows from what its MLP reads when `state`'s model runs on the calibration tokens."""
-        from .runtime.sources import StateSource
-        from .runtime.streamed import StreamedModel
-
         sm = StreamedModel(StateSource(state, self.reader, "the model before upcycle_moe"), self.device, torch.float32)
         rows: dict[int, torch.Tensor] = {}
 

@@ -13,11 +13,14 @@ import networkx as nx
 
 from .calibration import Calibration
 from .errors import SurgeryError
+from .execute import half_storage
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
 from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec
+from .verify.data import calibration_ids as tokens_of
+from .verify.schedule import schedule
 from .state import ModelState
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
@@ -64,8 +67,6 @@ class Plan:
     @property
     def rounded_storage(self) -> str | None:
         """The half dtype ("bfloat16", "float16") the output rounds computed tensors into (`execute.half_storage`)."""
-        from .execute import half_storage
-
         out = self.loaded.recipe.output_spec
         dtype = half_storage(self.final, out.dtype if out else "auto")
         return None if dtype is None else str(dtype).replace("torch.", "")
@@ -132,10 +133,8 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     ckpt = checkpoint or open_checkpoint(source_dir)
     v = loaded.recipe.verify
     if calibration_ids is None:
-        from .verify.data import calibration_ids as ids_of
-
         vocab = int(ckpt.config.get("vocab_size") or 0)
-        tokens = lambda: ids_of(source_dir, v.data, v.max_tokens, vocab, loaded.recipe.seed)  # noqa: E731
+        tokens = lambda: tokens_of(source_dir, v.data, v.max_tokens, vocab, loaded.recipe.seed)  # noqa: E731
     else:
         tokens = lambda: calibration_ids  # noqa: E731
     calibration = Calibration(ckpt, tokens, device, progress)
@@ -220,7 +219,5 @@ def format_plan(plan: Plan, max_tensors: int = 12) -> str:
         lines.append(f"  active parameters per token: {plan.final.active_parameters:,} "
                      f"(top-{plan.final.spec.experts_per_token} of {plan.final.spec.num_experts} experts)")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
-    from .verify.schedule import schedule
-
     lines.append(f"  verify: {schedule(plan).planned_rule()}")
     return "\n".join(lines)

@@ -9,20 +9,13 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-
-
-def model_class(config):
-    """The stock class for a config, or surgery's patched one (`surgery.modeling`)."""
-    from ..modeling import model_class as cls
-
-    return cls(config)
+from ..io.resolve import open_checkpoint
+from ..modeling import config_from_dict, model_class
+from ..spec import config_errors
 
 
 def config_object(config: dict, where: str = "config.json"):
     """The transformers config object for a config dict (surgery's patched class where patched)."""
-    from ..modeling import config_from_dict
-    from ..spec import config_errors
-
     try:
         return config_from_dict(config)
     except (ValueError, TypeError, KeyError, *config_errors()) as e:
@@ -105,8 +98,6 @@ def model_from_tensors(config_dict: dict, tensors: dict[str, torch.Tensor], dtyp
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     """A whole stock transformers model for a checkpoint directory (Mistral's native layout converted in memory)."""
-    from ..io.resolve import open_checkpoint
-
     ck = open_checkpoint(Path(path))
     return model_from_tensors(ck.config, {n: ck.load(n) for n in ck.tensors}, dtype, device)
 

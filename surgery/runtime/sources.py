@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Protocol
 
+from ..io.checkpoint import InMemoryCheckpoint
+from ..io.resolve import open_checkpoint
+from ..lazy import evaluate
+from .build import disk_layout
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,21 +58,14 @@ class StateSource:
         return self.tensors.keys()
 
     def load(self, name, device, dtype):
-        from ..lazy import evaluate
-
         return evaluate(self.tensors[name], self.reader, device, dtype)
 
 
 def open_source(path: Path) -> CheckpointSource:
     """A checkpoint directory (transformers or Mistral native layout) as a tensor source."""
-    from ..io.resolve import open_checkpoint
-
     return CheckpointSource(open_checkpoint(Path(path)), str(path))
 
 
 def model_source(model) -> CheckpointSource:
     """A transformers model in memory as a tensor source (notebooks, tests)."""
-    from ..io.checkpoint import InMemoryCheckpoint
-    from .build import disk_layout
-
     return CheckpointSource(InMemoryCheckpoint(model.config.to_dict(), disk_layout(model, dict(model.state_dict()))), "<memory>")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..ops import OpContext
 from ..report import PruningRow, RandomPrune
 from .rules import relative
 
@@ -15,8 +16,6 @@ MAX_REPORTED_SCORES = 200_000
 def random_baseline(p, step) -> tuple:
     """The state (a `ModelState`) a prune step of plan `p` would leave with importance: random and the same sizes
     (its seeded baseline), and what that prune dropped."""
-    from ..ops import OpContext
-
     pruning = step.promise.pruning
     op = type(step.op).model_validate(pruning.random_baseline)
     pos = p.steps.index(step)

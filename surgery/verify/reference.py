@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lazy import generator
+from ..runtime.build import skeleton
 from ..runtime.evaluation import Evaluation, compare, evaluate
 from ..runtime.progress import QUIET, Progress
 from ..runtime.sources import TensorSource
@@ -39,8 +40,6 @@ class WrittenRope:
     different model, not rounding, and get no allowance."""
 
     def __init__(self, inner: TensorSource, candidate_config: dict, to: tuple[int, ...]):
-        from ..runtime.build import skeleton
-
         self.inner, self.config, self.where = inner, inner.config, inner.where
         theirs = skeleton(candidate_config, torch.float32, torch.device("cpu")).named_buffers()
         self.frequencies = {n: b[list(to)].clone() for n, b in theirs if n.endswith("inv_freq")}
