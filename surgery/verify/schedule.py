@@ -187,7 +187,7 @@ class Rate:
     @classmethod
     def assumed(cls, parameters: int, tokens: int, device: str = "cpu", threads: int = 1) -> Rate:
         flops = 2.0 * parameters * tokens
-        per_second = 10e12 if device == "cuda" else 15e9 * max(threads, 1)
+        per_second = 10e12 if device == "cuda" else 25e9 * max(threads, 1)
         return cls(0.1, flops / per_second, f"an assumed {per_second / 1e9:g} GFLOP/s on {device}")
 
     def timed(self, seconds: float, units: float = 1.0) -> Rate:
