@@ -1,7 +1,7 @@
 """What run.py measures beside plain commands, each in its own process:
 
     python benchmarks/probes.py forward SRC --tokens N [--seed S]
-        one streamed forward pass of SRC through surgery's runner (`runner.evaluate`, float32, as
+        one streamed forward pass of SRC through surgery's runner (`runtime.evaluation.evaluate`, float32, as
         verification evaluates a bf16 source) on the seeded random ids `verify.data: random` gives:
         the unit a verified run's time is counted in. Prints one JSON line: its parts' seconds.
     python benchmarks/probes.py profile OUT.prof -- run RECIPE [...]
@@ -45,18 +45,18 @@ def forward(src: Path, tokens: int, seed: int) -> dict:
     t_start = time.perf_counter()
     import torch
 
-    from surgery import runner
-    from surgery.verify import calibration_ids
+    from surgery.runtime import build, evaluation, sources, streamed
+    from surgery.verify.data import calibration_ids
 
     totals = {k: 0.0 for k in ("build", "build_calls", "layers", "layers_calls", "load", "load_calls")}
-    source = runner.open_source(src)
+    source = sources.open_source(src)
     ids = calibration_ids(src, "random", tokens, source.config["vocab_size"], seed)
-    runner.skeleton(source.config, torch.float32, torch.device("cpu"))  # transformers' modeling imports, counted apart
-    _timed(runner.StreamedModel, "__init__", totals, "build")
-    _timed(runner.StreamedModel, "hidden", totals, "layers")
-    _timed(runner.CheckpointSource, "load", totals, "load")
+    build.skeleton(source.config, torch.float32, torch.device("cpu"))  # transformers' modeling imports, counted apart
+    _timed(streamed.StreamedModel, "__init__", totals, "build")
+    _timed(streamed.StreamedModel, "hidden", totals, "layers")
+    _timed(sources.CheckpointSource, "load", totals, "load")
     t0 = time.perf_counter()
-    ev = runner.evaluate(source, ids, torch.device("cpu"), torch.float32)
+    ev = evaluation.evaluate(source, ids, torch.device("cpu"), torch.float32)
     t1 = time.perf_counter()
     return {"probe": "forward", "tokens": int(ids.shape[1]), "loss": ev.loss, "imports_s": t0 - t_start,
             "evaluate_s": t1 - t0, "build_s": totals["build"], "layers_s": totals["layers"],

@@ -693,7 +693,7 @@ PHASE = re.compile(r"^(?P<desc>.+?)(?:: (?P<summary>(?:loss |\d).*?))? \((?P<sec
 
 
 def parse_phases(text: str) -> list[dict]:
-    """The summary line `surgery run` prints per phase (`runner.Progress`): what ran, and its seconds."""
+    """The summary line `surgery run` prints per phase (`runtime.progress.Progress`): what ran, and its seconds."""
     out = []
     for line in text.splitlines():
         m = PHASE.match(line.strip())
@@ -729,7 +729,7 @@ def profile_summary(path: Path, top: int = 18) -> dict:
 OUTSIDE_PHASES = {
     "api.py:plan": "planning: config, the lazy graph",
     "api.py:prepare_verification": "preparing verification: the ids, both models' skeletons",
-    "runner.py:compare": "comparing: both models' logits recomputed from their hidden states, block by block, in float64",
+    "evaluation.py:compare": "comparing: both models' logits recomputed from their hidden states, block by block, in float64",
 }
 
 
@@ -804,7 +804,7 @@ def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[
         "(embedding and lm_head), config.json, no tokenizer.", "",
         "Every run is a fresh process under `/usr/bin/time -v`, started with the source warm in the page cache and pending "
         "writes flushed; `sync -f` after it is timed and counted. Surgery's unverified runs use `--no-verify`. "
-        "`forwardN` is one streamed forward pass of the source through surgery's runner (`runner.evaluate`, float32, "
+        "`forwardN` is one streamed forward pass of the source through surgery's runner (`runtime.evaluation.evaluate`, float32, "
         "one layer at a time, logits in vocabulary blocks) on the N seeded random ids that `verify.data: random` gives, "
         "start-up included, as a run includes its own: the unit a verified run is counted in. `verifyN` is `surgery run` "
         "of grow_mlp x1.25 verified on those N tokens (`verify.data: random`, `max_tokens: N`), under cProfile.", "",
@@ -856,10 +856,10 @@ def verification_breakdown(results: list[dict]) -> list[str]:
             p = fwd["probe"]
             out.append(f"The unit, `forward{m[2]}`: {fwd['total']:.1f} s in all, of which start-up (imports, a first skeleton) "
                        f"{p['imports_s']:.1f} s and "
-                       f"`runner.evaluate` {p['evaluate_s']:.1f} s (model skeleton {p['build_s']:.1f} s, embedding + layers "
+                       f"`runtime.evaluation.evaluate` {p['evaluate_s']:.1f} s (model skeleton {p['build_s']:.1f} s, embedding + layers "
                        f"{p['layers_s']:.1f} s, lm_head in vocabulary blocks + loss {p['head_s']:.1f} s; reading and converting "
                        f"the {p['loads']} tensors {p['load_s']:.1f} s of these); {p['threads']} torch threads. "
-                       "`units` below are a phase's seconds over that `runner.evaluate` time.")
+                       "`units` below are a phase's seconds over that `runtime.evaluation.evaluate` time.")
             out.append("")
         out += ["| phase (`surgery run`'s summary lines, and the profile) | seconds | share of the run | units | summary |", "|---|---|---|---|---|"]
         prof = r.get("profile")

@@ -126,7 +126,7 @@ def main() -> int:
     from surgery.io.tokenizer import hf_tokenizer_from_native
     from surgery.spec import ModelSpec
     from surgery.state import ModelState
-    from surgery.runner import model_from_tensors
+    from surgery.runtime.build import model_from_tensors
 
     text = TEXT.read_text(encoding="utf-8")
     tmp = Path(tempfile.mkdtemp(prefix="tiny-mistral-"))

@@ -28,8 +28,10 @@ from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe, validate_recipe
 from .report import Report, write_report, write_report_files
-from .runner import Progress, model_from_tensors, skeleton
-from .verify import calibration_ids, disk_layout, verify_plan
+from .runtime.build import disk_layout, model_from_tensors, skeleton
+from .runtime.progress import Progress
+from .verify.data import calibration_ids
+from .verify.run import verify_plan
 
 FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
 
@@ -122,7 +124,7 @@ def run(
         if verify:
             t1 = time.perf_counter()
             try:  # Ctrl-C now keeps the complete weights, marked unverified
-                report = verify_plan(p, tmp, dev, ids, show)
+                report = verify_plan(p, tmp, dev, ids, show)  # first says what it will run and for about how long
                 interrupt.check()
             except KeyboardInterrupt:
                 interrupt.caught()

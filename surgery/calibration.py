@@ -1,19 +1,23 @@
-"""Calibration data for ops that learn from activations (upcycle_moe's `router: hidden`).
+"""What ops that learn from activations read (importance, upcycle_moe's `router: hidden`): the source, the
+calibration tokens, where to run; and routers clustered from hidden states.
 
 Nothing runs while planning: the first router tensor written runs the model state before the op once on
-the calibration tokens, one decoder layer at a time (`runner.StreamedModel`, float32, on the run's
+the calibration tokens, one decoder layer at a time (`runtime.streamed.StreamedModel`, float32, on the run's
 device), and keeps each layer's router rows (E x hidden), computed from that layer's MLP inputs while
 the layer is in memory: a 70B model's routers need one layer and one layer's activations, not the model.
 """
 from __future__ import annotations
 
 import threading
-from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import SurgeryError
 from .lazy import generator
+from .runtime.progress import QUIET
+from .runtime.sources import StateSource
+from .runtime.streamed import StreamedModel
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, seed: tuple, iters: int = 25) -> torch.Tensor:
@@ -54,31 +58,23 @@ def router_from_states(states: torch.Tensor, num_experts: int, seed: tuple) -> t
 
 
 class Calibration:
-    """What ops that learn from data read: the source (`reader`), the calibration tokens, where to run."""
+    """What ops that learn from data read: the source (`reader`), the calibration tokens (`tokens()` gives them
+    when first asked), where to run."""
 
-    def __init__(self, reader, ids: torch.Tensor | None = None, source_dir: Path | None = None, data: str | None = None,
-                 max_tokens: int = 2048, seed: int = 0, device: torch.device | None = None, progress=None):
-        self.reader, self._ids, self.source_dir, self.data, self.max_tokens = reader, ids, source_dir, data, max_tokens
-        self.seed = seed
+    def __init__(self, reader, tokens: Callable[[], torch.Tensor], device: torch.device | None = None, progress=None):
+        self.reader, self._tokens, self._ids = reader, tokens, None
         self.device = device or torch.device("cpu")
-        if progress is None:
-            from .runner import QUIET as progress
-        self.progress = progress
+        self.progress = progress or QUIET
         self._rows: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def ids(self) -> torch.Tensor:
         if self._ids is None:
-            from .verify import calibration_ids
-
-            vocab = int(getattr(self.reader, "config", {}).get("vocab_size") or 0)
-            self._ids = calibration_ids(self.source_dir, self.data, self.max_tokens, vocab, self.seed)
+            self._ids = self._tokens()
         return self._ids
 
     def hidden_routers(self, state, num_experts: int, seed: tuple) -> list[torch.Tensor]:
         """Each layer's router rows from what its MLP reads when `state`'s model runs on the calibration tokens."""
-        from .runner import StateSource, StreamedModel
-
         sm = StreamedModel(StateSource(state, self.reader, "the model before upcycle_moe"), self.device, torch.float32)
         rows: dict[int, torch.Tensor] = {}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import DISTRIBUTION, __version__, interrupt
 from .errors import SurgeryError, VerificationFailed
+from .runtime.memory import limit_malloc_arenas
 from .text_table import fit_lines, terminal_width, text_table
 
 
@@ -101,7 +102,7 @@ def _extensions():
     """Commands that live in their own modules (each adds its parser and a `func`)."""
     out = []
     for mod, name in (("surgery.inspect", "add_inspect_parser"), ("surgery.convert", "add_convert_parser"),
-                      ("surgery.verify_command", "add_verify_parser")):
+                      ("surgery.verify.pair", "add_verify_parser")):
         try:
             module = __import__(mod, fromlist=[name])
         except ModuleNotFoundError:
@@ -186,11 +187,14 @@ def _run(args) -> int:
 
     if args.command == "plan":
         from .plan import format_plan
-        from .runner import Progress
+        from .runtime.progress import Progress
+        from .verify.schedule import Rate, schedule
 
         loaded = api.load(args.recipe, **kw)
         measure = dict(measure=True, device=args.device or loaded.recipe.device, progress=Progress(True)) if args.measure else {}
-        print(format_plan(api.plan(loaded, **measure), warnings=True))
+        p = api.plan(loaded, **measure)
+        rate = Rate.assumed(p.initial.active_parameters, loaded.recipe.verify.max_tokens, threads=os.cpu_count() or 1)
+        print("\n".join([format_plan(p, warnings=True), ""] + schedule(p).describe(rate)))
         return 0
     result = api.run(args.recipe, device=args.device, force=args.force, verify=not args.no_verify,
                      progress=True, **kw)  # bars on a terminal, one summary line per phase always
@@ -225,23 +229,6 @@ def entry() -> None:
     except (BrokenPipeError, ValueError):
         pass
     os._exit(code)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Two glibc malloc arenas for the command's threads, unless MALLOC_ARENA_MAX says otherwise.
-
-    The executor's compute, writing and hashing threads each took an arena of their own, and freed
-    tensor memory kept in one arena cannot serve another thread: a streaming grow_mlp's peak memory
-    rose with the checkpoint's size (float32, 0.5 -> 4 GB: 474 -> 619 MiB). Set before any thread starts.
-    """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX; a libc without it (musl) has no such arenas
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,17 @@ def output_tensors(state: ModelState, dtype: str) -> list[tuple[str, LazyTensor,
     return out
 
 
+def half_storage(state: ModelState, dtype: str) -> torch.dtype | None:
+    """The half-precision dtype the output (in `dtype`, or "auto") rounds computed or cast tensors into (the coarser of
+    bfloat16 and float16 if both), else None. Tensors that only move stored values (copies, pads, permutations, kept
+    slices) or draw new ones from statistics round nothing that was computed: `storage_exact` says so, and they are
+    written in the storage dtype."""
+    half = (torch.bfloat16, torch.float16)
+    rounded = {target for _, node, target in output_tensors(state, dtype)
+               if target in half and (node.fn is not None or node.dtype != target) and not storage_exact(node, target)}
+    return max(rounded, key=lambda d: torch.finfo(d).eps) if rounded else None
+
+
 class FiniteReader:
     """Refuses source tensors holding NaN or Inf: no growth can promise anything about them."""
 

@@ -155,7 +155,8 @@ def _streamed(state, unit: str, importance: Importance, calib, ids: torch.Tensor
     import torch
 
     from .execute import compute_dtype_for
-    from .runner import StateSource, StreamedModel
+    from .runtime.sources import StateSource
+    from .runtime.streamed import StreamedModel
 
     spec = state.spec
     arch = spec.arch
@@ -229,7 +230,8 @@ def _removal_losses(state, calib, ids: torch.Tensor, block: int) -> torch.Tensor
     import torch
 
     from .execute import compute_dtype_for
-    from .runner import StateSource, evaluate
+    from .runtime.evaluation import evaluate
+    from .runtime.sources import StateSource
     from .state import keep_layers
 
     L = state.spec.num_layers

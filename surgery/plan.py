@@ -14,11 +14,14 @@ import networkx as nx
 
 from .calibration import Calibration
 from .errors import SurgeryError
+from .execute import half_storage
 from .io.checkpoint import Checkpoint
 from .io.resolve import open_checkpoint
 from .ops import Exactness, Op, OpContext, Promise
 from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec, _first_line, config_errors, hf_config
+from .verify.data import calibration_ids as tokens_of
+from .verify.schedule import schedule
 from .state import ModelState
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
@@ -71,6 +74,18 @@ class Plan:
         except SurgeryError as e:
             return [f"surgery run will refuse: {e}"]
         return []
+
+    def promise_after(self, start: int, step: Step) -> Promise:
+        """What the ops after the reset at ops[start] (a reinit, a prune) promise, relative to the state it left."""
+        pr = cumulative_promise([s.promise for s in self.steps if start < s.index <= step.index], step.state.spec)
+        return Promise(pr.exactness, f"relative to the state after ops[{start}] {self.steps[start].op.op}: {pr.reason}")
+
+    @property
+    def rounded_storage(self) -> str | None:
+        """The half dtype ("bfloat16", "float16") the output rounds computed tensors into (`execute.half_storage`)."""
+        out = self.loaded.recipe.output_spec
+        dtype = half_storage(self.final, out.dtype if out else "auto")
+        return None if dtype is None else str(dtype).replace("torch.", "")
 
 
 def state_promise(spec: ModelSpec) -> list[tuple[Exactness, str]]:
@@ -131,7 +146,12 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
     without it those are left to the run and the plan says so."""
     ckpt = checkpoint or open_checkpoint(source_dir)
     v = loaded.recipe.verify
-    calibration = Calibration(ckpt, calibration_ids, source_dir, v.data, v.max_tokens, loaded.recipe.seed, device, progress)
+    if calibration_ids is None:
+        vocab = int(ckpt.config.get("vocab_size") or 0)
+        tokens = lambda: tokens_of(source_dir, v.data, v.max_tokens, vocab, loaded.recipe.seed)  # noqa: E731
+    else:
+        tokens = lambda: calibration_ids  # noqa: E731
+    calibration = Calibration(ckpt, tokens, device, progress)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe
@@ -214,8 +234,6 @@ def format_plan(plan: Plan, max_tensors: int = 12, warnings: bool = False) -> st
         lines.append(f"  active parameters per token: {plan.final.active_parameters:,} "
                      f"(top-{plan.final.spec.experts_per_token} of {plan.final.spec.num_experts} experts)")
     lines.append(f"  promise: {plan.promise.exactness.value}: {plan.promise.reason}")
-    from .verify import planned_rule
-
-    lines.append(f"  verify: {planned_rule(plan)}")
+    lines.append(f"  verify: {schedule(plan).planned_rule()}")
     lines += [f"  warning: {w}" for w in plan.warnings] if warnings else []
     return "\n".join(lines)

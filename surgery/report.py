@@ -6,13 +6,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .io.writer import REPORT, file_digests
+from .io.atomic import REPORT
+from .io.digest import file_digests
 from .rule_summary import short_rule
 from .text_table import fit_lines, text_table
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepResult:
+    """One judged state: its loss, its distance from its reference and the rule that judged it."""
     op: str
     loss: float
     rel_change: float  # against the source, on every row
@@ -33,6 +35,61 @@ class StepResult:
 
 
 @dataclass
+class DeadSlice:
+    """A new slice some of whose units get no gradient (`verify.gradient_flow`)."""
+    tensor: str
+    op: str
+    dead: int  # units with no gradient
+    of: int  # units in the slice
+
+
+@dataclass
+class ExpertSymmetry:
+    """A mixture-of-experts layer: distinct experts and the router's gradient, before and after one SGD step."""
+    layer: int
+    experts: int
+    distinct: int
+    distinct_after_step: int
+    router_grad: float
+    router_grad_after_step: float
+
+
+@dataclass
+class RandomPrune:
+    """The same prune with importance: random (its seeded baseline)."""
+    loss: float
+    rel_change: float  # against the source
+    rel_change_vs_reference: float  # against the state it pruned
+    kl_divergence: float
+    top1_agreement: float
+    max_logit_diff: float
+    dropped: list | None = None
+
+
+@dataclass
+class PruningRow:
+    """A prune beside its random baseline (`random` None: the prune is random, its own baseline)."""
+    op_index: int
+    op: str
+    importance: str  # or "listed"
+    unit: str
+    kept_per_layer: int
+    of: int
+    tokens: int  # calibration tokens its importance was measured on
+    dropped: list | None
+    loss: float
+    rel_change: float  # against the source, as on every row
+    rel_change_vs_reference: float  # against `reference`, the state it pruned
+    reference: str
+    kl_divergence: float
+    top1_agreement: float
+    random: RandomPrune | None
+    beats_random: bool | None
+    scores: list | None  # every score, for the plot (None beyond verify.pruning.MAX_REPORTED_SCORES)
+    score_summary: list | None  # per layer [min, median, max]
+
+
+@dataclass
 class Report:
     loss_source: float
     loss_output: float
@@ -50,26 +107,24 @@ class Report:
     precision: str
     steps: list[StepResult] = field(default_factory=list)
     broken_by: str | None = None
-    dead_slices: list[dict] = field(default_factory=list)
-    # mixture of experts: per layer, distinct experts and router gradient before and after one SGD step
-    expert_symmetry: list[dict] = field(default_factory=list)
+    dead_slices: list[DeadSlice] = field(default_factory=list)
+    expert_symmetry: list[ExpertSymmetry] = field(default_factory=list)
     seconds: float = 0.0
     reference: str = "source"  # what the output was compared with: the source, or the state after the last reinit
-    bound: dict | None = None  # the final verdict's bound per metric (verify.Bound), and its basis
+    bound: dict | None = None  # the final verdict's bound per metric (verify.rules.Bound), and its basis
     failed: list[str] = field(default_factory=list)  # each metric beyond its bound, e.g. "max |dlogit| 8.1 > 0.35"
-    noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.NoiseFloor)
-    # each prune beside the same prune with importance: random (verify.baseline_row)
-    pruning: list[dict] = field(default_factory=list)
+    noise_floor: dict | None = None  # the measured rounding noise the bound derives from (verify.rules.NoiseFloor)
+    pruning: list[PruningRow] = field(default_factory=list)
     rel_change_vs_reference: float | None = None  # the output's loss change against `reference`
 
     def symmetry_line(self) -> str | None:
         if not self.expert_symmetry:
             return None
         s = self.expert_symmetry
-        n = s[0]["experts"]
-        lo = min(x["distinct_after_step"] for x in s)
-        grad = min(x["router_grad_after_step"] for x in s)
-        return (f"experts: {min(x['distinct'] for x in s)}..{max(x['distinct'] for x in s)} distinct of {n} per layer, "
+        n = s[0].experts
+        lo = min(x.distinct_after_step for x in s)
+        grad = min(x.router_grad_after_step for x in s)
+        return (f"experts: {min(x.distinct for x in s)}..{max(x.distinct for x in s)} distinct of {n} per layer, "
                 f"after one SGD step at least {lo} (router gradient >= {grad:.2e})"
                 + ("" if lo > 1 and grad > 0 else ": the experts do not separate (router zeros?)"))
 
@@ -77,18 +132,18 @@ class Report:
         """Each prune beside the same prune with importance: random."""
         out = []
         for r in self.pruning:
-            b = r["random"]
-            how = "the listed layers" if r["importance"] == "listed" else r["importance"]
-            who = "the listed choice" if r["importance"] == "listed" else how
-            head = f"{r['op']}: by {how}, loss {r['loss']:.4f} ({_changes(r)})"
+            b = r.random
+            how = "the listed layers" if r.importance == "listed" else r.importance
+            who = "the listed choice" if r.importance == "listed" else how
+            head = f"{r.op}: by {how}, loss {r.loss:.4f} ({_changes(r, r.reference)})"
             if b is None:
                 out.append(f"{head}: a random prune, its own baseline")
                 continue
-            if r["dropped"] == b.get("dropped"):
+            if r.dropped == b.dropped:
                 verdict = "the random prune dropped the same units"
             else:
-                verdict = f"{who} {'beats' if r['beats_random'] else 'does NOT beat'} random"
-            out.append(f"{head}; same sizes at random {b['loss']:.4f} ({_changes(b, r)}): {verdict}")
+                verdict = f"{who} {'beats' if r.beats_random else 'does NOT beat'} random"
+            out.append(f"{head}; same sizes at random {b.loss:.4f} ({_changes(b, r.reference)}): {verdict}")
         return out
 
     def to_json(self) -> str:
@@ -118,12 +173,11 @@ class Report:
         return "\n".join(lines[:table] + fit_lines(lines[table:], width))
 
 
-def _changes(row: dict, owner: dict | None = None) -> str:
+def _changes(row: PruningRow | RandomPrune, reference: str) -> str:
     """A pruning row's loss change against the source, and against the state it pruned where that is not the source."""
-    reference = (owner or row).get("reference", "source")
     if reference == "source":
-        return f"{row['rel_change']:+.2%}"
-    return f"{row['rel_change']:+.2%} vs source, {row['rel_change_vs_reference']:+.2%} vs {reference}"
+        return f"{row.rel_change:+.2%}"
+    return f"{row.rel_change:+.2%} vs source, {row.rel_change_vs_reference:+.2%} vs {reference}"
 
 
 def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written, interrupted: bool = False) -> None:
@@ -161,7 +215,7 @@ def write_report_files(out_dir: Path, report: Report, title: str) -> list[str]:
               f"{report.tokens} tokens in {report.precision}. Verdict: **{verdict}**"
               + (f" (broken by {report.broken_by})" if report.broken_by else "") + ".", ""]
     if report.dead_slices:
-        lines += ["Dead slices (no gradient): " + ", ".join(f"{d['tensor']} ({d['dead']}/{d['of']})" for d in report.dead_slices), ""]
+        lines += ["Dead slices (no gradient): " + ", ".join(f"{d.tensor} ({d.dead}/{d.of})" for d in report.dead_slices), ""]
     if report.symmetry_line():
         lines += [report.symmetry_line()[0].upper() + report.symmetry_line()[1:] + ".", ""]
     if plotted:
@@ -210,30 +264,30 @@ def pruning_section(report: Report, limit: int = 16) -> list[str]:
              md_row(["op", "importance", "loss", "rel. change", "KL", "top-1", "random: loss", "rel. change", "KL", "top-1"]),
              md_row(["---"] * 10)]
     for r in report.pruning:
-        b = r["random"]
-        theirs = ["-"] * 4 if b is None else [f"{b['loss']:.6f}", f"{b['rel_change']:+.3e}", f"{b['kl_divergence']:.3e}",
-                                                f"{b['top1_agreement']:.4f}"]
-        lines.append(md_row([f"`{r['op']}`", r["importance"], f"{r['loss']:.6f}", f"{r['rel_change']:+.3e}",
-                             f"{r['kl_divergence']:.3e}", f"{r['top1_agreement']:.4f}", *theirs]))
+        b = r.random
+        theirs = ["-"] * 4 if b is None else [f"{b.loss:.6f}", f"{b.rel_change:+.3e}", f"{b.kl_divergence:.3e}",
+                                                f"{b.top1_agreement:.4f}"]
+        lines.append(md_row([f"`{r.op}`", r.importance, f"{r.loss:.6f}", f"{r.rel_change:+.3e}",
+                             f"{r.kl_divergence:.3e}", f"{r.top1_agreement:.4f}", *theirs]))
     lines.append("")
     for line in report.pruning_lines():
         lines += [f"- {line}"]
     lines.append("")
     for r in report.pruning:
-        d = r["dropped"]
+        d = r.dropped
         if d and isinstance(d[0], list):
-            lines.append(f"Dropped by `{r['op']}` ({r['of'] - r['kept_per_layer']} of {r['of']} {r['unit']}s per layer):")
+            lines.append(f"Dropped by `{r.op}` ({r.of - r.kept_per_layer} of {r.of} {r.unit}s per layer):")
             lines += [f"- layer {i}: " + ", ".join(map(str, x[:limit])) + (f", ... ({len(x)} in all)" if len(x) > limit else "")
                       for i, x in enumerate(d)]
         else:
-            lines.append(f"Dropped by `{r['op']}`: layers {d} of {r['of']}.")
+            lines.append(f"Dropped by `{r.op}`: layers {d} of {r.of}.")
         lines.append("")
     return lines
 
 
 def plot_importance(report: Report, path: Path) -> bool:
     """Per prune: each layer's scores, sorted, with the cut (neurons, heads), or the score of each layer (layers)."""
-    scores = [r for r in report.pruning if r.get("scores") is not None]
+    scores = [r for r in report.pruning if r.scores is not None]
     if not scores:
         return False
     try:
@@ -243,19 +297,19 @@ def plot_importance(report: Report, path: Path) -> bool:
     fig = Figure(figsize=(6.4, 2.8 * len(scores)), dpi=100)
     for k, r in enumerate(scores, start=1):
         ax = fig.add_subplot(len(scores), 1, k)
-        s = r["scores"]
+        s = r.scores
         if s and isinstance(s[0], list):
             for layer, row in enumerate(s):
                 top = max(row) or 1.0
                 ax.plot(sorted((x / top for x in row), reverse=True), linewidth=0.8, label=f"layer {layer}" if len(s) <= 8 else None)
-            ax.axvline(r["kept_per_layer"] - 0.5, color="tab:red", linestyle="--", linewidth=1, label="cut")
-            ax.set_xlabel(f"{r['unit']}s by rank (score / the layer's best)")
+            ax.axvline(r.kept_per_layer - 0.5, color="tab:red", linestyle="--", linewidth=1, label="cut")
+            ax.set_xlabel(f"{r.unit}s by rank (score / the layer's best)")
         else:
-            dropped = set(r["dropped"] or []) if r["unit"] == "layer" else {(r["dropped"] or [-1])[0]}
+            dropped = set(r.dropped or []) if r.unit == "layer" else {(r.dropped or [-1])[0]}
             ax.bar(range(len(s)), s, color=["tab:red" if i in dropped else "tab:blue" for i in range(len(s))])
-            ax.set_xlabel("layer (red: dropped)" if r["unit"] == "layer" else "first layer of the block")
-        ax.set_ylabel(r["importance"])
-        ax.set_title(r["op"], fontsize=9)
+            ax.set_xlabel("layer (red: dropped)" if r.unit == "layer" else "first layer of the block")
+        ax.set_ylabel(r.importance)
+        ax.set_title(r.op, fontsize=9)
         if s and isinstance(s[0], list) and len(s) <= 8:
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -46,7 +46,8 @@ def test_streamed_checkpoint_loads_with_its_shapes_and_is_deterministic(bench, t
 
 
 def test_scaled_llama3_shape_runs_streamed_with_its_rope_theta(bench, tmp_path):
-    from surgery.runner import evaluate, open_source
+    from surgery.runtime.evaluation import evaluate
+    from surgery.runtime.sources import open_source
 
     shape = bench.Shape(**bench.SHAPES["llama3-8b"]).scaled(32)
     assert (shape.head_dim, shape.heads * shape.head_dim, shape.kv_heads) == (128, shape.hidden, 1)

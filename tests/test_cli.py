@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--set", "verify.max_tokens=256"]
 
 
-PROGRESS = re.compile(r".+ \(\d+\.\d s\)")  # a phase's summary line ("evaluating source: loss ... (1.2 s)")
+# a phase's summary line ("evaluating source: loss ... (1.2 s)"), or verification's plan and estimate
+PROGRESS = re.compile(r".+ \(\d+\.\d s\)|verification: .+ ~ [\d.]+ (s|min|h)( for the rest)?")
 
 
 def one_error_line(err: str) -> str:

@@ -26,7 +26,7 @@ from factories import make_config, make_model
 from surgery import api
 from surgery.card import source_content_hash
 from surgery.cli import main
-from surgery.verify import license_text
+from surgery.verify.data import license_text
 
 VOCAB = 512  # the tiny-stablelm tokenizer's
 FLOAT32 = 1e-5  # RMSNorm statistics and RoPE frequencies are float32 in transformers whatever the model dtype
@@ -358,7 +358,7 @@ def test_configs_in_any_form_keep_the_function_transformers_reads_from_them(fami
     from surgery.plan import compile_plan
     from surgery.recipe.loader import validate_recipe
     from surgery.spec import hf_config
-    from surgery.runner import model_from_tensors
+    from surgery.runtime.build import model_from_tensors
 
     model = make_model(make_config(family, hidden_heads=4, kv_heads=2, head_dim=head_dim, layers=2, vocab=48, tied=tied),
                        seed=seed)

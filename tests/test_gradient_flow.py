@@ -4,7 +4,7 @@ import torch
 
 from factories import make_config, make_model
 from surgery import api
-from surgery.verify import dead_slices
+from surgery.verify.gradient_flow import dead_slices
 
 IDS = torch.randint(0, 48, (1, 24), generator=torch.Generator().manual_seed(0))
 
@@ -24,8 +24,8 @@ def test_heads_whose_values_are_zero_are_reported_dead():
             layer.self_attn.v_proj.weight[16:] = 0  # zero on both sides: values and o_proj columns
             layer.self_attn.v_proj.bias[16:] = 0
     dead = dead_slices(grown, IDS, plan.final.new_slices)
-    assert {d["tensor"] for d in dead} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
-    assert all(d["dead"] == d["of"] == 16 for d in dead)
+    assert {d.tensor for d in dead} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
+    assert all(d.dead == d.of == 16 for d in dead)
 
 
 def test_dead_check_leaves_the_weights_unchanged():
@@ -38,7 +38,7 @@ def test_dead_check_leaves_the_weights_unchanged():
 
 def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_expert_slice_is_named():
     """Experts fused in memory, slices named per stored expert tensor: the streamed check maps between them."""
-    from surgery.runner import disk_layout, model_from_tensors
+    from surgery.runtime.build import disk_layout, model_from_tensors
 
     model = make_model(make_config("mistral", intermediate=16), dtype=torch.float32)
     moe, plan = api.transform(model, [{"op": "grow_mlp", "intermediate_size": "x2"}, {"op": "upcycle_moe", "num_experts": 4}])
@@ -52,11 +52,11 @@ def test_moe_layers_are_checked_one_at_a_time_per_stored_expert_and_a_dead_exper
         tensors[f"model.layers.1.block_sparse_moe.experts.2.{w}.weight"][new] = 0
     broken = model_from_tensors(moe.config.to_dict(), tensors, torch.float32, torch.device("cpu"))
     dead = dead_slices(broken, ids, slices)
-    assert [(d["tensor"], d["dead"]) for d in dead] == [("model.layers.1.block_sparse_moe.experts.2.w2.weight", len(new))]
+    assert [(d.tensor, d.dead) for d in dead] == [("model.layers.1.block_sparse_moe.experts.2.w2.weight", len(new))]
 
 
 def test_the_moe_gradient_check_runs_on_enough_tokens_for_every_expert_to_expect_sixteen(tmp_path):
-    from surgery.verify import gradient_tokens
+    from surgery.verify.schedule import gradient_tokens
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: t\nsource: builtin:tiny-llama\nops:\n  - op: upcycle_moe\n    num_experts: 32\n    top_k: 2\n")
@@ -92,7 +92,7 @@ def unreached(moe, ids) -> tuple[int, int]:
 
 
 def mutated(moe, change):
-    from surgery.runner import disk_layout, model_from_tensors
+    from surgery.runtime.build import disk_layout, model_from_tensors
 
     tensors = disk_layout(moe, dict(moe.state_dict()))
     change(tensors)
@@ -118,7 +118,7 @@ def test_an_unreached_expert_whose_neurons_read_nothing_is_dead_once_routed_to()
             t[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"].zero_()
 
     dead = dead_slices(mutated(moe, kill), MOE_IDS, plan.final.new_slices)
-    assert [(d["tensor"], d["dead"], d["of"]) for d in dead] == [
+    assert [(d.tensor, d.dead, d.of) for d in dead] == [
         (f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight", 16, 16)]
 
 
@@ -133,7 +133,7 @@ def test_an_expert_whose_router_row_can_never_win_is_dead():
         w[e] = (w[a] + w[b]) / 2
 
     dead = dead_slices(mutated(moe, bury), MOE_IDS, plan.final.new_slices)
-    assert [(d["tensor"], d["dead"]) for d in dead] == [(f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight", 16)]
+    assert [(d.tensor, d.dead) for d in dead] == [(f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight", 16)]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -142,7 +142,7 @@ def test_a_zero_router_that_renormalises_is_a_fixed_point_and_the_experts_it_nev
     experts being copies, their own: no row ever learns (rounding leaves residues on them, not gradient)."""
     moe, plan = top1_upcycle("zeros", top_k=top_k)
     dead = dead_slices(moe, MOE_IDS, plan.final.new_slices)
-    assert len(dead) == 2 * (8 - top_k) and all(d["dead"] == d["of"] for d in dead)
+    assert len(dead) == 2 * (8 - top_k) and all(d.dead == d.of for d in dead)
 
 
 def test_a_zero_router_without_renormalisation_learns_so_every_expert_is_reachable_after_a_step():

@@ -21,9 +21,13 @@ from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import InMemoryCheckpoint
 from surgery.ops import Exactness
-from surgery.runner import Evaluation, compare, evaluate, model_source
-from surgery.verify import judge, measure_reference, with_new_tokens
-from surgery.verify import whole_model_dead_slices as dead_slices
+from surgery.runtime.evaluation import Evaluation, compare, evaluate
+from surgery.runtime.sources import model_source
+from surgery.report import DeadSlice
+from surgery.verify.data import with_new_tokens
+from surgery.verify.gradient_flow import whole_model_dead_slices as dead_slices
+from surgery.verify.reference import measure_reference
+from surgery.verify.rules import judge
 
 IDS = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
 TOKENS3 = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]
@@ -146,14 +150,15 @@ def test_the_gradient_check_reports_new_input_rows_that_no_token_reaches():
     model = make_model(make_config("llama", tied=False), dtype=torch.float32)
     grown, plan = api.transform(model, [{"op": "grow_vocab", "add_tokens": ["a", "b"], "pad_to_multiple_of": 8}])
     dead = dead_slices(grown, IDS, plan.final.new_slices)
-    assert dead == [{"tensor": "model.embed_tokens.weight", "op": "grow_vocab", "dead": 2, "of": 2}]
+    assert dead == [DeadSlice(tensor="model.embed_tokens.weight", op="grow_vocab", dead=2, of=2)]
     assert dead_slices(grown, with_new_tokens(IDS, plan.final.spec.meta.added_tokens), plan.final.new_slices) == []
 
 
 def test_after_an_approximate_op_the_tolerance_judges_the_old_vocabulary_not_the_new_rows_mass():
     """An approximate step that also grew the vocabulary: the tolerance applies to the loss net of the new rows' mass."""
     from surgery.ops import Promise
-    from surgery.verify import Comparison, NoiseFloor
+    from surgery.runtime.evaluation import Comparison
+    from surgery.verify.rules import NoiseFloor
 
     quiet = Comparison(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 64, reference_loss=1.0)
     floor = NoiseFloor(quiet)
@@ -257,9 +262,9 @@ def test_two_grow_vocab_ops_padding_between_them_give_each_token_its_planned_id(
     r = api.run(_recipe(write_recipe, "builtin:tiny-stablelm", ops, out))
     assert r.report.passed, r.report.rule
     assert any("ids 513..543 become reserved" in n for n in r.plan.steps[1].promise.notes)
-    from surgery.verify import planned_rule
+    from surgery.verify.schedule import schedule
 
-    rule = planned_rule(r.plan)  # what `surgery plan` says verification will check
+    rule = schedule(r.plan).planned_rule()  # what `surgery plan` says verification will check
     assert "logits on the first 512 tokens" in rule and "33 new rows' share of the normaliser" in rule
     assert "each added token encodes" in rule
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -355,7 +360,7 @@ def test_accepted_tokens_leave_existing_text_encoded_as_before_and_its_float64_l
     and the loss moved by exactly log(1 + the new rows' share of the normaliser), unchanged over the old vocabulary."""
     import torch.nn.functional as F
 
-    from surgery.verify import license_text
+    from surgery.verify.data import license_text
 
     out = tmp_path / "out"
     tokens = ["surgeryword", {"content": "<|im_start|>", "special": True}, {"content": "<|im_end|>", "special": True}]

@@ -26,7 +26,7 @@ from surgery import api
 from surgery.errors import SurgeryError
 from surgery.ops import Exactness
 from surgery.recipe.loader import load_recipe
-from surgery.verify import dead_slices
+from surgery.verify.gradient_flow import dead_slices
 from factories import FAMILIES, logits, make_config, make_model
 
 VOCAB = 32

@@ -156,7 +156,7 @@ def test_non_power_of_two_head_dim_growth_passes_verification_at_2048_tokens(tmp
 
 def test_a_written_rope_theta_off_by_more_than_rounding_gets_no_allowance_and_fails(tmp_path):
     """The allowance covers float32 rounding of the frequencies, not a wrong theta."""
-    from surgery.verify import verify_plan
+    from surgery.verify.run import verify_plan
 
     result = run_recipe(tmp_path, "builtin:tiny-llama", [{"op": "grow_head_dim", "head_dim": "+4"}], max_tokens=512)
     assert result.report.passed
@@ -170,7 +170,7 @@ def test_a_written_rope_theta_off_by_more_than_rounding_gets_no_allowance_and_fa
 
 
 def test_the_plan_states_how_many_old_frequencies_float32_rounds_and_how_verification_allows_for_it(tmp_path):
-    from surgery.verify import planned_rule
+    from surgery.verify.schedule import schedule
 
     src = builtin("tiny-llama")
     _, plan = api.transform(src, [{"op": "grow_head_dim", "head_dim": "+4"}])
@@ -183,7 +183,7 @@ def test_the_plan_states_how_many_old_frequencies_float32_rounds_and_how_verific
     recipe = {"name": "r", "source": "builtin:tiny-llama", "output": str(tmp_path / "o"),
               "ops": [{"op": "grow_head_dim", "head_dim": "+4"}]}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
-    assert "written rope frequencies' float32 rounding" in planned_rule(api.plan(tmp_path / "r.yaml"))
+    assert "written rope frequencies' float32 rounding" in schedule(api.plan(tmp_path / "r.yaml")).planned_rule()
     _, plan = api.transform(src, [{"op": "grow_head_dim", "head_dim": "x3"}])
     assert plan.final.spec.config["rope_parameters"]["rope_theta"] == 10000.0
     assert plan.steps[0].promise.rotary.rounded is None and plan.steps[0].promise.rotary.to == tuple(range(0, 24, 3))

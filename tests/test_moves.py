@@ -13,7 +13,6 @@ from surgery import api, execute
 from surgery.cli import main
 from surgery.lazy import LazyTensor, evaluate, full, read, storage_exact
 from surgery.ops.slices import Fill, grow_axis
-from surgery.verify import half_storage
 from test_verdicts import half_source, report_of
 
 BF16 = torch.bfloat16
@@ -95,7 +94,7 @@ MOVES_ONLY = [
 def test_a_bfloat16_output_of_moves_only_is_judged_by_the_float32_noise_alone(builtin, op, write_recipe, tmp_path):
     src = half_source(builtin, BF16, tmp_path)
     recipe = write_recipe(f"name: t\nsource: {src}\nops:\n  - op: {op}\nverify:\n  max_tokens: 128\n  per_op: false\n")
-    assert half_storage(api.plan(recipe)) is None
+    assert api.plan(recipe).rounded_storage is None
     assert main(["run", str(recipe), "--output", str(tmp_path / "o")]) == 0
     rep = report_of(tmp_path / "o")
     assert rep["noise_floor"]["storage"] is None and "bfloat16" not in rep["rule"]
@@ -124,6 +123,6 @@ def test_a_constant_bfloat16_cannot_hold_is_rounded_storage(write_recipe, tmp_pa
 
     src = half_source("tiny-llama", BF16, tmp_path)
     recipe = write_recipe(f"name: t\nsource: {src}\nops:\n  - op: grow_layers\n    num_layers: x2\n")
-    assert half_storage(api.plan(recipe)) is None
+    assert api.plan(recipe).rounded_storage is None
     monkeypatch.setattr(grow_layers, "full", lambda shape, dtype, value, label: full(shape, dtype, value + 0.1, label))
-    assert half_storage(api.plan(recipe)) == BF16
+    assert api.plan(recipe).rounded_storage == "bfloat16"

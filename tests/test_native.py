@@ -26,7 +26,7 @@ from surgery.errors import SurgeryError
 from surgery.io.native import NativeCheckpoint
 from surgery.io.native_params import is_native, params_to_config, read_params
 from surgery.io.tokenizer import hf_tokenizer_from_native, text_encoder
-from surgery.runner import load_model
+from surgery.runtime.build import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "surgery" / "assets" / "tiny-mistral"

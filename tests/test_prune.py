@@ -245,7 +245,7 @@ def test_loss_importance_drops_the_layer_or_block_whose_removal_costs_least_of_e
 @pytest.mark.parametrize("source, count, block", [("tiny-llama", 1, False), ("tiny-llama-deep", 1, False),
                                                   ("tiny-llama-deep", 3, True), ("tiny-gemma2", 1, False)])
 def test_loss_importance_on_the_trained_models_drops_what_costs_least_of_every_choice(source, count, block, tmp_path):
-    from surgery.verify import calibration_ids
+    from surgery.verify.data import calibration_ids
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "p", "source": f"builtin:{source}", "verify": {"max_tokens": 256},
@@ -261,11 +261,11 @@ def test_loss_importance_keeps_the_layer_of_tiny_llama_that_block_influence_drop
     """tiny-llama, one of two layers dropped: block influence chose the layer that costs +384%, random +192%."""
     result = run(tmp_path, "tiny-llama", [{"op": "prune_layers", "num_layers": 1, "importance": "loss"}])
     (row,) = result.report.pruning
-    assert row["importance"] == "loss" and len(row["scores"]) == 2
-    assert row["loss"] == min(row["scores"])  # what was measured is what the written output scores
-    assert row["loss"] <= row["random"]["loss"]
+    assert row.importance == "loss" and len(row.scores) == 2
+    assert row.loss == min(row.scores)  # what was measured is what the written output scores
+    assert row.loss <= row.random.loss
     influence = run(tmp_path, "tiny-llama", [{"op": "prune_layers", "num_layers": 1}], name="influence")
-    assert row["loss"] < influence.report.pruning[0]["loss"]
+    assert row.loss < influence.report.pruning[0].loss
     assert_loads_cleanly(result.output)
 
 
@@ -327,8 +327,8 @@ def test_activation_prune_of_a_trained_model_loads_cleanly_and_loses_less_than_t
     model = assert_loads_cleanly(result.output)
     assert model.config.intermediate_size == result.plan.initial.spec.intermediate_size * 3 // 4
     (row,) = result.report.pruning
-    assert row["importance"] == "activation" and row["tokens"] == 512
-    assert row["loss"] < row["random"]["loss"], row  # what the importance bought
+    assert row.importance == "activation" and row.tokens == 512
+    assert row.loss < row.random.loss, row  # what the importance bought
     assert result.report.passed
     report = (result.output / "surgery_report.md").read_text()
     assert "same sizes at random" in report and "Dropped by" in report
@@ -340,8 +340,8 @@ def test_block_influence_drops_layers_of_the_deep_trained_model_at_less_loss_tha
     model = assert_loads_cleanly(result.output)
     assert model.config.num_hidden_layers == 8 - count
     (row,) = result.report.pruning
-    assert row["importance"] == "block_influence" and len(row["dropped"]) == count and len(row["scores"]) == 8
-    assert row["loss"] < row["random"]["loss"], row
+    assert row.importance == "block_influence" and len(row.dropped) == count and len(row.scores) == 8
+    assert row.loss < row.random.loss, row
 
 
 def test_a_plan_says_data_driven_choices_are_made_at_run_time_and_its_tensors_cannot_be_evaluated(tmp_path):
@@ -371,10 +371,10 @@ def test_a_random_prune_lists_the_units_it_dropped_in_the_report_and_is_its_own_
     result = run(tmp_path, "tiny-llama", [{"op": "prune_mlp", "intermediate_size": "x0.5", "importance": "random"},
                                           {"op": "prune_layers", "num_layers": 1, "importance": "random"}])
     mlp, layers = (s.promise.pruning for s in result.plan.steps)
-    assert [r["importance"] for r in result.report.pruning] == ["random", "random"]
-    assert [r["dropped"] for r in result.report.pruning] == [mlp.dropped, layers.dropped]
+    assert [r.importance for r in result.report.pruning] == ["random", "random"]
+    assert [r.dropped for r in result.report.pruning] == [mlp.dropped, layers.dropped]
     assert [len(d) for d in mlp.dropped] == [80, 80] and len(layers.dropped) == 1
-    assert all(r["random"] is None and r["beats_random"] is None for r in result.report.pruning)
+    assert all(r.random is None and r.beats_random is None for r in result.report.pruning)
     report = (result.output / "surgery_report.md").read_text()
     assert f"- layer 0: {', '.join(map(str, mlp.dropped[0][:16]))}" in report
     assert f"Dropped by `{result.plan.steps[1].op.label()}`: layers {layers.dropped} of 2." in report
@@ -388,12 +388,11 @@ def test_every_row_states_its_loss_change_against_the_source_and_a_prune_after_a
     rep = result.report
     source = rep.loss_source
     first, second = rep.steps
-    for row in (first, second, *rep.pruning, *(r["random"] for r in rep.pruning)):
-        loss, change = (row["loss"], row["rel_change"]) if isinstance(row, dict) else (row.loss, row.rel_change)
-        assert change == (loss - source) / source
+    for row in (first, second, *rep.pruning, *(r.random for r in rep.pruning)):
+        assert row.rel_change == (row.loss - source) / source
     assert rep.rel_change == (rep.loss_output - source) / source and rep.loss_output == second.loss
-    assert second.reference == rep.reference == rep.pruning[1]["reference"] == "ops[0] prune_mlp"
-    assert second.rel_change_vs_reference == rep.rel_change_vs_reference == rep.pruning[1]["rel_change_vs_reference"] \
+    assert second.reference == rep.reference == rep.pruning[1].reference == "ops[0] prune_mlp"
+    assert second.rel_change_vs_reference == rep.rel_change_vs_reference == rep.pruning[1].rel_change_vs_reference \
         == (second.loss - first.loss) / first.loss
     assert f"{second.rel_change:+.3e} ({second.rel_change_vs_reference:+.3e} vs ops[0] prune_mlp)" in rep.table()
     report = json.loads((result.output / "surgery_report.json").read_text())
@@ -427,8 +426,8 @@ def test_prune_heads_is_refused_where_head_dim_is_hidden_size_over_heads(family,
 def test_barely_trained_olmo2_prunes_load_cleanly_and_the_report_sets_the_random_prune_beside_them(tmp_path):
     result = run(tmp_path, "tiny-olmo2", [{"op": "prune_mlp", "intermediate_size": "x0.75"}, {"op": "prune_layers", "num_layers": 1}])
     assert_loads_cleanly(result.output)
-    assert [r["importance"] for r in result.report.pruning] == ["activation", "block_influence"]
-    assert all(math.isfinite(r["random"]["loss"]) for r in result.report.pruning)
+    assert [r.importance for r in result.report.pruning] == ["activation", "block_influence"]
+    assert all(math.isfinite(r.random.loss) for r in result.report.pruning)
 
 
 def test_a_bf16_source_keeps_its_bits_in_every_kept_unit(tmp_path):

@@ -18,7 +18,7 @@ from surgery.lazy import evaluate
 from surgery.plan import compile_plan
 from surgery.recipe.loader import LoadedRecipe
 from surgery.recipe.schema import Recipe
-from surgery.verify import judge
+from surgery.verify.rules import judge
 
 D, N, INTER, VOCAB = 128, 4, 384, 1024  # hidden 128 = 4 heads x 32: ~1M parameters, 8k+ values per matrix
 TOL = 0.04  # relative std error: the smallest matrix (k/v, 8192 values) has a sampling error of 0.8%

@@ -23,8 +23,8 @@ from surgery.cli import main
 from surgery.io.atomic import TMP_PREFIX
 from surgery.ops import Exactness, Promise
 from surgery.rule_summary import short_rule
-from surgery.runner import Comparison
-from surgery.verify import NoiseFloor, judge
+from surgery.runtime.evaluation import Comparison
+from surgery.verify.rules import NoiseFloor, judge
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--set", "verify.max_tokens=256"]
@@ -62,7 +62,7 @@ def test_run_table_at_80_columns_fits_with_short_rules_and_the_reports_keep_the_
 
 def floor(storage: bool = False) -> NoiseFloor:
     noise = Comparison(1.0, 1e-8, 1e-5, 1e-6, 1.0, 1e-12, 512, 1.0, 0.0)
-    return NoiseFloor(noise, noise if storage else None, torch.bfloat16 if storage else None)
+    return NoiseFloor(noise, noise if storage else None, "bfloat16" if storage else None)
 
 
 @pytest.mark.parametrize("exactness, rounded, tolerance, prune_tolerance, short", [

@@ -11,10 +11,14 @@ from hypothesis import strategies as st
 
 from conftest import save_checkpoint
 from factories import FAMILIES, make_config, make_model
-from surgery import api, runner
+from surgery import api
 from surgery.execute import materialize
-from surgery.gradient_flow import dead_slices
-from surgery.runner import CheckpointSource, StateSource, compare, evaluate, model_from_tensors, model_source, open_source
+from surgery.verify.gradient_flow import dead_slices
+from surgery.runtime import evaluation
+from surgery.runtime.build import experts_kwargs, model_from_tensors
+from surgery.runtime.evaluation import compare, evaluate
+from surgery.runtime.sources import CheckpointSource, StateSource, model_source, open_source
+from surgery.runtime.streamed import StreamedModel
 
 CPU = torch.device("cpu")
 
@@ -62,7 +66,7 @@ def config_for(family, data):
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_streamed_evaluation_equals_the_whole_stock_model_for_every_family(family, data, monkeypatch):
-    monkeypatch.setattr(runner, "CHUNK_BYTES", 8 * 32 * 7)  # 7 vocabulary rows per block: many blocks
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 32 * 7)  # 7 vocabulary rows per block: many blocks
     cfg = config_for(family, data)
     stored = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
     model = make_model(cfg, seed=data.draw(st.integers(0, 99)), dtype=torch.float32)
@@ -79,7 +83,7 @@ def test_streamed_evaluation_equals_the_whole_stock_model_for_every_family(famil
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_streamed_comparison_equals_the_whole_model_comparison_block_by_block(tied, monkeypatch):
-    monkeypatch.setattr(runner, "CHUNK_BYTES", 8 * 24 * 5)
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 24 * 5)
     cfg = make_config("llama", tied=tied, vocab=61)
     a, b = make_model(cfg, seed=0), make_model(cfg, seed=1)
     with torch.no_grad():  # close enough that top-1 mostly agrees
@@ -204,14 +208,14 @@ def test_layer_local_gradient_check_agrees_with_the_whole_model_backward(family,
     grown, plan = api.transform(model, OPS[ops])
     ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(6))
     slices = plan.final.new_slices
-    local = {d["tensor"]: d["dead"] for d in dead_slices(grown, ids, slices)}
+    local = {d.tensor: d.dead for d in dead_slices(grown, ids, slices)}
     assert slices and local == global_dead(grown, ids, slices) == {}
     with torch.no_grad():  # kill the new units on both sides: values and writers, gate and down
         for layer in grown.model.layers:
             layer.mlp.up_proj.weight[model.config.intermediate_size:] = 0
             layer.mlp.gate_proj.weight[model.config.intermediate_size:] = 0
     if ops != 1:
-        local = {d["tensor"]: d["dead"] for d in dead_slices(grown, ids, slices)}
+        local = {d.tensor: d.dead for d in dead_slices(grown, ids, slices)}
         assert local and local == global_dead(grown, ids, slices)
 
 
@@ -245,7 +249,7 @@ def test_streamed_evaluation_equals_the_whole_model_for_the_families_added_as_da
     global layers, scaled embedding) stream with no code of their own, from a bf16 checkpoint."""
     from factories import release_config
 
-    monkeypatch.setattr(runner, "CHUNK_BYTES", 8 * 32 * 7)
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 32 * 7)
     model = make_model(release_config(family, tied=tied), seed=3, dtype=torch.float32)
     ids = torch.randint(3, 64, (1, 32), generator=torch.Generator().manual_seed(8))
     model.to(torch.bfloat16).save_pretrained(tmp_path)
@@ -283,10 +287,10 @@ def test_streamed_evaluation_fuses_each_layers_experts_as_transformers_loads_the
         model.to(stored).save_pretrained(tmp)
         assert any(".experts.1." in n for n in open_source(Path(tmp)).names())  # stored per expert
         for dtype in (torch.float32, torch.float64):
-            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **runner.experts_kwargs(cfg, dtype)).eval()
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **experts_kwargs(cfg, dtype)).eval()
             loss, logits = whole(reloaded, ids)
             ev = evaluate(open_source(Path(tmp)), ids, CPU, dtype)
-            assert isinstance(ev.streamed, runner.StreamedModel)
+            assert isinstance(ev.streamed, StreamedModel)
             assert abs(ev.loss - loss) <= 1e-6 * abs(loss)
             eps = torch.finfo(dtype).eps
             assert float((streamed_logits(ev) - logits).abs().max()) <= 64 * eps * float(logits.abs().max())

@@ -20,8 +20,9 @@ from conftest import ASSETS, save_checkpoint
 from factories import FAMILIES, make_config, make_model
 from surgery.cli import main
 from surgery.ops import Exactness, Promise
-from surgery.verify import Comparison, NoiseFloor, judge
-from surgery.verify_command import compare_checkpoints
+from surgery.runtime.evaluation import Comparison
+from surgery.verify.pair import compare_checkpoints
+from surgery.verify.rules import NoiseFloor, judge
 
 
 def half_source(builtin: str, dtype: torch.dtype, where: Path) -> Path:

@@ -1,4 +1,7 @@
 """Verification fails early with the reason, works without a tokenizer, and says what it is doing."""
+import re
+
+import pytest
 import torch
 
 from factories import make_config, make_model
@@ -44,3 +47,63 @@ def test_every_verification_phase_reports_a_summary_line(tmp_path, write_recipe,
     for phase in ("wrote", "evaluating source: loss", "evaluating ops[0] grow_heads: loss", "evaluating output: loss",
                   "gradient-flow check: "):
         assert phase in err, phase
+
+
+PHASE = re.compile(r".+ \(\d+\.\d s\)")  # a phase's summary line
+PRUNE_THEN_GROW = ("name: t\nsource: builtin:tiny-llama\nops:\n  - op: prune_mlp\n    intermediate_size: x0.5\n"
+                   "  - op: grow_mlp\n    intermediate_size: x2\nverify:\n  max_tokens: 128\n")
+
+
+def test_a_verified_run_first_names_its_phases_with_an_estimate_then_runs_exactly_those(tmp_path, write_recipe, capsys):
+    r = write_recipe("name: t\nsource: builtin:tiny-llama\nops:\n  - op: grow_heads\n    num_heads: x2\n  - op: rescale_norm\n")
+    assert main(["run", str(r), "--output", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    head = next(i for i, line in enumerate(err) if line.startswith("verification: "))
+    m = re.fullmatch(r"verification: (\d+) passes \(source, noise floor, 2 steps, gradient check\) ~ \d+ s", err[head])
+    assert m, err[head]
+    ran = [line for line in err[head + 1:] if PHASE.fullmatch(line)]
+    assert len(ran) == int(m.group(1)) == 5 and ran[0].startswith("evaluating source: loss")
+    assert not any(line.startswith(("evaluating", "noise floor", "gradient")) for line in err[:head])
+
+
+def test_surgery_plan_lists_the_passes_a_run_then_runs_in_that_order(tmp_path, write_recipe, capsys):
+    r = write_recipe(PRUNE_THEN_GROW)
+    assert main(["plan", str(r)]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r"^ +\d+\. (.+?) \[\w+\](?:: (.*))?$", out, re.M)
+    planned = [desc for desc, what in listed if not what.startswith("only if")]
+    assert re.search(r"^verification: 7 passes \(source, noise floor x2, 2 steps, random baseline, gradient check\) ~ ", out, re.M)
+    assert main(["run", str(r), "--output", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    head = next(i for i, line in enumerate(err) if line.startswith("verification: "))
+    ran = [line for line in err[head + 1:] if PHASE.fullmatch(line)]
+    assert len(ran) == len(planned) == 7 and all(line.startswith(desc) for line, desc in zip(ran, planned)), (planned, ran)
+
+
+def test_the_schedule_states_the_rule_of_each_judged_row_and_a_stable_key_for_each_pass():
+    from surgery.verify.schedule import OUTPUT, RANDOM, SOURCE, STATE, Kind, schedule
+
+    plan = api.plan(api.load("stablelm_grow", source="builtin:tiny-stablelm", sets=["ops.0.init=trainable"]))
+    s = schedule(plan)
+    keys = [p.key for p in s.passes]
+    assert len(keys) == len(set(keys)) and keys == [p.key for p in schedule(plan).passes]
+    assert [(p.kind, p.model.kind) for p in s.passes if not p.when] == [
+        (Kind.EVALUATE, SOURCE), (Kind.COMPUTE_NOISE, SOURCE), (Kind.EVALUATE, STATE), (Kind.EVALUATE, STATE),
+        (Kind.EVALUATE, OUTPUT), (Kind.GRADIENT, OUTPUT)]
+    assert [j.row for j in s.judgements] == [op.label() for op in plan.loaded.recipe.ops]
+    assert [j.shown != "" for j in s.judgements] == [True, True, False]
+    assert s.planned_rule() == s.judgements[-1].rule and s.planned_rule().startswith("exact with shipped code against the source")
+    assert RANDOM not in {p.model.kind for p in s.passes}
+
+
+def test_the_estimate_is_the_passes_units_at_a_rate_that_the_first_pass_measures():
+    from surgery.verify.schedule import Kind, Rate, schedule
+
+    s = schedule(api.plan(api.load("stablelm_grow", source="builtin:tiny-stablelm", sets=["ops.0.init=trainable"])))
+    run = [p for p in s.passes if not p.when]
+    assert [p.units for p in run[:2]] == [1.0, 2.0]  # the source, then its float64 probe: twice the work
+    gradient = next(p for p in run if p.kind == Kind.GRADIENT)
+    assert gradient.tokens == 128 and gradient.units == pytest.approx(3 * 211_200 / 160_768 * 128 / 2048)
+    rate = Rate(overhead=1.0, unit=2.0, basis="test")
+    assert s.estimate(rate) == pytest.approx(sum(1.0 + 2.0 * p.units for p in run))
+    assert rate.timed(11.0).unit == 10.0 and s.headline(rate).endswith(f"~ {s.estimate(rate):.0f} s")

@@ -6,7 +6,7 @@ from conftest import save_checkpoint
 from factories import make_config, make_model
 from surgery import api
 from surgery.cli import main
-from surgery.verify_command import compare_checkpoints
+from surgery.verify.pair import compare_checkpoints
 from conftest import ASSETS
 
 
@@ -17,7 +17,7 @@ def test_known_perturbation_of_lm_head_is_reported_at_its_size(tmp_path):
     pert = save_checkpoint(model, tmp_path / "pert")
     rep = compare_checkpoints(str(pert), str(src), max_tokens=64)
     with torch.no_grad():
-        from surgery.verify import tokenize
+        from surgery.verify.data import tokenize
 
         ids = tokenize(src, "builtin:python-license", 64)
         hidden = model.model(input_ids=ids).last_hidden_state[0, :, 3]

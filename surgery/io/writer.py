@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 from ..errors import SurgeryError
 from ..finite import checkable, count_non_finite, tensor_non_finite
 from . import digest
-from .atomic import REPORT  # noqa: F401  (report.py and verify_command.py import it from here)
-from .digest import file_digests  # noqa: F401  (as REPORT)
 from .kernel_copy import copy_fd_range, copy_range, start_writeback
 
 if TYPE_CHECKING:  # torch loads where tensors are written: the schema's size check (`parse_size`) starts without it

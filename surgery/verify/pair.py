@@ -1,23 +1,24 @@
 """`surgery verify OUTPUT [--against SOURCE]` and `surgery verify --integrity OUTPUT`.
 
-Compares any two checkpoints (made by surgery or not) on the same tokens. Both run layer by layer
-(`runner`), so memory holds one layer plus the reference's final hidden states, whatever the size.
-The candidate is judged: without --tolerance as the same function (exact, against the rounding
-noise measured on the reference, as `surgery run` judges exact steps), with --tolerance T as an
-approximation (|rel change| <= T and KL <= T x reference loss). Beyond it: exit 1.
+Compares any two checkpoints (made by surgery or not) on the same tokens, by executing `pair_schedule` on
+the path `surgery run` judges by (`verify.run`). Both run layer by layer, so memory holds one layer plus the
+reference's final hidden states, whatever the size. The candidate is judged: without --tolerance as the same
+function (exact, against the rounding noise measured on the reference, as `surgery run` judges exact steps),
+with --tolerance T as an approximation (|rel change| <= T and KL <= T x reference loss). Beyond it: exit 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import recorded_source
-from .errors import SurgeryError
-from .io.resolve import open_checkpoint, resolve_source
+from .. import recorded_source
+from ..errors import SurgeryError
+from ..io.resolve import open_checkpoint, resolve_source
 
 DTYPES = ("float32", "float64")  # torch loads when a comparison runs, so `surgery --help` stays fast
 
@@ -56,10 +57,13 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
                         dtype: str = "float32", device: str = "auto", tolerance: float | None = None,
                         progress: bool = False) -> PairReport:
     """Both models run layer by layer: memory holds one layer and the reference's final hidden states."""
-    from .execute import pick_device
-    from .ops import Exactness, Promise
-    from .runner import Progress, StreamedModel, compare, evaluate, open_source
-    from .verify import HALF, calibration_ids, judge_measured, measure_reference
+    from ..execute import pick_device
+    from ..runtime.progress import Progress
+    from ..runtime.sources import open_source
+    from ..runtime.streamed import StreamedModel
+    from .data import calibration_ids
+    from .run import Execution, announce
+    from .schedule import CANDIDATE, REFERENCE, pair_schedule
 
     t0 = time.perf_counter()
     import torch
@@ -74,18 +78,18 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
     ids = calibration_ids(ref_dir, data, max_tokens, int(ref_src.config.get("vocab_size") or 0))
     if data != "random":
         check_tokenizers(ref_dir, cand_dir, data, ids, show)
-    half = {m.dtype for m in cand_src.reader.tensors.values() if m.dtype in HALF}
-    storage = max(half, key=lambda d: torch.finfo(d).eps) if half else None
-    ref = measure_reference("reference", ref_src, ids, dev, dt, storage, show)
-    ev = evaluate(cand_src, ids, dev, dt, show, "evaluating candidate")
-    cmp = compare(ref.evaluation, ev)
-    promise = Promise(Exactness.EXACT if tolerance is None else Exactness.APPROXIMATE, "surgery verify")
-    verdict = judge_measured(promise, cmp, ref.floor, tolerance or 0.0, 0, cand_src, ev, ids, dev, dt, show, "candidate",
-                             rounded=storage is not None)
+    half = {m.dtype for m in cand_src.reader.tensors.values() if m.dtype in (torch.bfloat16, torch.float16)}
+    storage = str(max(half, key=lambda d: torch.finfo(d).eps))[6:] if half else None
+    size = sum(math.prod(m.shape) for m in ref_src.reader.tensors.values())
+    s = pair_schedule(dtype, storage, tolerance, size, data, max_tokens)
+    rate = announce(s, int(ids.shape[1]), dev, show)
+    sources = {REFERENCE: ref_src, CANDIDATE: cand_src}
+    (judged,) = Execution(s, lambda model: sources[model.kind], ids, dev, show, rate).run()
+    cmp, verdict = judged.cmp, judged.verdict
     return PairReport(
-        loss_reference=ref.evaluation.loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        loss_reference=cmp.reference_loss, loss_candidate=cmp.loss, rel_change=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
         mean_logit_diff=cmp.mean_logit_diff, kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement,
-        tokens=int(ids.shape[1]), precision=dtype + (f", candidate stores {str(storage)[6:]}" if storage else ""),
+        tokens=int(ids.shape[1]), precision=dtype + (f", candidate stores {storage}" if storage else ""),
         compared_vocab=cmp.compared_vocab, seconds=time.perf_counter() - t0, passed=bool(verdict.passed), rule=verdict.rule,
         failed=verdict.failed, bound=verdict.bound.as_dict() if verdict.bound else None, max_flip_gap=cmp.max_flip_gap,
     )
@@ -93,7 +97,7 @@ def compare_checkpoints(candidate: str, reference: str, data: str = "builtin:pyt
 
 def check_tokenizers(ref_dir: Path, cand_dir: Path, data: str, ids: torch.Tensor, show) -> None:
     """Both models must read the same tokens: a candidate whose tokenizer splits the data differently is refused."""
-    from .verify import tokenize
+    from .data import tokenize
 
     try:
         theirs = tokenize(cand_dir, data, ids.shape[1])
@@ -125,7 +129,7 @@ def check_integrity(output: Path) -> list[str]:
     recorded = doc.get(key) if key else None
     if not isinstance(recorded, dict) or not recorded:
         raise SurgeryError("the report records no file hashes", where=str(report))
-    from .io.writer import file_digests
+    from ..io.digest import file_digests
 
     now = file_digests(output, skip=("surgery_report.json",), algorithm=key.removeprefix("files_"))
     return sorted(f for f in recorded if now.get(f) != recorded[f]) + sorted(f for f in now if f not in recorded)

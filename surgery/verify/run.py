@@ -1,0 +1,292 @@
+"""Executing a schedule: the one path that runs verification's passes and judges each result.
+
+`Execution` runs each pass of a `schedule.Schedule` once, in order, streamed layer by layer (`runtime`), and
+judges every `Judgement` by its rule (`rules`). `verify_plan` executes `schedule(plan)` after `surgery run`
+wrote its output and turns the judgements into the `Report`; `pair.compare_checkpoints` executes
+`pair_schedule` for `surgery verify`. Memory holds one layer plus the evaluations later judgements still need.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..io.grown_tokenizer import NewToken
+from ..report import DeadSlice, ExpertSymmetry, Report, StepResult
+from ..runtime.build import streamable
+from ..runtime.evaluation import Comparison, Evaluation, compare, evaluate
+from ..runtime.progress import QUIET, Progress
+from ..runtime.sources import CheckpointSource, StateSource, TensorSource, open_source
+from ..runtime.streamed import WholeModel
+from .data import calibration_ids, with_new_tokens
+from .diagnosis import variance_culprit
+from .experts import expert_symmetry
+from .gradient_flow import dead_slices, whole_model_dead_slices
+from .pruning import baseline_row, random_baseline
+from .reference import DitheredSource, WrittenRope
+from .rules import EXACT_KINDS, NoiseFloor, Verdict, judge, larger_noise, relative
+from .schedule import OUTPUT, RANDOM, SOURCE, STATE, Judgement, Kind, Pass, Rate, Schedule, schedule, seconds_text
+
+ROPE_BEYOND = "; the written rope frequencies differ from the reference's by more than float32 rounding"
+
+
+@dataclass
+class Judged:
+    """A judgement's result: its comparison with its reference, the verdict, the noise floor it was judged against."""
+    judgement: Judgement
+    cmp: Comparison
+    verdict: Verdict
+    floor: NoiseFloor
+    baseline: Comparison | None = None  # a prune's random baseline against the same reference
+
+
+class Execution:
+    """A schedule being run: each pass once, its evaluation kept while a later judgement still needs it.
+
+    `models` gives the tensor source of each `schedule.Model`; `gradient_ids` and `slices` feed the gradient check."""
+
+    def __init__(self, s: Schedule, models: Callable, ids: torch.Tensor, device: torch.device, progress: Progress = QUIET,
+                 rate: Rate | None = None, gradient_ids: torch.Tensor | None = None, slices=None):
+        self.s, self.models, self.ids, self.device, self.progress = s, models, ids, device, progress
+        self.rate, self.gradient_ids, self.slices = rate, gradient_ids, slices
+        self.done: dict[tuple, Evaluation] = {}
+        self.floors: dict[tuple, NoiseFloor] = {}
+        self.rope: dict[tuple, Comparison] = {}
+        self.dead: list[DeadSlice] = []
+        self.symmetry: list[ExpertSymmetry] = []
+        self.timed = False
+        self.source_loss = float("nan")
+
+    # passes -------------------------------------------------------------------------------------
+    def evaluation(self, p: Pass) -> Evaluation:
+        if p.key not in self.done:
+            source = self.models(p.model)
+            if p.kind == Kind.STORAGE_NOISE:
+                source = DitheredSource(source, getattr(torch, self.s.storage))
+            elif p.kind == Kind.ROPE_NOISE:
+                raise AssertionError("rope noise runs per written frequencies: `rope_floor`")
+            self.done[p.key] = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype),
+                                                               self.progress, p.desc))
+        return self.done[p.key]
+
+    def _timed(self, p: Pass, run):
+        """The first pass re-estimates the rest, said where that is 10 s or more and the estimate was off by over 1.5x."""
+        t0 = time.perf_counter()
+        out = run()
+        if self.rate is not None and not self.timed and self.progress.enabled:
+            rest = [q for q in self.s.passes if not q.when and q.key != p.key]
+            was = sum(self.rate.seconds(q) for q in rest)
+            self.rate = self.rate.timed(time.perf_counter() - t0, p.units)
+            now = sum(self.rate.seconds(q) for q in rest)
+            if max(was, now) >= 10 and not was / 1.5 <= now <= was * 1.5:
+                self.progress.note(f"verification: re-estimated from the first pass, ~ {seconds_text(now)} for the rest")
+        self.timed = True
+        return out
+
+    def floor(self, ref) -> NoiseFloor:
+        """A reference's measured noise floor: its compute noise and, where the output rounds into a half dtype, storage noise."""
+        key = ref.evaluate.key
+        if key not in self.floors:
+            ev = self.evaluation(ref.evaluate)
+            stored = None if ref.storage is None else compare(ev, self.evaluation(ref.storage))
+            self.floors[key] = NoiseFloor(compare(ev, self.evaluation(ref.compute)), stored, self.s.storage)
+        return self.floors[key]
+
+    def rope_floor(self, j: Judgement, floor: NoiseFloor) -> tuple[NoiseFloor, str]:
+        """The floor plus what the candidate's written rope frequencies do to the reference; or what to add to a
+        failed rule where they are further from the reference's than rounding."""
+        written = WrittenRope(self.models(j.reference.evaluate.model), self.models(j.candidate.model).config, j.rope_pairs)
+        if not written.rounding_only:
+            return floor, ROPE_BEYOND
+        key = (j.rope.key, written.key)
+        if key not in self.rope:
+            ev = self._timed(j.rope, lambda: evaluate(written, self.ids, self.device, getattr(torch, j.rope.dtype),
+                                                      self.progress, j.rope.desc))
+            self.rope[key] = compare(self.evaluation(j.reference.evaluate), ev)
+        return replace(floor, rope=self.rope[key]), ""
+
+    def extra(self, p: Pass) -> None:
+        """The gradient-flow check and expert symmetry of the written output."""
+        source, dtype = self.models(p.model), getattr(torch, p.dtype)
+        if p.kind == Kind.SYMMETRY:
+            self.symmetry = expert_symmetry(source, self.ids, self.device, dtype, max_tokens=p.tokens, progress=self.progress)
+        elif streamable(source.config):
+            self.dead = dead_slices(source, self.gradient_ids, self.slices, self.device, dtype, max_tokens=p.tokens,
+                                    progress=self.progress)
+        else:  # an encoder-decoder (T5) runs whole
+            self.dead = whole_model_dead_slices(WholeModel(source, self.device, dtype).model, self.gradient_ids, self.slices,
+                                                max_tokens=p.tokens)
+
+    # judging ------------------------------------------------------------------------------------
+    def verdict(self, j: Judgement, cmp: Comparison, floor: NoiseFloor) -> Verdict:
+        """`rules.judge`; an exact step beyond MARGIN x the reference's compute noise is judged again against the
+        larger of that and the candidate's own, measured: a model whose sums are wider (clone_width) rounds more
+        than its source, and the two may then differ by the sum of both roundings. That pass runs only on a miss."""
+        s = self.s
+        verdict = judge(j.promise, cmp, floor, s.tolerance, s.vocab_size, rounded=j.rounded, prune_tolerance=s.prune_tolerance)
+        if j.own_noise is None or verdict.passed is not False or j.promise.exactness not in EXACT_KINDS:
+            return verdict
+        own = compare(self.evaluation(j.candidate), self.evaluation(j.own_noise))
+        if not own.max_logit_diff > floor.compute.max_logit_diff:
+            return verdict
+        second = judge(j.promise, cmp, replace(floor, compute=larger_noise(floor.compute, own)), s.tolerance, s.vocab_size,
+                       rounded=j.rounded, prune_tolerance=s.prune_tolerance)
+        second.rule += f" (its own {j.candidate.dtype} noise, measured, exceeds the reference's)"
+        return second
+
+    def judged(self, j: Judgement) -> Judged:
+        reference = self.evaluation(j.reference.evaluate)
+        floor = self.floor(j.reference)
+        ev = self.evaluation(j.candidate)
+        if j.final:
+            for p in self.s.extra:
+                self.extra(p)
+        cmp = compare(reference, ev)
+        beyond = ""
+        if j.rope is not None:
+            floor, beyond = self.rope_floor(j, floor)
+        verdict = self.verdict(j, cmp, floor)
+        if beyond and verdict.passed is False:
+            verdict.rule += beyond
+        if j.becomes is not None:
+            self.floor(j.becomes)
+        base = None if j.baseline is None else compare(reference, self.evaluation(j.baseline))
+        if j.culprit is not None and verdict.passed is False:
+            name, gain = variance_culprit(self.models(j.culprit.model), self.ids, self.device, getattr(torch, j.culprit.dtype),
+                                          max_tokens=j.culprit.tokens)
+            verdict.rule += f"; {name} amplifies its input's std {gain:.1f}x"
+        if j.shown:
+            verdict = Verdict(None, j.shown, [], verdict.bound)
+        return Judged(j, cmp, verdict, floor, base)
+
+    def run(self) -> list[Judged]:
+        self.source_loss = self.evaluation(self.s.source.evaluate).loss
+        self.floor(self.s.source)
+        out = []
+        for i, j in enumerate(self.s.judgements):
+            out.append(self.judged(j))
+            later = self.s.judgements[i + 1:]
+            keep = {p.key for k in later for p in (*k.passes(), k.reference.evaluate)}
+            self.done = {k: v for k, v in self.done.items() if k in keep}
+        return out
+
+
+def announce(s: Schedule, tokens: int, device: torch.device, progress: Progress) -> Rate:
+    """The rate the estimate assumes, after saying, before any work, what will run and for about how long."""
+    rate = Rate.assumed(s.parameters, tokens, device.type, torch.get_num_threads())
+    progress.note(s.headline(rate))
+    return rate
+
+
+class PlanModels:
+    """The tensor source of each model a plan's schedule runs; the random baseline also says what it dropped."""
+
+    def __init__(self, p, out_dir: Path):
+        self.p, self.out_dir, self.sources, self.dropped = p, out_dir, {}, {}
+
+    def __call__(self, model) -> TensorSource:
+        key = (model.kind, model.op_index)
+        if key not in self.sources:
+            p = self.p
+            step = p.steps[model.op_index] if model.op_index is not None else None
+            if model.kind == SOURCE:
+                self.sources[key] = CheckpointSource(p.checkpoint, str(p.source_dir))
+            elif model.kind == OUTPUT:
+                self.sources[key] = open_source(self.out_dir)
+            elif model.kind == STATE:
+                self.sources[key] = StateSource(step.state, p.checkpoint, f"after {model.label}")
+            elif model.kind == RANDOM:
+                base, self.dropped[model.op_index] = random_baseline(p, step)
+                self.sources[key] = StateSource(base, p.checkpoint, f"ops[{step.index}] {step.op.op} with importance: random")
+            else:
+                raise AssertionError(f"a plan has no {model.kind} model")
+        return self.sources[key]
+
+
+def verify_plan(p, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None, progress: Progress = QUIET,
+                rate: Rate | None = None) -> Report:
+    """Loss and logits of the source, of every intermediate step (per_op), and of the written output, as
+    `schedule(p)` says; `rate`: the estimate already announced (else it is announced here)."""
+    s = schedule(p)
+    v = p.loaded.recipe.verify
+    if ids is None:
+        ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
+    rate = rate or announce(s, int(ids.shape[1]), device, progress)
+    models = PlanModels(p, out_dir)
+    added = p.final.spec.meta.added_tokens
+    ex = Execution(s, models, ids, device, progress, rate, with_new_tokens(ids, added), p.final.output_slices())
+    results = ex.run()
+    source_loss = ex.source_loss
+    steps = [step_result(r, source_loss) for r in results if r.judgement.row]
+    pruning = [baseline_row(p.steps[r.judgement.op_index], p.steps[r.judgement.op_index].promise.pruning, r.cmp, r.baseline,
+                            models.dropped.get(r.judgement.op_index), source_loss, r.judgement.reference.label)
+               for r in results if r.judgement.prune]
+    final = results[-1]
+    cmp, verdict = final.cmp, final.verdict
+    ok, rule = verdict.passed, verdict.rule
+    failing = next((s for s in steps if s.passed is False), None)
+    if ok and failing is not None:  # a judged earlier state (or the math before rounding) broke its promise
+        ok, rule = False, f"{failing.op}: {failing.rule}"
+    if ex.dead:
+        ok = False
+        rule += f"; {len(ex.dead)} new slice(s) get no gradient"
+    wrong = tokenizer_problems(out_dir, added)
+    if wrong:
+        ok = False
+        rule += f"; tokenizer: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else "")
+    floor = final.floor
+    return Report(
+        loss_source=source_loss, loss_output=cmp.loss, rel_change=relative(cmp.loss, source_loss),
+        rel_change_vs_reference=cmp.rel_change, max_logit_diff=cmp.max_logit_diff,
+        mean_logit_diff=cmp.mean_logit_diff, top1_agreement=cmp.top1_agreement, kl_divergence=cmp.kl_divergence, passed=ok, rule=rule,
+        promise=f"{p.promise.exactness.value}: {p.promise.reason}", params_source=p.initial.num_parameters,
+        params_output=p.final.num_parameters, tokens=int(ids.shape[1]),
+        precision=s.dtype + (f" compute, rounded weights stored as {s.storage} (judged against measured "
+                             f"{s.storage} rounding noise)" if s.storage else ""),
+        steps=steps, broken_by=broken_by(steps, p) if not ok else None, dead_slices=ex.dead, expert_symmetry=ex.symmetry,
+        reference=final.judgement.reference.label, pruning=pruning,
+        bound=verdict.bound.as_dict() if verdict.bound else None, failed=verdict.failed,
+        noise_floor={"compute": asdict(floor.compute), "storage": asdict(floor.storage) if floor.storage else None,
+                     "rope": asdict(floor.rope) if floor.rope else None},
+    )
+
+
+def step_result(r: Judged, source_loss: float) -> StepResult:
+    j, cmp = r.judgement, r.cmp
+    return StepResult(op=j.row, loss=cmp.loss, rel_change=relative(cmp.loss, source_loss), max_logit_diff=cmp.max_logit_diff,
+                      exactness=j.promise.exactness.value, rule=r.verdict.rule, passed=r.verdict.passed, op_index=j.op_index,
+                      kl_divergence=cmp.kl_divergence, top1_agreement=cmp.top1_agreement, reference=j.reference.label,
+                      rel_change_vs_reference=cmp.rel_change)
+
+
+def broken_by(steps: list[StepResult], p) -> str | None:
+    """The op (or the ops) between the last state that passed and the first that failed: with
+    per_op: false or approximate intermediate steps, one state cannot name one op."""
+    good = -1  # the source
+    for s in steps:
+        if s.passed is False:
+            first = good + 1
+            if first == s.op_index:
+                return f"ops[{first}] {p.steps[first].op.op}"
+            return f"one of ops[{first}..{s.op_index}] ({', '.join(st.op.op for st in p.steps[first:s.op_index + 1])})"
+        if s.passed:
+            good = s.op_index
+    return None
+
+
+def tokenizer_problems(out_dir: Path, added: list[NewToken] | None) -> list[str]:
+    """Each added token, encoded by the output's tokenizer as users load it, must be exactly its one planned id."""
+    if not added:
+        return []
+    from ..io.grown_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out_dir)
+    out = []
+    for a in added:
+        got = tok(a.content, add_special_tokens=False)["input_ids"]
+        if got != [a.id]:
+            out.append(f"{a.content!r} encodes as {got}, not [{a.id}]")
+    return out
