@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from . import interrupt
 from .card import config_file, write_model_card, write_resolved_recipe
 from .errors import SurgeryError
-from .execute import compute_dtype_for, copy_side_files, materialize, pick_device, write_output
+from .execute import compute_dtype_for, copy_side_files, materialize, output_tensors, pick_device, write_output
 from .io.atomic import AtomicOutput
 from .io.checkpoint import InMemoryCheckpoint
 from .io.grown_tokenizer import write_tokenizer
@@ -32,6 +33,7 @@ from .runtime.build import disk_layout, model_from_tensors, skeleton
 from .runtime.progress import Progress
 from .verify.data import calibration_ids
 from .verify.run import verify_plan
+from .verify.schedule import Rate, schedule, seconds_text
 
 FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
 
@@ -103,6 +105,7 @@ def run(
         raise loaded.error(e) from None
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
+    rate = announce_phases(p, out_spec.dtype, ids, dev) if progress else None
     if any(s.promise.pruning is not None for s in p.steps):  # which units go: measured now, before any weight is written
         p = compile_plan(loaded, p.source_dir, p.checkpoint, ids, measure=True, device=dev, progress=show)
     atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir, run_inputs(loaded, verify))
@@ -124,7 +127,7 @@ def run(
         if verify:
             t1 = time.perf_counter()
             try:  # Ctrl-C now keeps the complete weights, marked unverified
-                report = verify_plan(p, tmp, dev, ids, show)  # first says what it will run and for about how long
+                report = verify_plan(p, tmp, dev, ids, show, rate)  # first says what it will run and for about how long
                 interrupt.check()
             except KeyboardInterrupt:
                 interrupt.caught()
@@ -139,6 +142,26 @@ def run(
     if stopped:
         raise interrupt.VerificationInterrupted(atomic.written_to, interrupt.verify_later(atomic.written_to, p.promise.exactness))
     return RunResult(atomic.written_to, p, report)
+
+
+WRITE_BYTES_PER_SECOND = 0.5e9  # assumed: growths stream at 2-3x cp's time on 2 cores (benchmarks/RESULTS.md)
+
+
+def announce_phases(p: Plan, dtype: str, ids, device: torch.device) -> Rate | None:
+    """Before any work, one line on stdout naming the run's phases and about how long each takes (stderr keeps
+    its one line for an error); returns the verification estimate's rate, so verification need not say it again."""
+    nbytes = sum(math.prod(node.shape) * target.itemsize for _, node, target in output_tensors(p.final, dtype))
+    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    parts = [f"write {size} ~ {seconds_text(nbytes / WRITE_BYTES_PER_SECOND)}"]
+    if any(s.promise.pruning is not None for s in p.steps):
+        parts.insert(0, "measure importance")
+    rate = None
+    if ids is not None:
+        s = schedule(p)
+        rate = Rate.assumed(s.parameters, int(ids.shape[1]), device.type, torch.get_num_threads())
+        parts.append(s.headline(rate))
+    print("phases: " + "; then ".join(parts), flush=True)
+    return rate
 
 
 def run_inputs(loaded: LoadedRecipe, verify: bool) -> tuple[tuple[str, Path], ...]:

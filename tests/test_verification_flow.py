@@ -1,5 +1,8 @@
 """Verification fails early with the reason, works without a tokenizer, and says what it is doing."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,16 +57,23 @@ PRUNE_THEN_GROW = ("name: t\nsource: builtin:tiny-llama\nops:\n  - op: prune_mlp
                    "  - op: grow_mlp\n    intermediate_size: x2\nverify:\n  max_tokens: 128\n")
 
 
-def test_a_verified_run_first_names_its_phases_with_an_estimate_then_runs_exactly_those(tmp_path, write_recipe, capsys):
+def run_merged(args: list[str]) -> list[str]:
+    """`surgery ARGS` in a fresh interpreter, stdout and stderr as one stream in the order they were written."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "surgery", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout
+    return done.stdout.splitlines()
+
+
+def test_a_verified_run_first_names_its_phases_with_an_estimate_then_runs_exactly_those(tmp_path, write_recipe):
     r = write_recipe("name: t\nsource: builtin:tiny-llama\nops:\n  - op: grow_heads\n    num_heads: x2\n  - op: rescale_norm\n")
-    assert main(["run", str(r), "--output", str(tmp_path / "o")]) == 0
-    err = capsys.readouterr().err.splitlines()
-    head = next(i for i, line in enumerate(err) if line.startswith("verification: "))
-    m = re.fullmatch(r"verification: (\d+) passes \(source, noise floor, 2 steps, gradient check\) ~ \d+ s", err[head])
-    assert m, err[head]
-    ran = [line for line in err[head + 1:] if PHASE.fullmatch(line)]
+    lines = run_merged(["run", str(r), "--output", str(tmp_path / "o")])
+    m = re.fullmatch(r"phases: write \d+\.\d MB ~ \d+ s; then verification: (\d+) passes "
+                     r"\(source, noise floor, 2 steps, gradient check\) ~ \d+ s", lines[0])
+    assert m, lines[:3]
+    ran = [line for line in lines[1:] if PHASE.fullmatch(line) and not line.startswith("wrote ")]
     assert len(ran) == int(m.group(1)) == 5 and ran[0].startswith("evaluating source: loss")
-    assert not any(line.startswith(("evaluating", "noise floor", "gradient")) for line in err[:head])
 
 
 def test_surgery_plan_lists_the_passes_a_run_then_runs_in_that_order(tmp_path, write_recipe, capsys):
@@ -73,10 +83,9 @@ def test_surgery_plan_lists_the_passes_a_run_then_runs_in_that_order(tmp_path, w
     listed = re.findall(r"^ +\d+\. (.+?) \[\w+\](?:: (.*))?$", out, re.M)
     planned = [desc for desc, what in listed if not what.startswith("only if")]
     assert re.search(r"^verification: 7 passes \(source, noise floor x2, 2 steps, random baseline, gradient check\) ~ ", out, re.M)
-    assert main(["run", str(r), "--output", str(tmp_path / "o")]) == 0
-    err = capsys.readouterr().err.splitlines()
-    head = next(i for i, line in enumerate(err) if line.startswith("verification: "))
-    ran = [line for line in err[head + 1:] if PHASE.fullmatch(line)]
+    lines = run_merged(["run", str(r), "--output", str(tmp_path / "o")])
+    assert lines[0].startswith("phases: measure importance; then write ") and "; then verification: 7 passes" in lines[0]
+    ran = [line for line in lines[1:] if PHASE.fullmatch(line) and line.startswith(("evaluating", "noise floor", "gradient"))]
     assert len(ran) == len(planned) == 7 and all(line.startswith(desc) for line, desc in zip(ran, planned)), (planned, ran)
 
 
