@@ -33,6 +33,7 @@ from .runtime.build import disk_layout, model_from_tensors, skeleton
 from .runtime.progress import Progress
 from .verify.data import calibration_ids
 from .verify.run import verify_plan
+from .text_table import fit_lines, terminal_width
 from .verify.schedule import Rate, schedule, seconds_text
 
 FORMATS = {"hf": HfFormat, "mistral": MistralFormat}  # output.format -> how the executor lays the output out
@@ -160,7 +161,7 @@ def announce_phases(p: Plan, dtype: str, ids, device: torch.device) -> Rate | No
         s = schedule(p)
         rate = Rate.assumed(s.parameters, int(ids.shape[1]), device.type, torch.get_num_threads())
         parts.append(s.headline(rate))
-    print("phases: " + "; then ".join(parts), flush=True)
+    print("\n".join(fit_lines(["phases: " + "; then ".join(parts)], terminal_width(watched=True))), flush=True)
     return rate
 
 

@@ -75,6 +75,29 @@ def recorded_reference(output: Path) -> tuple[Path, Recorded]:
     return source_dir, rec
 
 
+def verify_as_run(output: Path, device: str = "auto"):
+    """OUT judged exactly as the run that wrote it judged it: its recorded recipe's plan against the recorded
+    source, and that plan's verification schedule (`verify.run.verify_plan`), on the recipe's data and tokens:
+    the same passes, rules and bounds `surgery plan` lists, so a later check is never looser than the run's."""
+    from .execute import pick_device
+    from .plan import compile_plan
+    from .recipe.loader import load_recipe
+    from .runtime.progress import Progress
+    from .verify.data import calibration_ids
+    from .verify.run import verify_plan
+
+    source_dir, rec = recorded_reference(Path(output))
+    loaded = load_recipe(Path(output) / RECIPE)
+    print(f"reference: {rec.source}, the source {output} records (content hash matches); judged as the run judged it: "
+          "its recipe's verification", file=sys.stderr, flush=True)
+    p = compile_plan(loaded, source_dir)
+    v, show, dev = loaded.recipe.verify, Progress(True), pick_device(device)
+    ids = calibration_ids(source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, loaded.recipe.seed)
+    if any(s.promise.pruning is not None for s in p.steps):  # the run's choice of units, made again on the same data
+        p = compile_plan(loaded, source_dir, p.checkpoint, ids, measure=True, device=dev, progress=show)
+    return verify_plan(p, Path(output), dev, ids, show)
+
+
 def fill_defaults(args) -> None:
     """`surgery verify`'s reference, data, max_tokens and tolerance where not given: --against keeps the
     command's own defaults; without it, the recorded source and the recipe's verify settings."""

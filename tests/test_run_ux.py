@@ -100,8 +100,11 @@ def test_verify_without_against_compares_with_the_recorded_source(made, capsys):
     capsys.readouterr()
     assert main(["verify", str(out)]) == 0
     cap = capsys.readouterr()
-    assert f"reference: {src}, the source {out} records (content hash matches); judged as the same function (exact)" in cap.err
-    assert "verdict PASSED: exact" in cap.out
+    assert f"reference: {src}, the source {out} records (content hash matches); judged as the run judged it" in cap.err
+    assert "verification PASSED" in cap.out
+    assert main(["verify", str(out), "--max-tokens", "512"]) == 0  # an option of its own: a comparison of two checkpoints
+    cap = capsys.readouterr()
+    assert "judged as the same function (exact)" in cap.err and "verdict PASSED: exact" in cap.out
 
 
 @pytest.mark.parametrize("how", ["moved", "changed"])
@@ -123,18 +126,20 @@ def test_verify_without_against_refuses_a_moved_or_changed_source_in_one_line(ma
         assert main(["verify", str(out), "--against", str(elsewhere)]) == 0
 
 
-def test_verify_without_against_judges_an_approximate_recipe_by_its_tolerance_and_refuses_a_reinit(tmp_path, capsys):
+def test_verify_alone_judges_by_the_recipe_s_own_rules_and_a_comparison_by_its_promise_refusing_a_reinit(tmp_path, capsys):
     (tmp_path / "approx.yaml").write_text("name: a\nsource: builtin:tiny-stablelm\nops:\n  - op: grow_heads\n    num_heads: x1.25\n"
                                           "    init: zeros\n  - op: rescale_norm\nverify:\n  tolerance: 0.5\n")
     (tmp_path / "reinit.yaml").write_text("name: r\nsource: builtin:tiny-llama\nops:\n  - op: reinit\n    method: hf\n")
     for name in ("approx", "reinit"):
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--output", str(tmp_path / name), "--no-verify"]) == 0
     capsys.readouterr()
-    assert main(["verify", str(tmp_path / "approx")]) == 0
+    assert main(["verify", str(tmp_path / "approx"), "--max-tokens", "2048"]) == 0
     assert "judged as an approximation within the recipe's tolerance 0.5" in capsys.readouterr().err
-    assert main(["verify", str(tmp_path / "reinit")]) == 2
+    assert main(["verify", str(tmp_path / "reinit"), "--max-tokens", "2048"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "promise is re-initialisation" in err and "--tolerance T" in err
+    assert main(["verify", str(tmp_path / "reinit")]) == 0  # alone: judged by its own rule, the initial loss
+    assert "reinit: loss <= 2 ln(vocab)" in capsys.readouterr().out
 
 
 def test_verify_of_a_checkpoint_surgery_did_not_write_asks_for_against(source, capsys):

@@ -59,7 +59,7 @@ PRUNE_THEN_GROW = ("name: t\nsource: builtin:tiny-llama\nops:\n  - op: prune_mlp
 
 def run_merged(args: list[str]) -> list[str]:
     """`surgery ARGS` in a fresh interpreter, stdout and stderr as one stream in the order they were written."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": ""}  # lines whole
     done = subprocess.run([sys.executable, "-m", "surgery", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import recorded_source
+from ..text_table import terminal_width
 from ..errors import SurgeryError
 from ..io.resolve import open_checkpoint, resolve_source
 
@@ -150,7 +151,8 @@ def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="compare two checkpoints, or re-check an output's file hashes")
     p.add_argument("output", help="the checkpoint to check")
     p.add_argument("--against", help="reference checkpoint (directory, hub id or builtin:NAME); default: the source an "
-                   "output of surgery records, if its content hash still matches, judged by its recipe's promise")
+                   "output of surgery records, if its content hash still matches: then, with no other option, the output "
+                   "is judged by its recipe's own verification (the passes and rules of the run that wrote it)")
     p.add_argument("--integrity", action="store_true", help="re-check the hash (BLAKE3) of every file the report recorded")
     p.add_argument("--data",
                    help="evaluation text: builtin:python-license, a text file, a directory of .txt files, a saved "
@@ -179,6 +181,10 @@ def run_verify(args) -> int:
         print("integrity ok: every file matches its recorded hash")
         if not args.against:
             return 0
+    if not (args.against or args.data or args.max_tokens or args.tolerance is not None or args.dtype != "float32"):
+        report = recorded_source.verify_as_run(Path(args.output), args.device)  # the run's own passes and rules
+        print(json.dumps(asdict(report), indent=2) if args.json else report.table(width=terminal_width(watched=True)))
+        return 0 if report.passed else 1
     recorded_source.fill_defaults(args)
     rep = compare_checkpoints(args.output, args.against, args.data, args.max_tokens, args.dtype, args.device, args.tolerance,
                               progress=True)
