@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import numpy as np
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from .finite import tensor_non_finite
 from .lazy import LazyTensor, evaluate, storage_exact
+from .ops.slices import new_entry_blocks
+from .rowwise import ahead, block_cost, byte_blocks, in_blocks, placed
 from .io.writer import (PlannedTensor, Pieces, ShardWriter, SourceBytes, assign_shards, layout_order, parse_size, shard_file_names,
                         write_index)
 from .modeling import MODELING_FILE, patched_output_config
@@ -88,15 +91,30 @@ class FiniteReader:
     def __init__(self, reader):
         self.reader = reader
 
+    @property
+    def reads_rows(self) -> bool:
+        return bool(getattr(self.reader, "reads_rows", False))
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.reader.load_rows(name, start, stop)
+        if t.is_floating_point() and tensor_non_finite(t):  # the error counts the whole tensor's, row block by block
+            rows, step = self.reader.tensors[name].shape[0], max(1, stop - start)
+            self._refuse(name, sum(tensor_non_finite(self.reader.load_rows(name, a, min(rows, a + step)))
+                                   for a in range(0, rows, step)))
+        return t
+
     def load(self, name: str) -> torch.Tensor:
         t = self.reader.load(name)
         bad = tensor_non_finite(t) if t.is_floating_point() else 0
         if bad:
-            from .errors import SurgeryError
-
-            raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
-                               where=str(getattr(self.reader, "path", "source")))
+            self._refuse(name, bad)
         return t
+
+    def _refuse(self, name: str, bad: int):
+        from .errors import SurgeryError
+
+        raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
+                           where=str(getattr(self.reader, "path", "source")))
 
 
 def source_bytes(reader, name: str) -> SourceBytes | None:
@@ -167,19 +185,18 @@ def grown_pieces(node: LazyTensor, layout: KeptLayout, reader, device: torch.dev
     them (same device and dtype); a zero fill is left to the file, which reads zero where never written."""
     g = node.growth
     src = node.inputs[0]
-    data: list[tuple[int, memoryview]] = []
+    data: Iterable[tuple[int, memoryview]] = []
     if g.fill.kind != "zeros":
         cdt = d if storage_exact(node, d) else cd
         shape = list(src.shape)
         shape[g.axis] = g.new_size - len(g.dest)
-        if g.fill.reads_values:  # read through the run's reader: checked finite and hashed there
-            vals = g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis])
-        else:
-            vals = g.fill.constant(shape, cdt, device)
-        vals = vals.to(dtype=cdt).to(dtype=d).to("cpu").contiguous()
-        flat = memoryview(vals.reshape(-1).view(torch.uint8).numpy())
-        block = shape[g.axis] * layout.unit  # one outer block's new entries
-        data = [(at, flat[o * block + k * layout.unit:o * block + (k + n) * layout.unit]) for o, k, at, n in layout.new]
+        blocks = new_entry_blocks(node, reader, device, cdt)
+        if blocks is None:  # the fill reads its whole input: read through the run's reader, checked finite and hashed there
+            blocks = [g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis]).to(dtype=cdt)]
+        else:  # computed block by block as the writer takes them, one ahead
+            blocks = ahead(b.to(dtype=d).to("cpu") for b in blocks)
+        unit = layout.unit // d.itemsize  # values per entry
+        data = placed(blocks, [((o * shape[g.axis] + k) * unit, at, n * unit) for o, k, at, n in layout.new], d)
     return Pieces(layout.source, node.shape, d, layout.copies, data, checked=g.fill.reads_values)
 
 
@@ -263,6 +280,7 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
     copies = byte_copies(state, dtype)
 
     layouts = {n: lay for n, (node, d) in nodes.items() if n not in copies and (lay := kept_layout(node, d, reader.reader))}
+    blocked = {n for n, (node, d) in nodes.items() if n not in copies and n not in layouts and in_blocks(node)}
 
     def compute(name: str) -> torch.Tensor | SourceBytes | Pieces:
         node, d = nodes[name]
@@ -271,7 +289,10 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         if name in layouts:  # a growth: the kernel copies the kept entries, only the new ones are computed
             return grown_pieces(node, layouts[name], reader, device, cd, d)
         # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
-        t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
+        cdt = d if storage_exact(node, d) else cd
+        if name in blocked:  # rows from its inputs' rows: computed and written a block at a time, as the writer takes them
+            return Pieces(None, node.shape, d, [], byte_blocks(node, reader, device, cdt, d), checked=True)
+        t = evaluate(node, reader, device, cdt)
         return t.to(dtype=d) if t.is_floating_point() else t
 
     # CPU-bound growths use both cores: a second tensor computes beside the first while the two cost no
@@ -282,9 +303,12 @@ def write_weights(state: ModelState, reader, out_dir: Path, device: torch.device
         node, d = nodes[name]
         if name in copies:
             return 0
-        if name in layouts:  # a growth in pieces holds its new entries, and its source where the fill reads it
-            src = node.inputs[0]
-            return (node.numel - src.numel) * max(cd.itemsize, d.itemsize) + layouts[name].source.nbytes * node.growth.fill.reads_values
+        if name in blocked:
+            return block_cost()
+        if name in layouts:  # a growth in pieces holds its new entries, and its source where the fill reads it, or blocks of them
+            src, g = node.inputs[0], node.growth
+            whole = (node.numel - src.numel) * max(cd.itemsize, d.itemsize) + layouts[name].source.nbytes * g.fill.reads_values
+            return min(whole, block_cost()) if g.fill.in_row_blocks(g.axis) else whole
         return node.numel * max(cd.itemsize, d.itemsize)
 
     costs = {n: cost(n) for n in nodes}

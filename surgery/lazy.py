@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery valid
     import torch
 
     from .ops.slices import AxisGrowth
+    from .rowwise import RowRule
 
 
 class TensorReader(Protocol):
@@ -41,6 +42,8 @@ class LazyTensor:
     # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.AxisGrowth`):
     # the writer then copies the kept elements' bytes from the source file instead of computing them.
     growth: AxisGrowth | None = field(default=None, repr=False)
+    # How `fn` computes a block of output rows from its inputs' rows (`rowwise.RowRule`); None: only whole.
+    rows: RowRule | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -50,9 +53,9 @@ class LazyTensor:
         return n
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "",
-            kind: str | None = None, fixed: tuple[float, ...] = ()) -> "LazyTensor":
+            kind: str | None = None, fixed: tuple[float, ...] = (), rows: RowRule | None = None) -> "LazyTensor":
         return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label, kind=kind,
-                          fixed=tuple(fixed))
+                          fixed=tuple(fixed), rows=rows)
 
 
 def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:
