@@ -2,7 +2,8 @@
 
 An op never touches data. It maps each `LazyTensor` of the model state to a new one whose `fn`
 computes it from its `inputs`. Planning reads only shapes; executing evaluates one output tensor
-at a time, so memory holds one tensor's chain of work, never the model.
+at a time, so memory holds one tensor's chain of work, never the model (and a large tensor whose
+nodes all have row rules, `rowwise`, one block of its rows at a time).
 """
 from __future__ import annotations
 

@@ -140,11 +140,12 @@ class RowEvaluator:
 
     def rows(self, n: LazyTensor, start: int, stop: int) -> torch.Tensor:
         if n.fn is None:
-            if has_rows(self.reader):
+            if has_rows(self.reader) and n.numel * 4 > BLOCK_BYTES:
                 t = self.reader.load_rows(n.source, start, stop)
-            else:  # a reader of whole tensors only: read once, sliced
+            else:  # a small tensor, or a reader of whole tensors only: read once for every pass, sliced
                 if n.source not in self._whole:
-                    self._whole[n.source] = self.reader.load(n.source)
+                    self._whole[n.source] = (self.reader.load_rows(n.source, 0, n.shape[0]) if has_rows(self.reader)
+                                             else self.reader.load(n.source))
                 t = self._whole[n.source][start:stop]
             t = t.to(device=self.device, dtype=self.dtype)
         else:
