@@ -193,7 +193,7 @@ def grown_pieces(node: LazyTensor, layout: KeptLayout, reader, device: torch.dev
         blocks = new_entry_blocks(node, reader, device, cdt)
         if blocks is None:  # the fill reads its whole input: read through the run's reader, checked finite and hashed there
             blocks = [g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis]).to(dtype=cdt)]
-        else:  # computed block by block as the writer takes them, one ahead
+        else:  # computed block by block on a thread of their own, one ahead of the writer
             blocks = ahead(b.to(dtype=d).to("cpu") for b in blocks)
         unit = layout.unit // d.itemsize  # values per entry
         data = placed(blocks, [((o * shape[g.axis] + k) * unit, at, n * unit) for o, k, at, n in layout.new], d)

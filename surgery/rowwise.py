@@ -28,7 +28,7 @@ from .lazy import LazyTensor, generator
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
 
-BLOCK_BYTES = 64 << 20  # float32 bytes of output rows computed at a time; smaller tensors are computed whole
+BLOCK_BYTES = 32 << 20  # float32 bytes of output rows computed at a time; smaller tensors are computed whole
 DRAW_VALUES = 1 << 20  # values per block of a random draw (a fixed part of the draw's definition)
 
 
@@ -180,53 +180,61 @@ def _post_order(node: LazyTensor) -> list[LazyTensor]:
 
 def byte_blocks(node: LazyTensor, reader, device, dtype, out_dtype) -> Iterator[tuple[int, memoryview]]:
     """(byte offset in the tensor, bytes) of `node` in `out_dtype`, computed in `dtype` block by block.
-    Statistics are computed now; the blocks once the iterator is consumed, one ahead of it (`ahead`)."""
+    Statistics are computed now, then the blocks on a thread of their own, one ahead of the writer (`ahead`)."""
     ev = RowEvaluator(node, reader, device, dtype)
     ev.prepare()
     return ahead(_as_bytes(ev.blocks(), out_dtype))
 
 
-def ahead(items: Iterator, depth: int = 1) -> Iterator:
-    """`items` produced on a thread of their own from the first request on, up to `depth` ahead of the
-    consumer: the writer writes one block while the next is computed. Its errors reach the consumer;
-    a consumer that stops early stops it."""
-    import queue
+class ahead:
+    """`items` produced on a thread of their own from now on, up to `depth` ahead of the consumer: a tensor's
+    blocks are computed while earlier tensors and its own earlier blocks are written. Its errors reach the
+    consumer; a consumer that stops early, or drops it unread, stops it."""
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    def __init__(self, items: Iterator, depth: int = 1):
+        import queue
 
-    def put(item) -> bool:
-        while not stop.is_set():
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():  # holds no reference to self: dropping the consumer's side stops it (`__del__`)
             try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+                for x in items:
+                    if not put((True, x)):
+                        return
+                put((False, None))
+            except BaseException as e:  # handed to the consumer, raised there
+                put((False, e))
 
-    def produce():
+        self._q, self._stop = q, stop
+        self._worker = threading.Thread(target=produce, name="rows", daemon=True)
+        self._worker.start()
+
+    def __iter__(self) -> Iterator:
         try:
-            for x in items:
-                if not put((True, x)):
+            while True:
+                more, x = self._q.get()
+                if not more:
+                    if x is not None:
+                        raise x
                     return
-            put((False, None))
-        except BaseException as e:  # handed to the consumer, raised there
-            put((False, e))
+                yield x
+                del x
+        finally:
+            self._stop.set()
+            self._worker.join()
 
-    worker = threading.Thread(target=produce, name="rows", daemon=True)
-    worker.start()
-    try:
-        while True:
-            more, x = q.get()
-            if not more:
-                if x is not None:
-                    raise x
-                return
-            yield x
-            del x
-    finally:
-        stop.set()
-        worker.join()
+    def __del__(self):
+        self._stop.set()
 
 
 def _as_bytes(blocks: Iterator[torch.Tensor], out_dtype):
