@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import numpy as np
@@ -29,6 +29,8 @@ from .lazy import LazyTensor, evaluate, storage_exact
 from .io.checkpoint import SourceDigest
 from .io.writer import PlannedTensor, Pieces, ShardWriter, SourceBytes, layout_order
 from .modeling import MODELING_FILE
+from .ops.slices import new_entry_blocks
+from .rowwise import ahead, block_cost, byte_blocks, in_blocks, placed
 from .state import ModelState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -96,13 +98,28 @@ class FiniteReader:
     def __init__(self, reader):
         self.reader = reader
 
+    @property
+    def reads_rows(self) -> bool:
+        return bool(getattr(self.reader, "reads_rows", False))
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.reader.load_rows(name, start, stop)
+        if t.is_floating_point() and tensor_non_finite(t):  # the error counts the whole tensor's, row block by block
+            rows, step = self.reader.tensors[name].shape[0], max(1, stop - start)
+            self._refuse(name, sum(tensor_non_finite(self.reader.load_rows(name, a, min(rows, a + step)))
+                                   for a in range(0, rows, step)))
+        return t
+
     def load(self, name: str) -> torch.Tensor:
         t = self.reader.load(name)
         bad = tensor_non_finite(t) if t.is_floating_point() else 0
         if bad:
-            raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
-                               where=str(getattr(self.reader, "path", "source")))
+            self._refuse(name, bad)
         return t
+
+    def _refuse(self, name: str, bad: int):
+        raise SurgeryError(f"tensor {name!r} holds {bad} NaN/Inf value(s); refusing to operate on a non-finite model",
+                           where=str(getattr(self.reader, "path", "source")))
 
 
 def source_bytes(reader, name: str) -> SourceBytes | None:
@@ -173,19 +190,18 @@ def grown_pieces(node: LazyTensor, layout: KeptLayout, reader, device: torch.dev
     them (same device and dtype); a zero fill is left to the file, which reads zero where never written."""
     g = node.growth
     src = node.inputs[0]
-    data: list[tuple[int, memoryview]] = []
+    data: Iterable[tuple[int, memoryview]] = []
     if g.fill.kind != "zeros":
         cdt = d if storage_exact(node, d) else cd
         shape = list(src.shape)
         shape[g.axis] = g.new_size - len(g.dest)
-        if g.fill.reads_values:  # read through the run's reader: checked finite and hashed there
-            vals = g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis])
-        else:
-            vals = g.fill.constant(shape, cdt, device)
-        vals = vals.to(dtype=cdt).to(dtype=d).to("cpu").contiguous()
-        flat = memoryview(vals.reshape(-1).view(torch.uint8).numpy())
-        block = shape[g.axis] * layout.unit  # one outer block's new entries
-        data = [(at, flat[o * block + k * layout.unit:o * block + (k + n) * layout.unit]) for o, k, at, n in layout.new]
+        blocks = new_entry_blocks(node, reader, device, cdt)
+        if blocks is None:  # the fill reads its whole input: read through the run's reader, checked finite and hashed there
+            blocks = [g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis]).to(dtype=cdt)]
+        else:  # computed block by block on a thread of their own, one ahead of the writer
+            blocks = ahead(b.to(dtype=d).to("cpu") for b in blocks)
+        unit = layout.unit // d.itemsize  # values per entry
+        data = placed(blocks, [((o * shape[g.axis] + k) * unit, at, n * unit) for o, k, at, n in layout.new], d)
     return Pieces(layout.source, node.shape, d, layout.copies, data, checked=g.fill.reads_values)
 
 
@@ -299,6 +315,8 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
     cd = compute_dtype_for(state)
     layouts = {n: lay for n, o in outputs.items()
                if n not in copies and o.transform is None and (lay := kept_layout(o.node, o.dtype, hashed))}
+    blocked = {n for n, o in outputs.items()
+               if n not in copies and n not in layouts and o.transform is None and in_blocks(o.node)}
 
     def compute(name: str) -> torch.Tensor | SourceBytes | Pieces:
         o = outputs[name]
@@ -308,7 +326,10 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
         if name in layouts:  # a growth: the kernel copies the kept entries, only the new ones are computed
             return grown_pieces(node, layouts[name], reader, device, cd, d)
         # copies, pads and permutations of tensors stored in d run in d: the same bits, no float32 round trip
-        t = evaluate(node, reader, device, d if storage_exact(node, d) else cd)
+        cdt = d if storage_exact(node, d) else cd
+        if name in blocked:  # rows from its inputs' rows: computed and written a block at a time, as the writer takes them
+            return Pieces(None, node.shape, d, [], byte_blocks(node, reader, device, cdt, d), checked=True)
+        t = evaluate(node, reader, device, cdt)
         if o.transform is not None:
             t = o.transform(t)
         return t.to(dtype=d) if t.is_floating_point() else t
@@ -322,9 +343,12 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
         node, d = o.node, o.dtype
         if name in copies:
             return 0
-        if name in layouts:  # a growth in pieces holds its new entries, and its source where the fill reads it
-            src = node.inputs[0]
-            return (node.numel - src.numel) * max(cd.itemsize, d.itemsize) + layouts[name].source.nbytes * node.growth.fill.reads_values
+        if name in blocked:
+            return block_cost()
+        if name in layouts:  # a growth in pieces holds its new entries, and its source where the fill reads it, or blocks of them
+            src, g = node.inputs[0], node.growth
+            whole = (node.numel - src.numel) * max(cd.itemsize, d.itemsize) + layouts[name].source.nbytes * g.fill.reads_values
+            return min(whole, block_cost()) if g.fill.in_row_blocks(g.axis) else whole
         return node.numel * max(cd.itemsize, d.itemsize)
 
     costs = {n: cost(n) for n in outputs}

@@ -2,17 +2,34 @@
 
 An op never touches data. It maps each `LazyTensor` of the model state to a new one whose `fn`
 computes it from its `inputs`. Planning reads only shapes; executing evaluates one output tensor
-at a time, so memory holds one tensor's chain of work, never the model.
+at a time, so memory holds one tensor's chain of work, never the model (and a large tensor whose
+nodes all have row rules, `rowwise`, one block of its rows at a time).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
+
+
+class RowRule:
+    """How a node's output rows come from its inputs' rows (subclasses: per op)."""
+
+    def align(self, node: LazyTensor) -> int:
+        """Rows a block should be a multiple of (a random draw's block): efficiency only, never bits."""
+        return 1
+
+    def statistics(self, node: LazyTensor, blocks: Callable[[int], Iterable[torch.Tensor]]):
+        """What the rows need from whole inputs (a fill's std and mean), computed from their blocks."""
+        return None
+
+    def rows(self, node: LazyTensor, start: int, stop: int, fetch: Callable[[int, int, int], torch.Tensor], stats) -> torch.Tensor:
+        raise NotImplementedError
+
 
 
 class TensorReader(Protocol):
@@ -63,6 +80,8 @@ class LazyTensor:
     # Set when `fn` scatters its one input along an axis and fills the rest (`ops.slices.grow_axis`):
     # the writer then copies the kept elements' bytes from the source file instead of computing them.
     growth: AxisGrowth | None = field(default=None, repr=False)
+    # How `fn` computes a block of output rows from its inputs' rows (`RowRule`, `rowwise`); None: only whole.
+    rows: RowRule | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -72,9 +91,9 @@ class LazyTensor:
         return n
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | None = None, label: str = "",
-            kind: str | None = None, fixed: tuple[float, ...] = ()) -> "LazyTensor":
+            kind: str | None = None, fixed: tuple[float, ...] = (), rows: RowRule | None = None) -> "LazyTensor":
         return LazyTensor(tuple(shape if shape is not None else self.shape), self.dtype, fn, (self,), label, kind=kind,
-                          fixed=tuple(fixed))
+                          fixed=tuple(fixed), rows=rows)
 
 
 def read(name: str, shape, dtype: torch.dtype) -> LazyTensor:

@@ -168,6 +168,16 @@ class Checkpoint:
             h = self._open[meta.file] = safe_open(str(meta.file), framework="pt")
         return h.get_tensor(name)
 
+    reads_rows = True
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (axis 0), read alone from a safetensors file (`rowwise`)."""
+        meta = self.tensors[name]
+        if meta.offset is None or meta.file in self._pickles:
+            return self.load(name)[start:stop]
+        row = meta.dtype.itemsize * math.prod(meta.shape[1:])
+        return read_tensor(TensorMeta((stop - start,) + tuple(meta.shape[1:]), meta.dtype, meta.file, meta.offset + start * row))
+
 
 def load_pickle(path: Path) -> dict:
     """`torch.load` that refuses to run code: weights_only, memory-mapped."""
@@ -193,6 +203,11 @@ class InMemoryCheckpoint:
     def load(self, name: str) -> torch.Tensor:
         return self._sd[name]
 
+    reads_rows = True
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._sd[name][start:stop]
+
 
 def tensor_digest(t: torch.Tensor) -> str:
     """The digest (`io.digest`) of a tensor's bytes as stored; it releases the GIL: writing goes on meanwhile."""
@@ -211,9 +226,12 @@ class SourceDigest:
     """
 
     def __init__(self, reader, copies: dict[str, str] | None = None):
+        from ..rowwise import Sequential
+
         self.reader = reader
         self.digests: dict[str, str] = {}
         self.copies = dict(copies or {})
+        self._rows = Sequential()
 
     def __getattr__(self, name):  # path, passthrough, tensors, ...: the wrapped reader's
         return getattr(self.reader, name)
@@ -222,6 +240,15 @@ class SourceDigest:
         t = self.reader.load(name)
         if name not in self.digests and name not in self.copies:
             self.digests[name] = tensor_digest(t)
+        return t
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a tensor (`rowwise`), hashed as they come when they come in order from row 0."""
+        t = self.reader.load_rows(name, start, stop)
+        if name not in self.digests and name not in self.copies:
+            d = self._rows.feed(name, start, stop, self.reader.tensors[name].shape[0], t, digest.new)
+            if d is not None:
+                self.digests[name] = d
         return t
 
     def adopt(self, written: dict[str, str], sources: dict[str, str] | None = None) -> None:

@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import SurgeryError
 from ..finite import checkable, count_non_finite, tensor_non_finite
@@ -89,17 +89,18 @@ class SourceBytes:
 class Pieces:
     """A tensor written as byte ranges: its source's kept bytes copied by the kernel, new values from memory.
 
-    `copies` are (offset in the source tensor, offset in this tensor, length), ascending in both;
-    `data` are (offset in this tensor, bytes) and cover the rest, except ranges left to hold zeros
+    `copies` are (offset in the source tensor, offset in this tensor, length), ascending in both (none
+    without a `source`); `data` are (offset in this tensor, bytes), possibly produced one block at a time
+    as the writer iterates them (`rowwise`), and cover the rest, except ranges left to hold zeros
     (a shard is created at its full size, so bytes never written read as zeros). `checked`: the
     source was read, checked finite and hashed on the way (its values fed the fill); otherwise the
     read-back that digests the tensor also digests and checks the copied ranges, as for a whole copy.
     """
-    source: SourceBytes
+    source: SourceBytes | None
     shape: tuple[int, ...]
     dtype: torch.dtype
     copies: list[tuple[int, int, int]]
-    data: list[tuple[int, memoryview]]
+    data: Iterable[tuple[int, memoryview]]
     checked: bool
 
 
@@ -172,9 +173,10 @@ class ShardWriter:
             job, holds = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite), False
         elif isinstance(data, Pieces):
             src = data.source
-            with open(src.file, "rb", buffering=0) as f:
-                for s_at, t_at, n in data.copies:
-                    copy_fd_range(f.fileno(), src.file, src.offset + s_at, self.f.fileno(), at + t_at, n)
+            if data.copies:
+                with open(src.file, "rb", buffering=0) as f:
+                    for s_at, t_at, n in data.copies:
+                        copy_fd_range(f.fileno(), src.file, src.offset + s_at, self.f.fileno(), at + t_at, n)
             for t_at, view in data.data:
                 self._pwrite(view, at + t_at)
             kept = None if data.checked else [(at + t_at, at + t_at + n) for _, t_at, n in data.copies]

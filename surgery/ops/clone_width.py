@@ -25,7 +25,7 @@ from pydantic import Field
 
 from ..arch import Axis, TensorRole as R
 from ..errors import SurgeryError
-from ..lazy import generator
+from ..rowwise import ROW_LOCAL, RowRule, draw_rows, randn_rows
 from ..state import ModelState, NewSlice
 from . import moments
 from .base import Exactness, Op, OpContext, Promise
@@ -38,25 +38,64 @@ if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery valid
 TILED = (Axis.RESID, Axis.Q, Axis.KV, Axis.INTER, Axis.SHARED_INTER)
 
 
-def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
-                  extra_scale: float) -> torch.Tensor:
-    import torch
-    std = moments.std_mean(t)[0] if noise and input_axis is not None and t.numel() > 1 else 0.0
+def _clone_rows(t: torch.Tensor, start: int, out_shape: tuple[int, ...], tiled: list[int], input_axis: int | None, k: int,
+                noise: float, seed: tuple, extra_scale: float, std: float) -> torch.Tensor:
+    """Output rows from `start` of the clone, given the input rows they copy (`t`: along a tiled axis 0, output
+    row i copies input row i mod the input's rows); `std`: the whole input's, for the noise."""
     if input_axis is not None:
         t = t / k  # before tiling: k times fewer divisions, the same values
-    reps = [k if i in tiled else 1 for i in range(t.dim())]
+    reps = [k if i in tiled and i > 0 else 1 for i in range(t.dim())]
     t = t.repeat(reps)  # made here: the in-place arithmetic below touches no input
     if input_axis is not None and noise and std > 0:
         shape = list(t.shape)
         n = shape[input_axis] // k
-        blocks = shape[:input_axis] + [k, n] + shape[input_axis + 1:]
-        z = torch.randn(blocks, generator=generator(*seed), dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        blocks = list(out_shape[:input_axis]) + [k, n] + list(out_shape[input_axis + 1:])
+        z = randn_rows(blocks, seed, start, start + shape[0]).to(device=t.device, dtype=t.dtype)
         z.sub_(z.mean(dim=input_axis, keepdim=True)).mul_(noise * std)  # sums to zero over the k blocks
         t.add_(z.reshape(shape))
         del z
     if extra_scale != 1.0:
         t.mul_(extra_scale)
     return t
+
+
+def _noise_std(noise: float, input_axis: int | None, n: int, blocks) -> float:
+    return moments.std_mean_of(blocks, n)[0] if noise and input_axis is not None and n > 1 else 0.0
+
+
+def _clone_tensor(t: torch.Tensor, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple,
+                  extra_scale: float) -> torch.Tensor:
+    out_shape = tuple(s * k if i in tiled else s for i, s in enumerate(t.shape))
+    std = _noise_std(noise, input_axis, t.numel(), lambda: (t,))
+    rows = t.repeat([k] + [1] * (t.dim() - 1)) if 0 in tiled else t
+    return _clone_rows(rows, 0, out_shape, tiled, input_axis, k, noise, seed, extra_scale, std)
+
+
+class CloneRows(RowRule):
+    """Output rows of a clone from the input rows they copy (`_clone_rows`), the input's std computed first."""
+
+    def __init__(self, tiled: list[int], input_axis: int | None, k: int, noise: float, seed: tuple, extra_scale: float):
+        self.args = (tiled, input_axis, k, noise, seed, extra_scale)
+
+    def align(self, node):
+        tiled, input_axis, k, noise, *_ = self.args
+        return draw_rows(node.shape) if input_axis is not None and noise else 1  # the noise's rows hold a row's values
+
+    def statistics(self, node, blocks):
+        _, input_axis, _, noise, *_ = self.args
+        return _noise_std(noise, input_axis, node.inputs[0].numel, lambda: blocks(0))
+
+    def rows(self, node, start, stop, fetch, std):
+        import torch
+        tiled = self.args[0]
+        size = node.inputs[0].shape[0]
+        if 0 in tiled:  # output row i copies input row i mod size
+            parts = [fetch(0, max(start, c * size) - c * size, min(stop, (c + 1) * size) - c * size)
+                     for c in range(start // size, -(-stop // size))]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            t = fetch(0, start, stop)
+        return _clone_rows(t, start, node.shape, *self.args, std)
 
 
 class CloneWidth(Op):
@@ -96,7 +135,8 @@ class CloneWidth(Op):
                 count = h if info.role == R.ATTN_Q_NORM else g
                 for c in range(1, k):
                     new_name = spec.arch.parameter_name(info.role, info.kind, info.layer, info.head + c * count)
-                    state.tensors[new_name] = node.map(lambda t: t.clone(), label=f"{label}: copy of head {info.head}", kind="move")
+                    state.tensors[new_name] = node.map(lambda t: t.clone(), label=f"{label}: copy of head {info.head}", kind="move",
+                                                       rows=ROW_LOCAL)
                     copies[new_name] = name
                 continue
             axes = info.axes
@@ -111,6 +151,7 @@ class CloneWidth(Op):
             state.tensors[name] = node.map(
                 lambda t, tiled=tiled, ia=input_axis, seed=seed, extra=extra: _clone_tensor(t, tiled, ia, k, self.noise, seed, extra),
                 shape, label, kind="move" if input_axis is None and extra == 1.0 else None,  # a tiling only: any dtype
+                rows=CloneRows(tiled, input_axis, k, self.noise, seed, extra),
             )
             if gain_scale != 1.0:
                 state.tensors[name] = scale_gain(state.tensors[name], gain_scale, spec.arch, label)

@@ -1,0 +1,282 @@
+"""Computing a large tensor in blocks of rows, with the bits of computing it whole.
+
+A vocabulary-sized tensor of a real model is a gigabyte or more in bfloat16 (Llama-3-8B's lm_head grown
+x1.5 is 1.5 GB): holding it whole, let alone in float32 beside its source and a random draw, is most of a
+run's memory. Where every output row (axis 0) is computed from the same rows of the inputs, plus
+statistics of whole inputs (a random fill's std and mean), the executor computes and writes the tensor
+BLOCK_BYTES of float32 at a time: the statistics first, block by block (`moments.std_mean_of`, the same
+bits however the blocks cut), then each block of rows from its inputs' rows.
+
+A node says how its rows are computed by its `LazyTensor.rows`, a `RowRule`; a graph is computed in
+blocks only where every node has one (reads of stored tensors always do). The bits are those of
+`lazy.evaluate`: the rules apply the same operations to each row that the whole computation applies.
+
+Random draws are defined per row block of a fixed size so their bits depend on the seed and the shapes
+only, not on the block size of the computation, the core count or the device: a draw of `shape` comes
+in blocks of DRAW_VALUES values (`draw_rows(shape)` whole rows), block 0 from the seed itself (so a
+tensor of at most DRAW_VALUES values draws what a single `torch.randn` drew before blocks existed),
+block b from the seed and b (`randn_rows`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from .lazy import LazyTensor, RowRule, generator
+
+if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
+    import torch
+
+BLOCK_BYTES = 32 << 20  # float32 bytes of output rows computed at a time; smaller tensors are computed whole
+DRAW_VALUES = 1 << 20  # values per block of a random draw (a fixed part of the draw's definition)
+
+
+def row_values(shape) -> int:
+    return math.prod(shape[1:])
+
+
+def draw_rows(shape) -> int:
+    """Rows per block of a random draw of `shape`: DRAW_VALUES values, whole rows, at least one."""
+    return max(1, DRAW_VALUES // max(1, row_values(shape)))
+
+
+def randn_rows(shape, seed: tuple, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the standard normal float32 draw of a tensor of `shape` seeded by `seed`."""
+    import torch
+
+    shape = tuple(shape)
+    per = draw_rows(shape)
+    parts = []
+    for b in range(start // per, -(-stop // per)):
+        lo, hi = b * per, min(shape[0], (b + 1) * per)
+        g = generator(*seed) if b == 0 else generator(*seed, "row block", b)
+        z = torch.randn((hi - lo,) + shape[1:], generator=g, dtype=torch.float32)
+        parts.append(z[max(start, lo) - lo:min(stop, hi) - lo])
+    if not parts:
+        return torch.empty((0,) + shape[1:], dtype=torch.float32)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
+Fetch = Callable[[int, int, int], "torch.Tensor"]  # (input index, first row, end row) -> that input's rows
+Blocks = Callable[[int], Iterator["torch.Tensor"]]  # input index -> its row blocks in order, computed afresh
+
+
+class RowLocal(RowRule):
+    """`node.fn` computes each output row from the same row of its inputs alone (elementwise arithmetic, copies)."""
+
+    def rows(self, node, start, stop, fetch, stats):
+        return node.fn(*[fetch(i, start, stop) for i in range(len(node.inputs))])
+
+
+ROW_LOCAL = RowLocal()
+
+
+def separable(node: LazyTensor) -> bool:
+    """Whether every node of the graph has a row rule (reads always do) and at least one row axis."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if not n.shape or (n.fn is not None and n.rows is None):
+            return False
+        stack.extend(n.inputs)
+    return True
+
+
+def in_blocks(node: LazyTensor) -> bool:
+    """Whether the executor computes `node` in row blocks: separable, and large enough to be worth it."""
+    return node.numel * 4 > BLOCK_BYTES and separable(node)
+
+
+def block_cost() -> int:
+    """What computing a tensor in blocks holds at most (a block's chain of work), for the executor's budget."""
+    return 4 * BLOCK_BYTES
+
+
+def block_rows(shape, align: int = 1) -> int:
+    """Rows per block of a tensor of `shape`: BLOCK_BYTES of float32, a multiple of `align` where that fits, at least one."""
+    rows = max(1, BLOCK_BYTES // (4 * max(1, row_values(shape))))
+    return rows // align * align if rows >= align else rows
+
+
+def has_rows(reader) -> bool:
+    """Whether `reader.load_rows(name, start, stop)` reads a stored tensor's rows alone (wrappers pass it on)."""
+    return bool(getattr(reader, "reads_rows", False))
+
+
+class RowEvaluator:
+    """Row blocks of one output tensor's graph, in one dtype on one device (`lazy.evaluate`'s, per block)."""
+
+    def __init__(self, node: LazyTensor, reader, device, dtype):
+        self.node, self.reader, self.device, self.dtype = node, reader, device, dtype
+        self.stats: dict[int, object] = {}
+        self._whole: dict[str, torch.Tensor] = {}
+        self._order = _post_order(node)
+
+    def prepare(self) -> None:
+        """Compute every node's statistics, inputs' first (each pass reads its input block by block)."""
+        for n in self._order:
+            if n.fn is not None and id(n) not in self.stats:
+                self.stats[id(n)] = n.rows.statistics(n, lambda i, n=n: self.blocks(n.inputs[i]))
+
+    def rows(self, n: LazyTensor, start: int, stop: int) -> torch.Tensor:
+        if n.fn is None:
+            if has_rows(self.reader) and n.numel * 4 > BLOCK_BYTES:
+                t = self.reader.load_rows(n.source, start, stop)
+            else:  # a small tensor, or a reader of whole tensors only: read once for every pass, sliced
+                if n.source not in self._whole:
+                    self._whole[n.source] = (self.reader.load_rows(n.source, 0, n.shape[0]) if has_rows(self.reader)
+                                             else self.reader.load(n.source))
+                t = self._whole[n.source][start:stop]
+            t = t.to(device=self.device, dtype=self.dtype)
+        else:
+            t = n.rows.rows(n, start, stop, lambda i, a, b: self.rows(n.inputs[i], a, b), self.stats.get(id(n)))
+            t = t.to(device=self.device, dtype=self.dtype) if t.is_floating_point() else t.to(self.device)
+        want = (stop - start,) + tuple(n.shape[1:])
+        if tuple(t.shape) != want:
+            raise AssertionError(f"{n.label}: computed rows {tuple(t.shape)} != planned {want}")
+        return t
+
+    def blocks(self, n: LazyTensor | None = None) -> Iterator[torch.Tensor]:
+        n = self.node if n is None else n
+        step = block_rows(n.shape, max((m.rows.align(m) for m in _post_order(n) if m.fn is not None), default=1))
+        for a in range(0, n.shape[0], step):
+            yield self.rows(n, a, min(n.shape[0], a + step))
+
+
+def _post_order(node: LazyTensor) -> list[LazyTensor]:
+    out, seen = [], set()
+
+    def visit(n):
+        if id(n) in seen:
+            return
+        seen.add(id(n))
+        for i in n.inputs:
+            visit(i)
+        out.append(n)
+
+    visit(node)
+    return out
+
+
+def byte_blocks(node: LazyTensor, reader, device, dtype, out_dtype) -> Iterator[tuple[int, memoryview]]:
+    """(byte offset in the tensor, bytes) of `node` in `out_dtype`, computed in `dtype` block by block.
+    Statistics are computed now, then the blocks on a thread of their own, one ahead of the writer (`ahead`)."""
+    ev = RowEvaluator(node, reader, device, dtype)
+    ev.prepare()
+    return ahead(_as_bytes(ev.blocks(), out_dtype))
+
+
+class ahead:
+    """`items` produced on a thread of their own from now on, up to `depth` ahead of the consumer: a tensor's
+    blocks are computed while earlier tensors and its own earlier blocks are written. Its errors reach the
+    consumer; a consumer that stops early, or drops it unread, stops it."""
+
+    def __init__(self, items: Iterator, depth: int = 1):
+        import queue
+
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():  # holds no reference to self: dropping the consumer's side stops it (`__del__`)
+            try:
+                for x in items:
+                    if not put((True, x)):
+                        return
+                put((False, None))
+            except BaseException as e:  # handed to the consumer, raised there
+                put((False, e))
+
+        self._q, self._stop = q, stop
+        self._worker = threading.Thread(target=produce, name="rows", daemon=True)
+        self._worker.start()
+
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                more, x = self._q.get()
+                if not more:
+                    if x is not None:
+                        raise x
+                    return
+                yield x
+                del x
+        finally:
+            self._stop.set()
+            self._worker.join()
+
+    def __del__(self):
+        self._stop.set()
+
+
+def _as_bytes(blocks: Iterator[torch.Tensor], out_dtype):
+    import torch
+
+    at = 0
+    for t in blocks:
+        t = t.to(dtype=out_dtype) if t.is_floating_point() else t
+        t = t.to("cpu").contiguous().reshape(-1)
+        yield at, memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        at += t.numel() * out_dtype.itemsize
+
+
+def placed(blocks: Iterable[torch.Tensor], runs: Iterable[tuple[int, int, int]], out_dtype) -> Iterator[tuple[int, memoryview]]:
+    """(byte offset in the output, bytes) of consecutive blocks of a tensor's values in `out_dtype`, cut into
+    `runs`: (first value, byte offset in the output, values), ascending. One block is held at a time."""
+    import torch
+
+    runs = iter(runs)
+    run, lo, size = next(runs, None), 0, out_dtype.itemsize
+    for t in blocks:
+        t = t.to(dtype=out_dtype).to("cpu").contiguous().reshape(-1)
+        flat = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        hi = lo + t.numel()
+        while run is not None and run[0] < hi:
+            first, at, n = run
+            a, b = max(first, lo), min(first + n, hi)
+            yield at + (a - first) * size, flat[(a - lo) * size:(b - lo) * size]
+            if first + n > hi:
+                break
+            run = next(runs, None)
+        lo = hi
+
+
+class Sequential:
+    """A reader's row reads of one tensor, hashed in order: the first pass from row 0 to the end gives the
+    tensor's digest without holding it whole (reads out of order are not hashed; a whole load hashes them)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[object, int]] = {}  # name -> (hasher, next row)
+
+    def feed(self, name: str, start: int, stop: int, rows: int, t: torch.Tensor, new_hasher) -> str | None:
+        """The digest once rows [0, rows) have all been fed in order, else None."""
+        with self._lock:
+            h, at = self._open.get(name, (None, 0))
+            if start != at:
+                return None
+            if h is None:
+                h = new_hasher()
+            data = t.detach().to("cpu").contiguous().reshape(-1)
+            if data.numel():
+                import torch
+
+                h.update(data.view(torch.uint8).numpy())
+            if stop >= rows:
+                self._open.pop(name, None)
+                return h.hexdigest()
+            self._open[name] = (h, stop)
+            return None
