@@ -32,6 +32,13 @@ def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-stablelm") ->
     return path
 
 
+@pytest.fixture(autouse=True)
+def verify_cache(tmp_path, monkeypatch):
+    """Each test its own cache of the source's reference passes: none writes to ~/.cache, none sees another's."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "surgery-cache"))
+    return tmp_path / "surgery-cache"
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     def make(text: str, name: str = "recipe.yaml") -> Path:
