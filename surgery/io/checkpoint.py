@@ -95,6 +95,15 @@ def read_tensor(meta: TensorMeta) -> torch.Tensor:
     return buf.view(meta.dtype).reshape(meta.shape)
 
 
+def read_rows(meta: TensorMeta, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (its first dimension), read alone as `read_tensor` reads a whole one."""
+    row = torch.empty((), dtype=meta.dtype).element_size()
+    for s in meta.shape[1:]:
+        row *= s
+    part = TensorMeta((stop - start, *meta.shape[1:]), meta.dtype, meta.file, meta.offset + start * row)
+    return read_tensor(part)
+
+
 class Checkpoint:
     """A local transformers-format model directory."""
 
@@ -168,6 +177,12 @@ class Checkpoint:
             h = self._open[meta.file] = safe_open(str(meta.file), framework="pt")
         return h.get_tensor(name)
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        meta = self.tensors[name]
+        if meta.offset is not None:
+            return read_rows(meta, start, stop)
+        return self.load(name)[start:stop]  # a memory-mapped pickle: only those rows' pages are read
+
 
 def load_pickle(path: Path) -> dict:
     """`torch.load` that refuses to run code: weights_only, memory-mapped."""
@@ -192,6 +207,9 @@ class InMemoryCheckpoint:
 
     def load(self, name: str) -> torch.Tensor:
         return self._sd[name]
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._sd[name][start:stop]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
