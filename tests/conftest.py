@@ -33,10 +33,12 @@ def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-stablelm") ->
 
 
 @pytest.fixture(autouse=True)
-def verify_cache(tmp_path, monkeypatch):
-    """Each test its own cache of the source's reference passes: none writes to ~/.cache, none sees another's."""
-    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "surgery-cache"))
-    return tmp_path / "surgery-cache"
+def verify_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of the source's reference passes, outside its tmp_path: none writes to ~/.cache,
+    none sees another's."""
+    path = tmp_path_factory.mktemp("surgery-cache")
+    monkeypatch.setenv("SURGERY_CACHE", str(path))
+    return path
 
 
 @pytest.fixture

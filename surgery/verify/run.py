@@ -74,7 +74,8 @@ class Execution:
                 raise AssertionError("rope noise runs per written frequencies: `rope_floor`")
             cached = self.cached(p)
             if cached is not None:
-                self.progress.note(f"{p.desc}: loss {cached.loss:.6f}, cached (skipped)")
+                with self.progress.phase(p.desc) as (_, summary):
+                    summary.append(f"loss {cached.loss:.6f}, cached, skipped")
                 self.done[p.key] = cached
             else:
                 self.done[p.key] = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype),
@@ -112,7 +113,8 @@ class Execution:
             if cached is not None:
                 for p in (ref.compute, ref.storage):
                     if p is not None:
-                        self.progress.note(f"{p.desc}: cached (skipped)")
+                        with self.progress.phase(p.desc) as (_, summary):
+                            summary.append("cached, skipped")
                 self.floors[key] = NoiseFloor(cached["compute"], cached["storage"], self.s.storage)
                 return self.floors[key]
             ev = self.evaluation(ref.evaluate)

@@ -147,12 +147,11 @@ class Schedule:
 
     def headline(self, rate: Rate, known: frozenset = frozenset()) -> str:
         """`verification: 7 passes (source, noise floor x2, 3 steps, gradient check) ~ 40 s`; passes whose answers
-        are `known` (their keys: cached) are not counted and are named after `cached:`."""
+        are `known` (their keys: cached) are not counted: `(1 step; cached, skipped: source, noise floor)`."""
         run = [p for p in self.passes if not p.when and p.key not in known]
         skipped = [p for p in self.passes if not p.when and p.key in known]
         cached = f"; cached, skipped: {_phases(skipped)}" if skipped else ""
-        return (f"verification: {len(run)} passes ({_phases(run)}) ~ {seconds_text(self.estimate(rate, known))}"
-                + cached)
+        return f"verification: {len(run)} passes ({_phases(run)}{cached}) ~ {seconds_text(self.estimate(rate, known))}"
 
     def describe(self, rate: Rate) -> list[str]:
         """The passes in order, what each is for, and the estimate: `surgery plan`'s verification section."""
