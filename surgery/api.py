@@ -118,7 +118,8 @@ def run(
         add_hf_tokenizer(tmp)
         if added:
             write_tokenizer(p.source_dir, tmp, added)
-        write_resolved_recipe(loaded, p, tmp, written.source.content_hash(config_file(p.source_dir)))
+        source_hash = written.source.content_hash(config_file(p.source_dir))
+        write_resolved_recipe(loaded, p, tmp, source_hash)
         interrupt.check()  # a Ctrl-C swallowed while writing: nothing is kept
         surgery_seconds = time.perf_counter() - t0
         if progress:
@@ -128,7 +129,7 @@ def run(
         if verify:
             t1 = time.perf_counter()
             try:  # Ctrl-C now keeps the complete weights, marked unverified
-                report = verify_plan(p, tmp, dev, ids, show, rate)  # first says what it will run and for about how long
+                report = verify_plan(p, tmp, dev, ids, show, rate, source_hash=source_hash)  # first says what it will run and for about how long
                 interrupt.check()
             except KeyboardInterrupt:
                 interrupt.caught()

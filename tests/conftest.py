@@ -32,6 +32,15 @@ def save_checkpoint(model, path: Path, tokenizer_from: str = "tiny-stablelm") ->
     return path
 
 
+@pytest.fixture(autouse=True)
+def verify_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of the source's reference passes, outside its tmp_path: none writes to ~/.cache,
+    none sees another's."""
+    path = tmp_path_factory.mktemp("surgery-cache")
+    monkeypatch.setenv("SURGERY_CACHE", str(path))
+    return path
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     def make(text: str, name: str = "recipe.yaml") -> Path:

@@ -121,8 +121,14 @@ def test_each_tensor_is_read_once_and_one_layer_at_a_time():
     reads: list[str] = []
     load = src.load
     src.load = lambda name, device, dtype: reads.append(name) or load(name, device, dtype)
+    blocks: dict[str, list] = {}  # the head: read in blocks of vocabulary rows, each row once
+    load_rows = src.load_rows
+    src.load_rows = lambda name, a, b, device, dtype: blocks.setdefault(name, []).append((a, b)) or load_rows(name, a, b,
+                                                                                                          device, dtype)
     evaluate(src, torch.arange(10)[None], CPU, torch.float32)
-    assert sorted(reads) == sorted(src.names())
+    assert sorted(reads + list(blocks)) == sorted(src.names())
+    for name, spans in blocks.items():
+        assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == src.rows(name)[0]
     layer_of = [int(n.split(".")[2]) for n in reads if n.startswith("model.layers.")]
     assert layer_of == sorted(layer_of)
 

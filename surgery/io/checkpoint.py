@@ -95,6 +95,15 @@ def read_tensor(meta: TensorMeta) -> torch.Tensor:
     return buf.view(meta.dtype).reshape(meta.shape)
 
 
+def read_rows(meta: TensorMeta, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (its first dimension), read alone as `read_tensor` reads a whole one."""
+    row = torch.empty((), dtype=meta.dtype).element_size()
+    for s in meta.shape[1:]:
+        row *= s
+    part = TensorMeta((stop - start, *meta.shape[1:]), meta.dtype, meta.file, meta.offset + start * row)
+    return read_tensor(part)
+
+
 class Checkpoint:
     """A local transformers-format model directory."""
 
@@ -174,9 +183,8 @@ class Checkpoint:
         """Rows [start, stop) of a tensor (axis 0), read alone from a safetensors file (`rowwise`)."""
         meta = self.tensors[name]
         if meta.offset is None or meta.file in self._pickles:
-            return self.load(name)[start:stop]
-        row = meta.dtype.itemsize * math.prod(meta.shape[1:])
-        return read_tensor(TensorMeta((stop - start,) + tuple(meta.shape[1:]), meta.dtype, meta.file, meta.offset + start * row))
+            return self.load(name)[start:stop]  # a memory-mapped pickle: only those rows' pages are read
+        return read_rows(meta, start, stop)
 
 
 def load_pickle(path: Path) -> dict:

@@ -45,6 +45,8 @@ class VerifySpec(Strict):
     per_op: bool = True
     prune_tolerance: Optional[float] = Field(None, ge=0, description="prune ops: largest relative loss increase accepted; "
                                              "unset: measured and set beside a random prune's, not judged")
+    cache: bool = Field(True, description="keep the source's reference passes (its evaluation and noise floor) under "
+                        "$SURGERY_CACHE (default ~/.cache/surgery/verify): a second run on the same source and data skips them")
 
 
 class Recipe(Strict):

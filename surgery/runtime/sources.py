@@ -45,6 +45,15 @@ class CheckpointSource:
         t = self.reader.load(name)
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
+    def rows(self, name) -> tuple[int, ...] | None:
+        """The shape of `name` where its rows can be read alone (`load_rows`), else None."""
+        meta = self.reader.tensors.get(name)
+        return tuple(meta.shape) if meta is not None and meta.shape and hasattr(self.reader, "load_rows") else None
+
+    def load_rows(self, name, start, stop, device, dtype):
+        """Rows [start, stop) of `name`, only those converted: a head read block by block is never whole."""
+        return self.reader.load_rows(name, start, stop).to(device=device, dtype=dtype)
+
 
 class StateSource:
     """A `ModelState`: each tensor computed from its lazy graph when its layer runs."""

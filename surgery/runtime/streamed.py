@@ -206,6 +206,9 @@ class StreamedModel:
             name = f"{self.head_prefix}{kind}"
             if name not in self._present and self.tied and kind == "weight":
                 name = f"{self.embed_prefix}weight"
+            shape = getattr(self.source, "rows", lambda n: None)(name) if kind == "weight" else None
+            if shape is not None:
+                return HeadRows(self.source, name, shape, self.device, self.dtype)
             return self.source.load(name, self.device, self.dtype)
 
         return get("weight"), get("bias")
@@ -223,6 +226,35 @@ class StreamedModel:
     def logits_at(self, hidden, weight, bias, rows, cols) -> torch.Tensor:
         """The logit of vocabulary entry cols[i] for token rows[i]."""
         return self.logits(hidden[rows], weight[cols], None if bias is None else bias[cols], 0, len(cols)).diagonal()
+
+
+class HeadRows:
+    """lm_head's weight, read and converted a block of vocabulary rows at a time as logits are computed block by
+    block: comparing a float32 and a float64 model holds one block of each head, not both heads whole."""
+
+    def __init__(self, source, name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        self.source, self.name, self.shape, self.device, self.dtype = source, name, torch.Size(shape), device, dtype
+
+    def to(self, device) -> HeadRows:
+        return HeadRows(self.source, self.name, self.shape, torch.device(device), self.dtype)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            assert step == 1, "a head is read in contiguous blocks of rows"
+            return self.source.load_rows(self.name, start, max(start, stop), self.device, self.dtype)
+        rows = torch.as_tensor(index).to("cpu").reshape(-1)  # a few rows (top tokens): each run of them read once
+        wanted, where = rows.unique(return_inverse=True)
+        parts, i = [], 0
+        while i < len(wanted):
+            j = i
+            while j + 1 < len(wanted) and wanted[j + 1] - wanted[i] < 4096:
+                j += 1
+            block = self[int(wanted[i]):int(wanted[j]) + 1]
+            parts.append(block[(wanted[i:j + 1] - wanted[i]).to(block.device)])
+            i = j + 1
+        out = torch.cat(parts) if parts else torch.empty((0, *self.shape[1:]), device=self.device, dtype=self.dtype)
+        return out[where.to(out.device)]
 
 
 class _LayerStream(nn.Module):

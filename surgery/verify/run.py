@@ -20,7 +20,8 @@ from ..runtime.build import streamable
 from ..runtime.evaluation import Comparison, Evaluation, compare, evaluate
 from ..runtime.progress import QUIET, Progress
 from ..runtime.sources import CheckpointSource, StateSource, TensorSource, open_source
-from ..runtime.streamed import WholeModel
+from ..runtime.streamed import StreamedModel, WholeModel
+from .cache import PassCache
 from .data import calibration_ids, with_new_tokens
 from .diagnosis import variance_culprit
 from .experts import expert_symmetry
@@ -49,8 +50,10 @@ class Execution:
     `models` gives the tensor source of each `schedule.Model`; `gradient_ids` and `slices` feed the gradient check."""
 
     def __init__(self, s: Schedule, models: Callable, ids: torch.Tensor, device: torch.device, progress: Progress = QUIET,
-                 rate: Rate | None = None, gradient_ids: torch.Tensor | None = None, slices=None):
+                 rate: Rate | None = None, gradient_ids: torch.Tensor | None = None, slices=None,
+                 cache: PassCache | None = None):
         self.s, self.models, self.ids, self.device, self.progress = s, models, ids, device, progress
+        self.cache = cache
         self.rate, self.gradient_ids, self.slices = rate, gradient_ids, slices
         self.done: dict[tuple, Evaluation] = {}
         self.floors: dict[tuple, NoiseFloor] = {}
@@ -59,6 +62,7 @@ class Execution:
         self.symmetry: list[ExpertSymmetry] = []
         self.timed = False
         self.source_loss = float("nan")
+        self.known = known_passes(s, cache)
 
     # passes -------------------------------------------------------------------------------------
     def evaluation(self, p: Pass) -> Evaluation:
@@ -68,16 +72,31 @@ class Execution:
                 source = DitheredSource(source, getattr(torch, self.s.storage))
             elif p.kind == Kind.ROPE_NOISE:
                 raise AssertionError("rope noise runs per written frequencies: `rope_floor`")
-            self.done[p.key] = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype),
-                                                               self.progress, p.desc))
+            cached = self.cached(p)
+            if cached is not None:
+                with self.progress.phase(p.desc) as (_, summary):
+                    summary.append(f"loss {cached.loss:.6f}, cached, skipped")
+                self.done[p.key] = cached
+            else:
+                self.done[p.key] = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype),
+                                                                   self.progress, p.desc))
+                if self.cache is not None and p == self.s.source.evaluate:
+                    self.cache.put_evaluation(p.key, self.done[p.key])
         return self.done[p.key]
+
+    def cached(self, p: Pass) -> Evaluation | None:
+        """The source's evaluation from the cache, its head read from the source again when compared."""
+        if self.cache is None or p != self.s.source.evaluate:
+            return None
+        dtype = getattr(torch, p.dtype)
+        return self.cache.evaluation(p.key, lambda: StreamedModel(self.models(p.model), self.device, dtype), self.device)
 
     def _timed(self, p: Pass, run):
         """The first pass re-estimates the rest, said where that is 10 s or more and the estimate was off by over 1.5x."""
         t0 = time.perf_counter()
         out = run()
         if self.rate is not None and not self.timed and self.progress.enabled:
-            rest = [q for q in self.s.passes if not q.when and q.key != p.key]
+            rest = [q for q in self.s.passes if not q.when and q.key != p.key and q.key not in self.known]
             was = sum(self.rate.seconds(q) for q in rest)
             self.rate = self.rate.timed(time.perf_counter() - t0, p.units)
             now = sum(self.rate.seconds(q) for q in rest)
@@ -90,9 +109,19 @@ class Execution:
         """A reference's measured noise floor: its compute noise and, where the output rounds into a half dtype, storage noise."""
         key = ref.evaluate.key
         if key not in self.floors:
+            cached = self.cache.comparisons(floor_key(ref)) if self.cache is not None and ref == self.s.source else None
+            if cached is not None:
+                for p in (ref.compute, ref.storage):
+                    if p is not None:
+                        with self.progress.phase(p.desc) as (_, summary):
+                            summary.append("cached, skipped")
+                self.floors[key] = NoiseFloor(cached["compute"], cached["storage"], self.s.storage)
+                return self.floors[key]
             ev = self.evaluation(ref.evaluate)
             stored = None if ref.storage is None else compare(ev, self.evaluation(ref.storage))
             self.floors[key] = NoiseFloor(compare(ev, self.evaluation(ref.compute)), stored, self.s.storage)
+            if self.cache is not None and ref == self.s.source:
+                self.cache.put_comparisons(floor_key(ref), {"compute": self.floors[key].compute, "storage": stored})
         return self.floors[key]
 
     def rope_floor(self, j: Judgement, floor: NoiseFloor) -> tuple[NoiseFloor, str]:
@@ -174,10 +203,26 @@ class Execution:
         return out
 
 
-def announce(s: Schedule, tokens: int, device: torch.device, progress: Progress) -> Rate:
+def floor_key(ref) -> tuple:
+    return (ref.evaluate.key, ref.compute.key, None if ref.storage is None else ref.storage.key)
+
+
+def known_passes(s: Schedule, cache: PassCache | None) -> frozenset:
+    """The keys of the passes whose answers the cache holds: they do not run."""
+    if cache is None:
+        return frozenset()
+    known = set()
+    if cache.has_evaluation(s.source.evaluate.key):
+        known.add(s.source.evaluate.key)
+    if cache.comparisons(floor_key(s.source)) is not None:
+        known |= {p.key for p in (s.source.compute, s.source.storage) if p is not None}
+    return frozenset(known)
+
+
+def announce(s: Schedule, tokens: int, device: torch.device, progress: Progress, known: frozenset = frozenset()) -> Rate:
     """The rate the estimate assumes, after saying, before any work, what will run and for about how long."""
     rate = Rate.assumed(s.parameters, tokens, device.type, torch.get_num_threads())
-    progress.note(s.headline(rate))
+    progress.note(s.headline(rate, known))
     return rate
 
 
@@ -207,17 +252,23 @@ class PlanModels:
 
 
 def verify_plan(p, out_dir: Path, device: torch.device, ids: torch.Tensor | None = None, progress: Progress = QUIET,
-                rate: Rate | None = None) -> Report:
+                rate: Rate | None = None, source_hash: str | None = None) -> Report:
     """Loss and logits of the source, of every intermediate step (per_op), and of the written output, as
-    `schedule(p)` says; `rate`: the estimate already announced (else it is announced here)."""
+    `schedule(p)` says; `rate`: the estimate already announced (else it is announced here, and again where the cache skips passes). `source_hash`: the
+    source's content hash; with it (and `verify.cache`), the source's passes are cached (`cache.PassCache`)."""
     s = schedule(p)
     v = p.loaded.recipe.verify
     if ids is None:
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
-    rate = rate or announce(s, int(ids.shape[1]), device, progress)
     models = PlanModels(p, out_dir)
+    cache = None
+    if source_hash is not None and v.cache and streamable(models(s.source.evaluate.model).config):
+        cache = PassCache(source_hash, ids, device, s.storage)
+    known = known_passes(s, cache)
+    if rate is None or known:  # not said yet, or the cache skips passes the run's first line counted
+        rate = announce(s, int(ids.shape[1]), device, progress, known)
     added = p.final.spec.meta.added_tokens
-    ex = Execution(s, models, ids, device, progress, rate, with_new_tokens(ids, added), p.final.output_slices())
+    ex = Execution(s, models, ids, device, progress, rate, with_new_tokens(ids, added), p.final.output_slices(), cache)
     results = ex.run()
     source_loss = ex.source_loss
     steps = [step_result(r, source_loss) for r in results if r.judgement.row]

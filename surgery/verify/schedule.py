@@ -142,18 +142,16 @@ class Schedule:
         """How verification will judge the output: each reset's rule and the final one (`surgery plan`'s `verify:`)."""
         return "; ".join(j.rule for j in self.judgements if j.becomes is not None or j.final)
 
-    def estimate(self, rate: Rate) -> float:
-        return sum(rate.seconds(p) for p in self.passes if not p.when)
+    def estimate(self, rate: Rate, known: frozenset = frozenset()) -> float:
+        return sum(rate.seconds(p) for p in self.passes if not p.when and p.key not in known)
 
-    def headline(self, rate: Rate) -> str:
-        """`verification: 7 passes (source, noise floor x2, 3 steps, gradient check) ~ 40 s`."""
-        counts: dict[str, int] = {}
-        run = [p for p in self.passes if not p.when]
-        for p in run:
-            counts[p.phase] = counts.get(p.phase, 0) + 1
-        parts = [f"{n} step{'s' * (n > 1)}" if phase == "step" else phase if n == 1 else f"{phase} x{n}"
-                 for phase, n in counts.items()]
-        return f"verification: {len(run)} passes ({', '.join(parts)}) ~ {seconds_text(self.estimate(rate))}"
+    def headline(self, rate: Rate, known: frozenset = frozenset()) -> str:
+        """`verification: 7 passes (source, noise floor x2, 3 steps, gradient check) ~ 40 s`; passes whose answers
+        are `known` (their keys: cached) are not counted: `(1 step; cached, skipped: source, noise floor)`."""
+        run = [p for p in self.passes if not p.when and p.key not in known]
+        skipped = [p for p in self.passes if not p.when and p.key in known]
+        cached = f"; cached, skipped: {_phases(skipped)}" if skipped else ""
+        return f"verification: {len(run)} passes ({_phases(run)}{cached}) ~ {seconds_text(self.estimate(rate, known))}"
 
     def describe(self, rate: Rate) -> list[str]:
         """The passes in order, what each is for, and the estimate: `surgery plan`'s verification section."""
@@ -174,6 +172,14 @@ class Schedule:
             what = f"only if {p.when}" if p.when else purpose.get(p.key, "")
             lines.append(f"  {i:>2}. {p.desc} [{p.dtype}]" + (f": {what}" if what else ""))
         return lines
+
+
+def _phases(passes: list[Pass]) -> str:
+    counts: dict[str, int] = {}
+    for p in passes:
+        counts[p.phase] = counts.get(p.phase, 0) + 1
+    return ", ".join(f"{n} step{'s' * (n > 1)}" if phase == "step" else phase if n == 1 else f"{phase} x{n}"
+                     for phase, n in counts.items())
 
 
 @dataclass(frozen=True)
