@@ -1,11 +1,14 @@
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from surgery.io.checkpoint import read_safetensors_header
 
 # Tiny models: more threads only fight over the 2 cores (a 1 ms forward took 0.5 s).
 torch.set_num_threads(1)
@@ -49,3 +52,17 @@ def write_recipe(tmp_path):
         return p
 
     return make
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    """Every tensor's raw bytes as stored, read from the file by its header (no library in between)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        header = read_safetensors_header(f)
+        raw = f.read_bytes()
+        start = 8 + struct.unpack("<Q", raw[:8])[0]
+        for name, info in header.items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                out[name] = raw[start + a:start + b]
+    return out

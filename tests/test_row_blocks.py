@@ -1,7 +1,6 @@
 """Large tensors are computed and written in row blocks: the bits of computing them whole, in bounded memory."""
 import json
 import os
-import struct
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -12,12 +11,11 @@ import torch
 from blake3 import blake3
 from hypothesis import given, settings, strategies as st
 
-from conftest import save_checkpoint
+from conftest import save_checkpoint, tensor_bytes
 from factories import make_config, make_model, release_config
 from surgery import api, execute, rowwise
 from surgery.card import HASH_COVERS, source_content_hash
 from surgery.execute import compute_dtype_for, output_tensors, torch_threads
-from surgery.io.checkpoint import read_safetensors_header
 from surgery.lazy import evaluate, generator, read, storage_exact
 from surgery.ops import moments
 from surgery.ops.clone_width import CloneRows, _clone_tensor
@@ -153,19 +151,6 @@ GROWTHS = {
     "clone_width_noise": "  - op: clone_width\n    factor: 2\n    noise: 0.01\n",
     "mean_fill": "  - op: grow_heads\n    num_heads: x2\n    residual_fill: mean\n  - op: rescale_norm\n",
 }
-
-
-def tensor_bytes(path: Path) -> dict[str, bytes]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        header = read_safetensors_header(f)
-        raw = f.read_bytes()
-        start = 8 + struct.unpack("<Q", raw[:8])[0]
-        for name, info in header.items():
-            if name != "__metadata__":
-                a, b = info["data_offsets"]
-                out[name] = raw[start + a:start + b]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from blake3 import blake3
 from hypothesis import given, settings, strategies as st
 
-from conftest import save_checkpoint
+from conftest import save_checkpoint, tensor_bytes
 from factories import make_config, make_model
 from surgery import api, execute
 from surgery.card import HASH_COVERS, source_content_hash
@@ -34,20 +34,6 @@ ops:
     from: copy
   - op: rescale_norm
 """
-
-
-def tensor_bytes(path: Path) -> dict[str, bytes]:
-    """Every tensor's raw bytes as stored, read from the file by its header (no library in between)."""
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        header = read_safetensors_header(f)
-        raw = f.read_bytes()
-        start = 8 + struct.unpack("<Q", raw[:8])[0]
-        for name, info in header.items():
-            if name != "__metadata__":
-                a, b = info["data_offsets"]
-                out[name] = raw[start + a:start + b]
-    return out
 
 
 def as_bytes(t: torch.Tensor) -> bytes:

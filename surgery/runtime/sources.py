@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from ..io.checkpoint import InMemoryCheckpoint
 from ..io.resolve import open_checkpoint
 from ..lazy import evaluate
+from ..rowwise import has_rows
 from .build import disk_layout
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class CheckpointSource:
     def rows(self, name) -> tuple[int, ...] | None:
         """The shape of `name` where its rows can be read alone (`load_rows`), else None."""
         meta = self.reader.tensors.get(name)
-        return tuple(meta.shape) if meta is not None and meta.shape and hasattr(self.reader, "load_rows") else None
+        return tuple(meta.shape) if meta is not None and meta.shape and has_rows(self.reader) else None
 
     def load_rows(self, name, start, stop, device, dtype):
         """Rows [start, stop) of `name`, only those converted: a head read block by block is never whole."""
