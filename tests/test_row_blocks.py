@@ -129,6 +129,24 @@ def test_statistics_of_consecutive_blocks_have_the_bits_of_the_whole_tensor(n, c
     assert moments.mean_of(parts, t.numel()) == moments.mean(t)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9000), st.integers(1, 5), st.lists(st.integers(1, 9000), max_size=5),
+       st.sampled_from(["mean", "hewitt", "subword", "zeros"]), st.sampled_from(DTYPES))
+def test_new_vocabulary_rows_from_row_blocks_have_the_bits_of_the_whole_old_rows(rows, width, cuts, init, dtype):
+    """grow_vocab's new rows are computed from the old rows' row blocks, cut anywhere (more or fewer rows than
+    the 4096 its sums run over), with the bits of reading the old rows whole."""
+    from surgery.ops.grow_vocab import VocabInit, new_rows
+
+    old = (torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) * 0.02 + 0.1).to(dtype)
+    edges = sorted({0, rows, *[c % rows for c in cuts]})
+    pieces = [[0, rows - 1], None, [rows // 2]]
+    whole = new_rows(lambda: (old,), VocabInit(init), 3, pieces, ("v",))
+    blocks = new_rows(lambda: [old[a:b] for a, b in zip(edges, edges[1:])], VocabInit(init), 3, pieces, ("v",))
+    assert bits(blocks) == bits(whole)
+    if init == "subword":
+        assert torch.equal(whole[0], old[[0, rows - 1]].double().mean(dim=0)) and torch.equal(whole[2], old[rows // 2].double())
+
+
 def test_a_random_draw_is_defined_per_row_block_of_fixed_size():
     """Rows [a, b) of a draw are rows a..b of the whole; block 0 is the seed's own torch.randn, so tensors of at
     most DRAW_VALUES values draw what they drew before blocks; later blocks are seeded apart."""
@@ -147,6 +165,7 @@ GROWTHS = {
     "grow_heads_zeros": "  - op: grow_heads\n    num_heads: x2\n    init: zeros\n  - op: rescale_norm\n",
     "grow_heads": "  - op: grow_heads\n    num_heads: x2\n  - op: rescale_norm\n",
     "grow_vocab": "  - op: grow_vocab\n    pad_to_multiple_of: 128\n",
+    "grow_vocab_hewitt": "  - op: grow_vocab\n    pad_to_multiple_of: 1000\n    init: hewitt\n",
     "clone_width": "  - op: clone_width\n    factor: 3\n",
     "clone_width_noise": "  - op: clone_width\n    factor: 2\n    noise: 0.01\n",
     "mean_fill": "  - op: grow_heads\n    num_heads: x2\n    residual_fill: mean\n  - op: rescale_norm\n",
@@ -189,7 +208,7 @@ def test_tensors_written_in_row_blocks_are_the_bytes_of_computing_them_whole(sou
     monkeypatch.setattr(rowwise, "DRAW_VALUES", 100)
     out = tmp_path / "out"
     r = write(sources[family], GROWTHS[recipe], out, tmp_path)
-    assert blocked or pieces or recipe == "grow_vocab"  # its new rows are statistics of all old rows: computed whole
+    assert blocked or pieces
     p = api.plan(r)
     cd = compute_dtype_for(p.final)
     written = tensor_bytes(out)
@@ -234,8 +253,12 @@ def test_a_nan_in_a_tensor_read_in_row_blocks_is_refused_with_the_whole_tensors_
 
 
 PEAK = """
-import resource, sys
+import sys
 from pathlib import Path
+
+def peak():  # VmHWM, the peak of this process's own memory: ru_maxrss starts at the forking parent's peak
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
+
 try:
     from surgery import rowwise
     rowwise.BLOCK_BYTES = 4 << 20
@@ -249,9 +272,9 @@ def run(src, out):
     api.run(recipe, verify=False)
 
 run(sys.argv[1], sys.argv[3] + "-warm")  # the same code paths on a small model: every import made
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 run(sys.argv[2], sys.argv[3])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(peak() - before)
 """
 
 
@@ -264,10 +287,11 @@ def wide_vocab(tmp_path_factory):
     return save_checkpoint(small.to(torch.bfloat16), root / "small"), save_checkpoint(big.to(torch.bfloat16), root / "big")
 
 
-@pytest.mark.parametrize("ops", ["clone_width_noise", "grow_heads"])
+@pytest.mark.parametrize("ops", ["clone_width_noise", "grow_heads", "grow_vocab_hewitt"])
 def test_peak_memory_of_a_vocabulary_sized_growth_stays_a_few_blocks(wide_vocab, tmp_path, ops):
-    """Computed whole, lm_head's clone (2**19 x 128 float32: 256 MiB, with its repeat and its noise draw) or its
-    random fill (with the float32 source) took 380-770 MiB over the process's size; in 4 MiB blocks, 11-19 MiB.
+    """Computed whole, lm_head's clone (2**19 x 128 float32: 256 MiB, with its repeat and its noise draw), its
+    random fill (with the float32 source) or grow_vocab's new rows (the old rows widened to float32, 128 MiB a
+    tensor) took 380-770 MiB over the process's size; in 4 MiB blocks, 11-19 MiB.
     glibc's mmap threshold is fixed (it otherwise rises to keep freed blocks for reuse, tens of MiB more
     whatever their size), so the peak counts what the code holds."""
     small, big = wide_vocab

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,41 +54,75 @@ class TokenSpec(BaseModel):
     special: bool = Field(False, description="a control token: marked special, matched whole, skipped when decoding")
 
 
-def new_rows(old: torch.Tensor, init: VocabInit, count: int, pieces: list[list[int] | None], seed: tuple) -> torch.Tensor:
-    """`count` new rows (axis 0) for a vocabulary-sized tensor; `pieces[i]` are token i's subword ids."""
+def _chunks(blocks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Consecutive row blocks (each flattened to (rows, values per row), at least float32) re-cut into `size` rows:
+    the chunks of the whole tensor's `split(size)` wherever the blocks cut, so sums over them have its bits."""
     import torch
-    mean = old.mean(dim=0, dtype=torch.float64)
-    shape = (count,) + tuple(old.shape[1:])
+
+    carry = None
+    for t in blocks:
+        t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        if carry is not None:
+            t = torch.cat([carry, t])
+            carry = None
+        cut = t.shape[0] - t.shape[0] % size
+        for a in range(0, cut, size):
+            yield t[a:a + size]
+        if cut < t.shape[0]:
+            carry = t[cut:].clone()
+    if carry is not None:
+        yield carry
+
+
+def new_rows(blocks: Callable[[], Iterable[torch.Tensor]], init: VocabInit, count: int, pieces: list[list[int] | None],
+             seed: tuple) -> torch.Tensor:
+    """`count` new rows in float64 for a vocabulary-sized tensor whose old rows `blocks()` yields in order (whole, or
+    row blocks: the same bits); `pieces[i]` are token i's subword ids. Sums run in float64 per COV_BLOCK rows, in
+    order, so the old rows are read a block at a time and never held whole."""
+    import torch
+
+    wanted = {i for ids in pieces if ids for i in ids} if init == VocabInit.SUBWORD else set()
+    total, rows, picked, shape = None, 0, {}, ()
+    for chunk in _chunks(blocks(), COV_BLOCK):
+        s = chunk.sum(dim=0, dtype=torch.float64)
+        total = s if total is None else total + s
+        for i in wanted & set(range(rows, rows + chunk.shape[0])):
+            picked[i] = chunk[i - rows].to(torch.float64)
+        rows += chunk.shape[0]
+    if total is None:
+        raise ValueError("a vocabulary-sized tensor with no rows")
+    mean = total / rows
     if init == VocabInit.ZEROS:
-        return old.new_zeros(shape)
-    rows = mean.expand(shape).clone()
+        return mean.new_zeros((count, mean.numel()))
+    out = mean.expand(count, mean.numel()).clone()
     if init == VocabInit.SUBWORD:
         for i, ids in enumerate(pieces):
             if ids:
-                rows[i] = old[torch.tensor(ids, device=old.device)].to(torch.float64).mean(dim=0)
+                out[i] = torch.stack([picked[j] for j in ids]).mean(dim=0)
     elif init == VocabInit.HEWITT:
-        flat = old.reshape(old.shape[0], -1)
-        centre = flat.mean(dim=0, dtype=torch.float64).float()
-        # accumulated over blocks of rows: no centred copy of a vocabulary-sized matrix; float32 for the
-        # V x d^2 product (it is scaled by 1e-9 before use), float64 for the factorisation
-        cov = torch.zeros((flat.shape[1], flat.shape[1]), dtype=torch.float32, device=old.device)
-        for block in flat.split(COV_BLOCK):
-            c = block.float() - centre
+        # float32 for the V x d^2 product (it is scaled by 1e-9 before use), float64 for the factorisation
+        centre = mean.float()
+        cov = torch.zeros((mean.numel(), mean.numel()), dtype=torch.float32, device=mean.device)
+        for chunk in _chunks(blocks(), COV_BLOCK):
+            c = chunk.float() - centre
             cov.addmm_(c.T, c)
-        cov = cov.double() / flat.shape[0]
+        cov = cov.double() / rows
         root, info = torch.linalg.cholesky_ex(cov)
         if info:  # singular: a square root from the eigendecomposition (clamped at zero)
             vals, vecs = torch.linalg.eigh(cov)
             root = vecs * vals.clamp(min=0).sqrt()
-        z = torch.randn((count, flat.shape[1]), generator=generator(*seed), dtype=torch.float64).to(old.device)
-        rows = rows + (math.sqrt(HEWITT_SCALE) * z @ root.T).reshape(shape)
-    return rows.to(old.dtype)
+        z = torch.randn((count, mean.numel()), generator=generator(*seed), dtype=torch.float64).to(mean.device)
+        out = out + math.sqrt(HEWITT_SCALE) * z @ root.T
+    return out
 
 
 @dataclass(frozen=True)
 class VocabRows(Fill):
     """The new rows of a vocabulary-sized tensor by `init` (`new_rows`), appended along its vocabulary
-    axis by `grow_axis`: the old rows stay where they are (and are copied by the writer as they are)."""
+    axis by `grow_axis`: the old rows stay where they are (and are copied by the writer as they are).
+    Along axis 0 they are computed from the old rows' row blocks (`statistics`), so an 8B model's
+    embedding is read a block at a time, never widened to float32 whole."""
 
     init: VocabInit = VocabInit.MEAN
     pieces: tuple = ()  # per new row: the subword ids it averages (init: subword), or None
@@ -103,11 +137,26 @@ class VocabRows(Fill):
         the old tokens' logits are not theirs and the loss is judged against their own measured mass."""
         return "move" if self.init == VocabInit.ZEROS else "stats_fill"
 
-    def values(self, old: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-        """From the old rows in float32 at least: the same bits whether they came as float32 or in a half dtype."""
+    def in_row_blocks(self, axis: int) -> bool:
+        return axis == 0
+
+    def statistics(self, n: int, blocks: Callable[[], Iterable[torch.Tensor]]) -> tuple:
+        """Every new row, in float64 (they are few: one per new token or padding row)."""
+        return (new_rows(blocks, self.init, len(self.pieces), list(self.pieces), self.seed),)
+
+    def block(self, shape, stats: tuple, start: int, stop: int, dtype: torch.dtype, device) -> torch.Tensor:
+        return stats[0][start:stop].reshape((stop - start,) + tuple(shape[1:])).to(device=device, dtype=dtype)
+
+    def values(self, old: torch.Tensor, axis: int, n: int, stats=None, start: int = 0, rows=None) -> torch.Tensor:
+        """From the old rows in float32 at least: the same bits whether they came as float32 or in a half dtype,
+        and the same as `block`'s from the old rows' row blocks."""
         import torch
-        wide = old.to(torch.promote_types(old.dtype, torch.float32))
-        return new_rows(wide.movedim(axis, 0), self.init, n, list(self.pieces), self.seed).movedim(0, axis)
+        if n != len(self.pieces):
+            raise AssertionError(f"{n} new rows asked of a fill planned for {len(self.pieces)}")
+        moved = old.movedim(axis, 0)
+        shape = (n,) + tuple(moved.shape[1:])
+        wide = torch.promote_types(old.dtype, torch.float32)
+        return self.block(shape, self.statistics(old.numel(), lambda: (moved,)), 0, n, wide, old.device).movedim(0, axis)
 
 
 class GrowVocab(Op):
