@@ -133,7 +133,7 @@ def source_bytes(reader, name: str) -> SourceBytes | None:
     return SourceBytes(name, Path(meta.file), meta.offset, n, meta.dtype, tuple(meta.shape))
 
 
-MIN_PIECE = 8 << 10  # kept runs shorter than this (bytes, on average) are moved through memory: a kernel call each costs more
+MIN_PIECE = 1 << 20  # kept runs shorter than this (bytes, on average) are moved through memory: a kernel call each costs more
 
 
 @dataclass(frozen=True)
