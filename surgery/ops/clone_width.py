@@ -15,7 +15,7 @@ final norm's weight and bias are divided by k instead.
 
 `noise` breaks the symmetry between copies without changing the function: each reader's input
 blocks get perturbations that sum to zero over the k blocks (+n and -n for k = 2), drawn with std
-`noise` times the tensor's own std. Writers stay noise-free, so the copies of the residual stay equal.
+`noise` times the tensor's own std (times sqrt(1 - 1/k), as z - mean(z) over k normals: `_noisy_copies`). Writers stay noise-free, so the copies of the residual stay equal.
 """
 from __future__ import annotations
 
