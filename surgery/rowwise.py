@@ -42,20 +42,22 @@ def draw_rows(shape) -> int:
 
 
 def randn_rows(shape, seed: tuple, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of the standard normal float32 draw of a tensor of `shape` seeded by `seed`."""
+    """Rows [start, stop) of the standard normal float32 draw of a tensor of `shape` seeded by `seed`. Whole draw
+    blocks are drawn straight into the result (`out=`: the bits of drawing them alone), not drawn and concatenated."""
     import torch
 
     shape = tuple(shape)
     per = draw_rows(shape)
-    parts = []
+    out = torch.empty((max(0, stop - start),) + shape[1:], dtype=torch.float32)
     for b in range(start // per, -(-stop // per)):
         lo, hi = b * per, min(shape[0], (b + 1) * per)
         g = generator(*seed) if b == 0 else generator(*seed, "row block", b)
-        z = torch.randn((hi - lo,) + shape[1:], generator=g, dtype=torch.float32)
-        parts.append(z[max(start, lo) - lo:min(stop, hi) - lo])
-    if not parts:
-        return torch.empty((0,) + shape[1:], dtype=torch.float32)
-    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+        a, e = max(start, lo), min(stop, hi)
+        if (a, e) == (lo, hi):
+            torch.randn((hi - lo,) + shape[1:], generator=g, dtype=torch.float32, out=out[a - start:e - start])
+        else:
+            out[a - start:e - start] = torch.randn((hi - lo,) + shape[1:], generator=g, dtype=torch.float32)[a - lo:e - lo]
+    return out
 
 
 Fetch = Callable[[int, int, int], "torch.Tensor"]  # (input index, first row, end row) -> that input's rows

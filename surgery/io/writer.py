@@ -106,6 +106,7 @@ class Pieces:
 
 CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffer it reuses
 MAX_UNHASHED = 2  # written tensors whose buffers wait for the hashing thread (bounds memory to ~2 tensors)
+IN_FLIGHT = 2  # computed blocks written but waiting for the hashing thread
 WRITEBACK = 64 << 20  # bytes written before the kernel is told to start putting them on disk
 
 
@@ -171,6 +172,8 @@ class ShardWriter:
             copy_range(data.file, data.offset, self.f.fileno(), at, p.nbytes)
             finite = data if data.dtype.is_floating_point else None
             job, holds = self._lane.submit(self._hash_written, at, p.nbytes, file_hash, finite), False
+        elif isinstance(data, Pieces) and data.source is None:  # all computed, in order: hashed from its buffers
+            job, holds = self._write_computed(data.data, at, p.nbytes, file_hash), False
         elif isinstance(data, Pieces):
             src = data.source
             if data.copies:
@@ -194,6 +197,22 @@ class ShardWriter:
         if at + p.nbytes - self._flushed_to >= WRITEBACK:
             start_writeback(self.f.fileno(), self._flushed_to, at + p.nbytes - self._flushed_to)
             self._flushed_to = at + p.nbytes
+
+    def _write_computed(self, blocks: Iterable[tuple[int, memoryview]], at: int, n: int, file_hash) -> Future:
+        """Consecutive blocks from a tensor's start, each written and then hashed from its own buffer on the
+        hashing thread (no read-back, as a whole tensor's); at most IN_FLIGHT blocks wait for it."""
+        h, waiting, done = digest.new(), deque(), 0
+        for t_at, view in blocks:
+            if t_at != done:
+                raise AssertionError(f"{self.path.name}: computed bytes at {t_at}, expected {done}")
+            self._pwrite(view, at + t_at)
+            done += len(view)
+            while len(waiting) >= IN_FLIGHT:
+                waiting.popleft().result()
+            waiting.append(self._lane.submit(_feed, view, h, file_hash))
+        if done != n:
+            raise AssertionError(f"{self.path.name}: computed {done} bytes of {n}")
+        return self._lane.submit(h.hexdigest)
 
     def _settle_oldest(self) -> None:
         name, job, holds = self._unhashed.popleft()
@@ -267,6 +286,12 @@ class ShardWriter:
 
     def _shutdown(self) -> None:
         self._lane.shutdown(wait=True)
+
+
+def _feed(view: memoryview, h, file_hash) -> None:
+    h.update(view)
+    if file_hash is not None:
+        file_hash.update(view)
 
 
 def _hash_buffer(buf: memoryview, file_hash) -> str:

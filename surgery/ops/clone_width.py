@@ -15,10 +15,11 @@ final norm's weight and bias are divided by k instead.
 
 `noise` breaks the symmetry between copies without changing the function: each reader's input
 blocks get perturbations that sum to zero over the k blocks (+n and -n for k = 2), drawn with std
-`noise` times the tensor's own std. Writers stay noise-free, so the copies of the residual stay equal.
+`noise` times the tensor's own std (times sqrt(1 - 1/k), as z - mean(z) over k normals: `_noisy_copies`). Writers stay noise-free, so the copies of the residual stay equal.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -44,19 +45,50 @@ def _clone_rows(t: torch.Tensor, start: int, out_shape: tuple[int, ...], tiled: 
     row i copies input row i mod the input's rows); `std`: the whole input's, for the noise."""
     if input_axis is not None:
         t = t / k  # before tiling: k times fewer divisions, the same values
-    reps = [k if i in tiled and i > 0 else 1 for i in range(t.dim())]
-    t = t.repeat(reps)  # made here: the in-place arithmetic below touches no input
     if input_axis is not None and noise and std > 0:
-        shape = list(t.shape)
-        n = shape[input_axis] // k
-        blocks = list(out_shape[:input_axis]) + [k, n] + list(out_shape[input_axis + 1:])
-        z = randn_rows(blocks, seed, start, start + shape[0]).to(device=t.device, dtype=t.dtype)
-        z.sub_(z.mean(dim=input_axis, keepdim=True)).mul_(noise * std)  # sums to zero over the k blocks
-        t.add_(z.reshape(shape))
-        del z
+        t = _noisy_copies(t, start, out_shape, k, noise * std, seed)
+    else:
+        t = t.repeat([k if i in tiled and i > 0 else 1 for i in range(t.dim())])  # made here: the arithmetic below touches no input
     if extra_scale != 1.0:
         t.mul_(extra_scale)
     return t
+
+
+def helmert(k: int) -> list[list[float]]:
+    """An orthonormal basis of the vectors of k entries that sum to zero, as k rows of k - 1 coefficients."""
+    rows = [[0.0] * (k - 1) for _ in range(k)]
+    for i in range(1, k):
+        c = 1.0 / math.sqrt(i * (i + 1))
+        for j in range(i):
+            rows[j][i - 1] = c
+        rows[i][i - 1] = -i * c
+    return rows
+
+
+def _noisy_copies(t: torch.Tensor, start: int, out_shape: tuple[int, ...], k: int, scale: float, seed: tuple) -> torch.Tensor:
+    """k copies side by side of a reader's rows `t` (already divided by k) along axis 1, plus noise of std `scale`
+    that sums to zero over the copies: k - 1 standard normals per entry on the Helmert basis (`helmert`), an
+    isotropic normal in the zero-sum subspace, the distribution of z - mean(z) over k normals from k - 1 draws.
+    For k = 2 the copies get +w and -w exactly."""
+    import torch
+
+    rows, n = t.shape
+    out = t.new_empty((rows, k, n))
+    w = randn_rows((out_shape[0], k - 1, n), seed, start, start + rows).to(device=t.device, dtype=t.dtype)
+    if k == 2:
+        w = w[:, 0].mul_(scale / math.sqrt(2))
+        torch.add(t, w, out=out[:, 0])
+        torch.sub(t, w, out=out[:, 1])
+    else:
+        w.mul_(scale)
+        basis = helmert(k)
+        for j in range(k):
+            z = None
+            for i, c in enumerate(basis[j]):
+                if c:
+                    z = w[:, i] * c if z is None else z.add_(w[:, i] * c)
+            torch.add(t, z, out=out[:, j])
+    return out.view(rows, k * n)
 
 
 def _noise_std(noise: float, input_axis: int | None, n: int, blocks) -> float:
@@ -79,7 +111,10 @@ class CloneRows(RowRule):
 
     def align(self, node):
         tiled, input_axis, k, noise, *_ = self.args
-        return draw_rows(node.shape) if input_axis is not None and noise else 1  # the noise's rows hold a row's values
+        if input_axis is None or not noise:
+            return 1
+        shape = node.shape
+        return draw_rows((shape[0], k - 1, shape[1] // k))  # a block of the noise's rows
 
     def statistics(self, node, blocks):
         _, input_axis, _, noise, *_ = self.args
