@@ -104,8 +104,9 @@ class Execution:
 
     def compare(self, ref: Pass, other: Pass) -> Comparison:
         """`other`'s evaluation compared with `ref`'s: from `other`'s own pass where `ref` ran before it."""
+        reference, ev = self.evaluation(ref), self.evaluation(other)
         found = self.compared.get((ref.key, other.key))
-        return found if found is not None else compare(self.evaluation(ref), self.evaluation(other))
+        return found if found is not None else compare(reference, ev)
 
     def cached(self, p: Pass) -> Evaluation | None:
         """The source's evaluation from the cache, its head read from the source again when compared."""
