@@ -729,7 +729,7 @@ def profile_summary(path: Path, top: int = 18) -> dict:
 OUTSIDE_PHASES = {
     "api.py:plan": "planning: config, the lazy graph",
     "api.py:prepare_verification": "preparing verification: the ids, both models' skeletons",
-    "evaluation.py:compare": "comparing: both models' logits recomputed from their hidden states, block by block, in float64",
+    "runtime/evaluation.py:compare": "comparing outside a pass: both models' logits recomputed from their hidden states, block by block, in float64",
 }
 
 
