@@ -1,9 +1,11 @@
 """Executing a schedule: the one path that runs verification's passes and judges each result.
 
 `Execution` runs each pass of a `schedule.Schedule` once, in order, streamed layer by layer (`runtime`), and
-judges every `Judgement` by its rule (`rules`). `verify_plan` executes `schedule(plan)` after `surgery run`
-wrote its output and turns the judgements into the `Report`; `pair.compare_checkpoints` executes
-`pair_schedule` for `surgery verify`. Memory holds one layer plus the evaluations later judgements still need.
+judges every `Judgement` by its rule (`rules`). A pass's comparisons with references that ran before it are made
+inside its own lm_head loop (`evaluation.evaluate(against=...)`), so no head is read twice for them. `verify_plan`
+executes `schedule(plan)` after `surgery run` wrote its output and turns the judgements into the `Report`;
+`pair.compare_checkpoints` executes `pair_schedule` for `surgery verify`. Memory holds one layer plus the
+evaluations later judgements still need.
 """
 from __future__ import annotations
 
