@@ -69,3 +69,29 @@ def test_head_rows_gives_any_rows_and_blocks_as_the_whole_converted_weight(tmp_p
     assert torch.equal(rows[100:4200], w[100:4200]) and torch.equal(rows[8990:], w[8990:])
     picks = torch.tensor([8999, 3, 3, 5000, 4, 0, 8998])
     assert torch.equal(rows[picks], w[picks])
+
+
+def test_a_comparison_made_inside_the_candidates_pass_equals_compare_bit_for_bit_and_reads_the_shared_head_once(
+        tmp_path, monkeypatch):
+    config = make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2, head_dim=8, intermediate=64)
+    config.tie_word_embeddings = False
+    src = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "llama"))
+    config.vocab_size = 560  # a grown vocabulary: its block [500, 600) straddles the reference's 512 rows
+    grown = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "grown"))
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 64 * BLOCK)
+    cpu = torch.device("cpu")
+    ref = evaluate(src, ids, cpu, torch.float32)
+    rows = []
+    load_rows = CheckpointSource.load_rows
+
+    def recording_rows(self, name, start, stop, device, dtype):
+        rows.append((name, dtype))
+        return load_rows(self, name, start, stop, device, dtype)
+
+    monkeypatch.setattr(CheckpointSource, "load_rows", recording_rows)
+    fused = evaluate(src, ids, cpu, torch.float64, against=(ref,))
+    assert {dt for name, dt in rows if name == "lm_head.weight"} == {torch.float64}  # the float32 rows: converted
+    assert fused.compared == [compare(ref, evaluate(src, ids, cpu, torch.float64))]
+    assert evaluate(grown, ids, cpu, torch.float32, against=(ref,)).compared == [compare(ref, evaluate(grown, ids, cpu,
+                                                                                                       torch.float32))]

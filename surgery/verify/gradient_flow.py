@@ -102,7 +102,7 @@ def dead_slices(source: TensorSource | nn.Module, ids: torch.Tensor, slices, dev
             if router is not None and any(i in expert_of for i in mine):
                 dead.update(judge_moe_layer(mod, run, router, prefix, slices, mine, expert_of, lr, layout, notes))
             else:
-                dead.update(judge_module(mod, run, prefix, slices, mine, lr, layout))
+                dead.update(judge_module(mod, run, prefix, slices, mine, lr, layout if converted else None))
 
         return [module.register_forward_pre_hook(once_per_forward(judge), with_kwargs=True)]
 

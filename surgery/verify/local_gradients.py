@@ -27,9 +27,10 @@ def dead_units(grads: dict[str, torch.Tensor | None], slices, indices, prefix: s
     return out
 
 
-def local_gradients(module: nn.Module, run, seed_name: str) -> dict[str, torch.Tensor | None]:
-    """Gradients of every parameter of `module` for a random cotangent at its output."""
-    params = dict(module.named_parameters())
+def local_gradients(module: nn.Module, run, seed_name: str, only: set[str] | None = None) -> dict[str, torch.Tensor | None]:
+    """Gradients of every parameter of `module` (or of those named in `only`: no other weight's gradient is
+    computed) for a random cotangent at its output."""
+    params = {n: p for n, p in module.named_parameters() if only is None or n in only}
     with torch.enable_grad():
         for p in params.values():
             p.requires_grad_(True)
@@ -37,6 +38,8 @@ def local_gradients(module: nn.Module, run, seed_name: str) -> dict[str, torch.T
             out = run()
             y = out[0] if isinstance(out, tuple) else out
             g = torch.randn(y.shape, generator=generator("gradient_flow", seed_name), dtype=torch.float32).to(y.device, y.dtype)
+            if not y.requires_grad:  # none of them reaches the output
+                return dict.fromkeys(params)
             grads = torch.autograd.grad(y, list(params.values()), g, allow_unused=True)
         finally:
             for p in params.values():
@@ -82,12 +85,16 @@ def once_per_forward(fn):
 
 
 def judge_module(module: nn.Module, run, prefix: str, slices, indices: list[int], lr: float, layout=None) -> dict[int, int]:
-    """`layout` puts the module's gradients (named relative to it) under the checkpoint's names (fused experts)."""
+    """`layout` puts the module's gradients (named relative to it) under the checkpoint's names (fused experts).
+    Without one, the first backward computes only the new slices' tensors' gradients; the step, on a miss, all."""
+    only = None if layout is not None else {slices[i].tensor[len(prefix):] for i in indices}
     layout = layout or (lambda grads: grads)
-    grads = local_gradients(module, run, prefix)
+    grads = local_gradients(module, run, prefix, only)
     dead = dead_units(layout(grads), slices, indices, prefix)
     if not dead:
         return {}
+    if only is not None:
+        grads = local_gradients(module, run, prefix)
     step = one_sgd_step(dict(module.named_parameters()), grads, lr)
     del grads
     with step:

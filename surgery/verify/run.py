@@ -1,9 +1,11 @@
 """Executing a schedule: the one path that runs verification's passes and judges each result.
 
 `Execution` runs each pass of a `schedule.Schedule` once, in order, streamed layer by layer (`runtime`), and
-judges every `Judgement` by its rule (`rules`). `verify_plan` executes `schedule(plan)` after `surgery run`
-wrote its output and turns the judgements into the `Report`; `pair.compare_checkpoints` executes
-`pair_schedule` for `surgery verify`. Memory holds one layer plus the evaluations later judgements still need.
+judges every `Judgement` by its rule (`rules`). A pass's comparisons with references that ran before it are made
+inside its own lm_head loop (`evaluation.evaluate(against=...)`), so no head is read twice for them. `verify_plan`
+executes `schedule(plan)` after `surgery run` wrote its output and turns the judgements into the `Report`;
+`pair.compare_checkpoints` executes `pair_schedule` for `surgery verify`. Memory holds one layer plus the
+evaluations later judgements still need.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class Execution:
         self.cache = cache
         self.rate, self.gradient_ids, self.slices = rate, gradient_ids, slices
         self.done: dict[tuple, Evaluation] = {}
+        self.compared: dict[tuple, Comparison] = {}  # (reference key, pass key): compared in the pass's head loop
         self.floors: dict[tuple, NoiseFloor] = {}
         self.rope: dict[tuple, Comparison] = {}
         self.dead: list[DeadSlice] = []
@@ -78,11 +81,34 @@ class Execution:
                     summary.append(f"loss {cached.loss:.6f}, cached, skipped")
                 self.done[p.key] = cached
             else:
-                self.done[p.key] = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype),
-                                                                   self.progress, p.desc))
+                refs = self.references(p)
+                ev = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype), self.progress,
+                                                     p.desc, against=tuple(self.done[r.key] for r in refs)))
+                self.compared.update({(r.key, p.key): c for r, c in zip(refs, ev.compared)})
+                ev.compared = []
+                self.done[p.key] = ev
                 if self.cache is not None and p == self.s.source.evaluate:
                     self.cache.put_evaluation(p.key, self.done[p.key])
         return self.done[p.key]
+
+    def references(self, p: Pass) -> list[Pass]:
+        """The passes `p`'s evaluation will be compared with that have run: compared inside its own head loop."""
+        refs = {}
+        for r in (self.s.source, *(j.becomes for j in self.s.judgements if j.becomes is not None)):
+            if p.key in {q.key for q in (r.compute, r.storage) if q is not None}:
+                refs[r.evaluate.key] = r.evaluate
+        for j in self.s.judgements:
+            if p.key in {q.key for q in (j.candidate, j.baseline) if q is not None}:
+                refs[j.reference.evaluate.key] = j.reference.evaluate
+            if j.own_noise is not None and p.key == j.own_noise.key:
+                refs[j.candidate.key] = j.candidate
+        return [r for k, r in refs.items() if k in self.done and k != p.key]
+
+    def compare(self, ref: Pass, other: Pass) -> Comparison:
+        """`other`'s evaluation compared with `ref`'s: from `other`'s own pass where `ref` ran before it."""
+        reference, ev = self.evaluation(ref), self.evaluation(other)
+        found = self.compared.get((ref.key, other.key))
+        return found if found is not None else compare(reference, ev)
 
     def cached(self, p: Pass) -> Evaluation | None:
         """The source's evaluation from the cache, its head read from the source again when compared."""
@@ -117,9 +143,9 @@ class Execution:
                             summary.append("cached, skipped")
                 self.floors[key] = NoiseFloor(cached["compute"], cached["storage"], self.s.storage)
                 return self.floors[key]
-            ev = self.evaluation(ref.evaluate)
-            stored = None if ref.storage is None else compare(ev, self.evaluation(ref.storage))
-            self.floors[key] = NoiseFloor(compare(ev, self.evaluation(ref.compute)), stored, self.s.storage)
+            self.evaluation(ref.evaluate)
+            stored = None if ref.storage is None else self.compare(ref.evaluate, ref.storage)
+            self.floors[key] = NoiseFloor(self.compare(ref.evaluate, ref.compute), stored, self.s.storage)
             if self.cache is not None and ref == self.s.source:
                 self.cache.put_comparisons(floor_key(ref), {"compute": self.floors[key].compute, "storage": stored})
         return self.floors[key]
@@ -132,9 +158,10 @@ class Execution:
             return floor, ROPE_BEYOND
         key = (j.rope.key, written.key)
         if key not in self.rope:
+            reference = self.evaluation(j.reference.evaluate)
             ev = self._timed(j.rope, lambda: evaluate(written, self.ids, self.device, getattr(torch, j.rope.dtype),
-                                                      self.progress, j.rope.desc))
-            self.rope[key] = compare(self.evaluation(j.reference.evaluate), ev)
+                                                      self.progress, j.rope.desc, against=(reference,)))
+            self.rope[key] = ev.compared[0]
         return replace(floor, rope=self.rope[key]), ""
 
     def extra(self, p: Pass) -> None:
@@ -158,7 +185,8 @@ class Execution:
         verdict = judge(j.promise, cmp, floor, s.tolerance, s.vocab_size, rounded=j.rounded, prune_tolerance=s.prune_tolerance)
         if j.own_noise is None or verdict.passed is not False or j.promise.exactness not in EXACT_KINDS:
             return verdict
-        own = compare(self.evaluation(j.candidate), self.evaluation(j.own_noise))
+        self.evaluation(j.candidate)
+        own = self.compare(j.candidate, j.own_noise)
         if not own.max_logit_diff > floor.compute.max_logit_diff:
             return verdict
         second = judge(j.promise, cmp, replace(floor, compute=larger_noise(floor.compute, own)), s.tolerance, s.vocab_size,
@@ -167,13 +195,13 @@ class Execution:
         return second
 
     def judged(self, j: Judgement) -> Judged:
-        reference = self.evaluation(j.reference.evaluate)
+        self.evaluation(j.reference.evaluate)
         floor = self.floor(j.reference)
-        ev = self.evaluation(j.candidate)
+        self.evaluation(j.candidate)
         if j.final:
             for p in self.s.extra:
                 self.extra(p)
-        cmp = compare(reference, ev)
+        cmp = self.compare(j.reference.evaluate, j.candidate)
         beyond = ""
         if j.rope is not None:
             floor, beyond = self.rope_floor(j, floor)
@@ -182,7 +210,7 @@ class Execution:
             verdict.rule += beyond
         if j.becomes is not None:
             self.floor(j.becomes)
-        base = None if j.baseline is None else compare(reference, self.evaluation(j.baseline))
+        base = None if j.baseline is None else self.compare(j.reference.evaluate, j.baseline)
         if j.culprit is not None and verdict.passed is False:
             name, gain = variance_culprit(self.models(j.culprit.model), self.ids, self.device, getattr(torch, j.culprit.dtype),
                                           max_tokens=j.culprit.tokens)
