@@ -95,3 +95,32 @@ def test_a_comparison_made_inside_the_candidates_pass_equals_compare_bit_for_bit
     assert fused.compared == [compare(ref, evaluate(src, ids, cpu, torch.float64))]
     assert evaluate(grown, ids, cpu, torch.float32, against=(ref,)).compared == [compare(ref, evaluate(grown, ids, cpu,
                                                                                                        torch.float32))]
+
+
+def test_a_comparison_reading_a_references_kept_logits_equals_recomputing_them_and_reads_no_reference_head(
+        tmp_path, monkeypatch):
+    config = make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2, head_dim=8, intermediate=64)
+    config.tie_word_embeddings = False
+    src = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "llama"))
+    config.vocab_size = 560  # a grown vocabulary: its block [500, 600) straddles the reference's 512 rows
+    grown = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "grown"))
+    other = open_source(save_checkpoint(make_model(make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2,
+                                                               head_dim=8, intermediate=64), dtype=torch.bfloat16),
+                                        tmp_path / "other"))
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 64 * BLOCK)
+    cpu = torch.device("cpu")
+    plain = evaluate(src, ids, cpu, torch.float32)
+    kept = evaluate(src, ids, cpu, torch.float32, keep=True)
+    assert not plain.kept and len(kept.kept) == -(-512 // BLOCK)
+    calls = []
+    logits = kept.streamed.logits
+    monkeypatch.setattr(kept.streamed, "logits", lambda hidden, *a, **k: calls.append(hidden.shape[0]) or logits(hidden, *a, **k))
+    for candidate, dtype in [(grown, torch.float32), (other, torch.float32), (src, torch.float64)]:
+        calls.clear()
+        with_kept = evaluate(candidate, ids, cpu, dtype, against=(kept,)).compared
+        assert len(calls) <= 1  # its 6 blocks of logits: read, not computed (one call: the logits at flipped top-1s)
+        assert with_kept == evaluate(candidate, ids, cpu, dtype, against=(plain,)).compared
+        assert compare(kept, evaluate(candidate, ids, cpu, dtype)) == with_kept[0]
+    monkeypatch.setattr(evaluation, "KEPT_BYTES", 8 * 64 * 511)
+    assert not evaluate(src, ids, cpu, torch.float32, keep=True).kept  # over the budget: recomputed when compared

@@ -13,6 +13,7 @@ from .sources import CheckpointSource, TensorSource
 from .streamed import StreamedModel, WholeModel
 
 CHUNK_BYTES = 32 * 2**20  # one float64 block of logits at a time
+KEPT_BYTES = 512 * 2**20  # an evaluation's whole float64 logits are kept up to this size (256 tokens x 128k vocab: 263 MB)
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Evaluation:
     vocab: int
     streamed: "StreamedModel | WholeModel"
     compared: list = field(default_factory=list)  # `evaluate(against=...)`: its comparisons, as `compare` gives them
+    # (start, stop) -> float64 logits of those vocabulary rows, kept where all of them fit in KEPT_BYTES: a later
+    # comparison against this evaluation reads them instead of reading its head again and recomputing them
+    kept: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -65,19 +69,20 @@ def _chunk(tokens: int) -> int:
 
 def evaluate(source: TensorSource, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
              progress: Progress = QUIET, desc: str = "evaluating", attn_implementation: str | None = None,
-             against: tuple[Evaluation, ...] = ()) -> Evaluation:
+             against: tuple[Evaluation, ...] = (), keep: bool = False) -> Evaluation:
     """Loss (mean next-token cross-entropy, as transformers' loss) of `source` on `ids`, streamed. Each reference in
     `against` is compared with it inside its own head loop (`Evaluation.compared`, in that order): its head blocks
-    are read once, and the comparison equals `compare(ref, ev)` bit for bit."""
+    are read once, and the comparison equals `compare(ref, ev)` bit for bit. `keep`: the evaluation keeps its logits
+    where they fit in KEPT_BYTES (`Evaluation.kept`), for a later comparison to read instead of recomputing them."""
     with progress.phase(desc, total=None) as (bar, summary):
-        ev = _evaluate(source, ids, device, dtype, bar, attn_implementation, against)
+        ev = _evaluate(source, ids, device, dtype, bar, attn_implementation, against, keep)
         layers = getattr(ev.streamed, "layers", None)
         summary.append(f"loss {ev.loss:.6f}, " + (f"{len(layers)} layers, " if layers is not None else "whole model, ")
                        + f"{ids.shape[1]} tokens")
     return ev
 
 
-def _evaluate(source, ids, device, dtype, bar, attn_implementation, against=()) -> Evaluation:
+def _evaluate(source, ids, device, dtype, bar, attn_implementation, against=(), keep=False) -> Evaluation:
     if not streamable(source.config):
         wm = WholeModel(source, device, dtype, attn_implementation)
         with torch.no_grad():
@@ -100,10 +105,13 @@ def _evaluate(source, ids, device, dtype, bar, attn_implementation, against=()) 
     top1 = torch.zeros(T, dtype=torch.long, device=h.device)
     target = torch.zeros(T - 1, dtype=torch.float64, device=h.device)
     step = _chunk(T)
+    kept = {} if keep and T * V * 8 <= KEPT_BYTES else None
     for start in range(0, V, step):
         stop = min(V, start + step)
         block = _Block(w, b, start, stop)
         z = sm.logits(h, block.weight, block.bias, start, stop).double()
+        if kept is not None:
+            kept[(start, stop)] = z
         for acc in fused:
             if start < acc.vocab:
                 part = z if stop <= acc.vocab else sm.logits(h, block.weight, block.bias, start, acc.vocab).double()
@@ -119,7 +127,7 @@ def _evaluate(source, ids, device, dtype, bar, attn_implementation, against=()) 
         del z, block
     del w, b
     loss = float((lse[:-1] - target).mean())
-    ev = Evaluation(loss, h, lse, top1, best, V, sm)
+    ev = Evaluation(loss, h, lse, top1, best, V, sm, kept=kept or {})
     done = {id(acc.ref): acc for acc in fused}
     ev.compared = [done[id(ref)].result(ev) if id(ref) in done else compare(ref, ev) for ref in against]
     return ev
@@ -169,7 +177,7 @@ class _Against:
     def __init__(self, ref: Evaluation, candidate=None):
         self.ref, self.vocab = ref, ref.vocab
         self.share = candidate is not None and _same_rows(ref, candidate)
-        self.wr, self.br = (None, None) if self.share else ref.streamed.head_weights()
+        self.wr, self.br = (None, None) if self.share or ref.kept else ref.streamed.head_weights()
         self.dev = dev = ref.hidden.device
         T = self.T = ref.hidden.shape[0]
         self.max_diff, self.sum_diff = 0.0, 0.0
@@ -181,10 +189,14 @@ class _Against:
     def feed(self, start: int, stop: int, b: torch.Tensor, block: _Block | None = None) -> None:
         """The candidate's float64 logits of vocabulary rows [start, stop)."""
         ref = self.ref
-        if self.share:
+        if (start, stop) in ref.kept:  # the same blocks, computed in its own pass: the same bits
+            a = ref.kept[start, stop]
+        elif self.share:
             rows = block.converted(ref.streamed.dtype)
             a = ref.streamed.logits(ref.hidden, rows.weight, rows.bias, start, stop).double()
         else:
+            if self.wr is None:
+                self.wr, self.br = ref.streamed.head_weights()
             a = ref.streamed.logits(ref.hidden, self.wr, self.br, start, stop).double()
         b = b.to(self.dev)
         d = a - b
@@ -202,7 +214,7 @@ class _Against:
         flips = (ref.top1 != top1).nonzero().flatten()
         gap = 0.0
         if flips.numel():  # the reference's logits at the candidate's top tokens
-            wr, br = (self.wr, self.br) if not self.share else ref.streamed.head_weights()
+            wr, br = (self.wr, self.br) if self.wr is not None else ref.streamed.head_weights()
             at = ref.streamed.logits_at(ref.hidden, wr, br, flips, top1[flips])
             gap = float((ref.top_logit[flips] - at.double()).max())
         grown = {}

@@ -83,16 +83,29 @@ class Execution:
             else:
                 refs = self.references(p)
                 ev = self._timed(p, lambda: evaluate(source, self.ids, self.device, getattr(torch, p.dtype), self.progress,
-                                                     p.desc, against=tuple(self.done[r.key] for r in refs)))
+                                                     p.desc, against=tuple(self.done[r.key] for r in refs),
+                                                     keep=self._needed_later(p.key, p.key)))
                 self.compared.update({(r.key, p.key): c for r, c in zip(refs, ev.compared)})
                 ev.compared = []
                 self.done[p.key] = ev
+                for key, done in self.done.items():  # kept logits no pass still to run compares with
+                    if done.kept and not self._needed_later(key, p.key):
+                        done.kept = {}
                 if self.cache is not None and p == self.s.source.evaluate:
                     self.cache.put_evaluation(p.key, self.done[p.key])
         return self.done[p.key]
 
     def references(self, p: Pass) -> list[Pass]:
         """The passes `p`'s evaluation will be compared with that have run: compared inside its own head loop."""
+        refs = self._reference_passes(p)
+        return [r for k, r in refs.items() if k in self.done and k != p.key]
+
+    def _needed_later(self, key: tuple, running: tuple) -> bool:
+        """Whether a pass yet to run (not done, not `running`) is compared with the pass `key`: its logits are kept."""
+        return any(key in self._reference_passes(q) and key != q.key
+                   for q in self.s.passes if q.key not in self.done and q.key != running)
+
+    def _reference_passes(self, p: Pass) -> dict[tuple, Pass]:
         refs = {}
         for r in (self.s.source, *(j.becomes for j in self.s.judgements if j.becomes is not None)):
             if p.key in {q.key for q in (r.compute, r.storage) if q is not None}:
@@ -102,7 +115,7 @@ class Execution:
                 refs[j.reference.evaluate.key] = j.reference.evaluate
             if j.own_noise is not None and p.key == j.own_noise.key:
                 refs[j.candidate.key] = j.candidate
-        return [r for k, r in refs.items() if k in self.done and k != p.key]
+        return refs
 
     def compare(self, ref: Pass, other: Pass) -> Comparison:
         """`other`'s evaluation compared with `ref`'s: from `other`'s own pass where `ref` ran before it."""
