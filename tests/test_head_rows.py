@@ -71,15 +71,21 @@ def test_head_rows_gives_any_rows_and_blocks_as_the_whole_converted_weight(tmp_p
     assert torch.equal(rows[picks], w[picks])
 
 
-def test_a_comparison_made_inside_the_candidates_pass_equals_compare_bit_for_bit_and_reads_the_shared_head_once(
-        tmp_path, monkeypatch):
+def _source_and_grown(tmp_path, monkeypatch):
+    """A 512-token bf16 Llama, one grown to 560 rows (its block [500, 600) straddles the reference's 512 rows),
+    64 ids, and logits in blocks of BLOCK rows."""
     config = make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2, head_dim=8, intermediate=64)
     config.tie_word_embeddings = False
     src = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "llama"))
-    config.vocab_size = 560  # a grown vocabulary: its block [500, 600) straddles the reference's 512 rows
+    config.vocab_size = 560
     grown = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "grown"))
-    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 64 * BLOCK)
+    return src, grown, torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_comparison_made_inside_the_candidates_pass_equals_compare_bit_for_bit_and_reads_the_shared_head_once(
+        tmp_path, monkeypatch):
+    src, grown, ids = _source_and_grown(tmp_path, monkeypatch)
     cpu = torch.device("cpu")
     ref = evaluate(src, ids, cpu, torch.float32)
     rows = []
@@ -97,18 +103,12 @@ def test_a_comparison_made_inside_the_candidates_pass_equals_compare_bit_for_bit
                                                                                                        torch.float32))]
 
 
-def test_a_comparison_reading_a_references_kept_logits_equals_recomputing_them_and_reads_no_reference_head(
+def test_a_comparison_reading_a_references_kept_logits_equals_recomputing_them_and_recomputes_none(
         tmp_path, monkeypatch):
-    config = make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2, head_dim=8, intermediate=64)
-    config.tie_word_embeddings = False
-    src = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "llama"))
-    config.vocab_size = 560  # a grown vocabulary: its block [500, 600) straddles the reference's 512 rows
-    grown = open_source(save_checkpoint(make_model(config, dtype=torch.bfloat16), tmp_path / "grown"))
+    src, grown, ids = _source_and_grown(tmp_path, monkeypatch)
     other = open_source(save_checkpoint(make_model(make_config("llama", vocab=512, layers=1, hidden_heads=4, kv_heads=2,
                                                                head_dim=8, intermediate=64), dtype=torch.bfloat16),
                                         tmp_path / "other"))
-    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(evaluation, "CHUNK_BYTES", 8 * 64 * BLOCK)
     cpu = torch.device("cpu")
     plain = evaluate(src, ids, cpu, torch.float32)
     kept = evaluate(src, ids, cpu, torch.float32, keep=True)

@@ -83,12 +83,13 @@ def new_rows(blocks: Callable[[], Iterable[torch.Tensor]], init: VocabInit, coun
     import torch
 
     wanted = {i for ids in pieces if ids for i in ids} if init == VocabInit.SUBWORD else set()
-    total, rows, picked, shape = None, 0, {}, ()
+    total, rows, picked = None, 0, {}
     for chunk in _chunks(blocks(), COV_BLOCK):
         s = chunk.sum(dim=0, dtype=torch.float64)
         total = s if total is None else total + s
-        for i in wanted & set(range(rows, rows + chunk.shape[0])):
-            picked[i] = chunk[i - rows].to(torch.float64)
+        for i in wanted:
+            if rows <= i < rows + chunk.shape[0]:
+                picked[i] = chunk[i - rows].to(torch.float64)
         rows += chunk.shape[0]
     if total is None:
         raise ValueError("a vocabulary-sized tensor with no rows")

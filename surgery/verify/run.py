@@ -115,6 +115,8 @@ class Execution:
                 refs[j.reference.evaluate.key] = j.reference.evaluate
             if j.own_noise is not None and p.key == j.own_noise.key:
                 refs[j.candidate.key] = j.candidate
+            if j.rope is not None and p.key == j.rope.key:  # `rope_floor`
+                refs[j.reference.evaluate.key] = j.reference.evaluate
         return refs
 
     def compare(self, ref: Pass, other: Pass) -> Comparison:
