@@ -23,7 +23,7 @@ def tensors(draw):
     cols = draw(st.integers(max(1, 40_000 // rows), max(2, 200_000 // rows)))
     dtype = draw(st.sampled_from(DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    scale, shift = draw(st.sampled_from([(0.02, 0.0), (1.0, 3.0), (1e-3, -0.5)]))
+    scale, shift = draw(st.sampled_from([(0.02, 0.0), (1.0, 3.0), (1e-3, -0.5), (1e-3, 1000.0)]))
     return (torch.randn(rows, cols, generator=g) * scale + shift).to(dtype)
 
 
@@ -58,3 +58,16 @@ def test_statistics_of_tiny_and_constant_tensors():
     assert moments.std_mean(torch.tensor([1.0, 3.0])) == (pytest.approx(2 ** 0.5), 2.0)
     assert moments.std_mean(torch.full((5000,), 0.25)) == (0.0, 0.25)
     assert moments.mean(torch.tensor([7.0])) == 7.0
+
+
+def test_std_and_mean_read_their_blocks_once():
+    """Two passes (the mean, then deviations from it) read a random fill's source twice: at 8B the largest cost."""
+    t = torch.randn(3, 5000) * 0.02
+    calls = []
+
+    def blocks():
+        calls.append(1)
+        return (t[0], t[1:])
+
+    assert moments.std_mean_of(blocks, t.numel()) == moments.std_mean(t)
+    assert len(calls) == 1

@@ -4,15 +4,18 @@ Random fills draw from N(mean, std) of the tensor they extend. torch's full redu
 across its threads (and a GPU's across its blocks), so the last bits of the statistics, and then every
 value drawn from them, depended on the core count and the device: the same recipe wrote different
 bytes on 1 and 2 cores. Here each 4096-value row is summed by numpy (pairwise, on one thread) and the
-row sums are added exactly (`math.fsum`): no thread count or device enters. Two passes (mean, then the
-squared deviations from it) over 4 MiB blocks of float32 values. A tensor may also come as consecutive
+row sums are added exactly (`math.fsum`): no thread count or device enters. The standard deviation comes
+from the same single pass over 4 MiB blocks of float32 values: each row's squared deviations from its
+own mean, combined across rows in float64 (Chan et al.'s pairwise update, exact sums): the source is
+read once, where a pass for the mean and another for the deviations from it read it twice (a random
+fill's statistics were the largest cost of an 8B grow_heads). A tensor may also come as consecutive
 blocks (`mean_of`, `std_mean_of`: its row blocks, computed one at a time): the rows of 4096 values are those
 of the whole tensor wherever the blocks cut, so the statistics have the same bits.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:  # numpy and torch load where data is touched: plans and `surgery validate` start without them
     import numpy as np
@@ -32,36 +35,34 @@ def _pieces(blocks: Iterable[torch.Tensor]):
             yield flat[i:i + BLOCK].to(device="cpu", dtype=torch.float32).numpy()
 
 
-class _RowSums:
-    """Sums of each ROW consecutive values fed in, however the feeding cuts them: a row split between two
-    pieces is completed from the next one, so the sums are those of the whole tensor's rows."""
+def _rows(pieces: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The values of `pieces` (one tensor's flat float32 values, cut anywhere) as 2-D arrays of whole ROW-value
+    rows, a row split between pieces completed from the next; then the last, shorter row (one row of fewer values)."""
+    import numpy as np
 
-    def __init__(self):
-        self.sums: list[float] = []
-        self._carry: np.ndarray | None = None
-
-    def feed(self, a: np.ndarray) -> None:
-        import numpy as np
-
-        if self._carry is not None:
-            need = ROW - self._carry.size
+    carry = None
+    for a in pieces:
+        if carry is not None:
+            need = ROW - carry.size
             if a.size < need:
-                self._carry = np.concatenate([self._carry, a])
-                return
-            self.sums.extend(np.concatenate([self._carry, a[:need]]).reshape(1, ROW).sum(axis=1).tolist())
-            self._carry, a = None, a[need:]
+                carry = np.concatenate([carry, a])
+                continue
+            yield np.concatenate([carry, a[:need]]).reshape(1, ROW)
+            carry, a = None, a[need:]
         cut = a.size - a.size % ROW
         if cut:
-            self.sums.extend(a[:cut].reshape(-1, ROW).sum(axis=1).tolist())
+            yield a[:cut].reshape(-1, ROW)
         if cut < a.size:
-            self._carry = a[cut:].copy()
+            carry = a[cut:].copy()
+    if carry is not None and carry.size:
+        yield carry.reshape(1, -1)
 
-    def total(self) -> float:
-        """The exact sum of the row sums; the last, shorter row summed in float64."""
-        import numpy as np
 
-        tail = [float(self._carry.sum(dtype=np.float64))] if self._carry is not None and self._carry.size else []
-        return math.fsum(self.sums + tail)
+def _row_sums(rows: np.ndarray) -> np.ndarray:
+    """Each row's sum in float64: whole rows summed in float32 (numpy's pairwise sum), the shorter last row in float64."""
+    import numpy as np
+
+    return rows.sum(axis=1, dtype=np.float64) if rows.shape[1] < ROW else rows.sum(axis=1).astype(np.float64)
 
 
 def mean(t: torch.Tensor) -> float:
@@ -77,24 +78,35 @@ def std_mean(t: torch.Tensor) -> tuple[float, float]:
 def mean_of(blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> float:
     """`mean` of a tensor of `n` values given as consecutive blocks (`blocks()` yields them, e.g. row blocks):
     the same bits however it is cut."""
-    sums = _RowSums()
-    for a in _pieces(blocks()):
-        sums.feed(a)
-    return sums.total() / n if n else math.nan
+    import numpy as np
+
+    sums = [_row_sums(r) for r in _rows(_pieces(blocks()))]
+    return math.fsum(np.concatenate(sums).tolist()) / n if n else math.nan
 
 
 def std_mean_of(blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> tuple[float, float]:
-    """`std_mean` of a tensor given as consecutive blocks: two passes, so `blocks()` is called twice."""
+    """`std_mean` of a tensor given as consecutive blocks, in one pass (`blocks()` is called once). The mean is
+    `mean_of`'s, bit for bit. The sum of squared deviations is every row's own, taken from its mean rounded to
+    float32 and corrected for that rounding, plus each row's count times its mean's squared distance from the
+    whole mean (float64): no cancellation between rows, however far the values sit from zero."""
     import numpy as np
 
-    m = mean_of(blocks, n)
-    shift = np.float32(m)
-    firsts, seconds = _RowSums(), _RowSums()
-    for a in _pieces(blocks()):
-        d = np.subtract(a, shift)
-        firsts.feed(d)
+    sums, counts, means, squares = [], [], [], []
+    for r in _rows(_pieces(blocks())):
+        width = r.shape[1]
+        s = _row_sums(r)
+        shift = s / width if width < ROW else (s / width).astype(np.float32)
+        d = (r.astype(np.float64) if width < ROW else r) - shift[:, None]
+        first = _row_sums(d)
         np.square(d, out=d)
-        seconds.feed(d)
-    s1 = firsts.total()
-    var = (seconds.total() - s1 * s1 / n) / (n - 1)
-    return math.sqrt(max(var, 0.0)), m
+        sums.append(s)
+        counts.append(np.full(len(s), float(width)))
+        means.append(shift + first / width)
+        squares.append(_row_sums(d) - first * first / width)
+    if not sums:
+        return math.nan, math.nan
+    c, mu = np.concatenate(counts), np.concatenate(means)
+    centre = math.fsum((c * mu).tolist()) / n
+    spread = c * np.square(mu - centre)
+    var = (math.fsum(np.concatenate(squares).tolist()) + math.fsum(spread.tolist())) / (n - 1)
+    return math.sqrt(max(var, 0.0)), math.fsum(np.concatenate(sums).tolist()) / n
