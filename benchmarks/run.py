@@ -63,9 +63,11 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 # --shape: one checkpoint of a published model's shape; forwardN / verifyN take any token count N.
-SHAPE_METHODS = ["cp", "copy", "grow_mlp", "grow_heads", "clone_width", "forward256", "verify256", "forward2048", "verify2048"]
-PROBE = re.compile(r"^(forward|verify)(\d+)$")
 UNVERIFIED = ["copy", "grow_mlp", "grow_heads", "clone_width"]
+# floor_M (benchmarks/floor.py): M's bytes moved and hashed as surgery hashes them, nothing else; run after M
+FLOOR = "floor_"
+SHAPE_METHODS = ["cp"] + [x for m in UNVERIFIED for x in (m, FLOOR + m)] + ["forward256", "verify256", "forward2048", "verify2048"]
+PROBE = re.compile(r"^(forward|verify)(\d+)$")
 # Issue 27's targets on the Llama-3-8B-shaped checkpoint, (method, measure, at most). Measures:
 # vs_cp_per_byte, time over cp + sync's for the same bytes; maxrss, the kernel's peak RSS in bytes;
 # vs_forward, time over one streamed forward pass of the source at the same token count.
@@ -86,6 +88,8 @@ MEASURES = {
 
 
 def label(method: str) -> str:
+    if method.startswith(FLOOR):
+        return f"floor under {method.removeprefix(FLOOR)} (floor.py)"
     m = PROBE.match(method)
     if m is None:
         return LABELS[method]
@@ -421,7 +425,16 @@ def find_mergekit(arg: str | None) -> str | None:
     return None
 
 
-def command_for(method: str, source: Path, output: Path, desc: dict, work: Path, args, mergekit: str | None) -> list[str] | None:
+def command_for(method: str, source: Path, output: Path, desc: dict, work: Path, args, mergekit: str | None,
+                written: dict[str, int] | None = None) -> list[str] | None:
+    """The command line measuring `method`; None where it cannot run (no mergekit, a floor whose method did not run).
+    `written`: output bytes of the methods measured so far, for the floors of growths."""
+    if method.startswith(FLOOR):
+        of = method.removeprefix(FLOOR)
+        if of == "copy":
+            return [sys.executable, str(HERE / "floor.py"), "copy", str(source), str(output)]
+        n = (written or {}).get(of)
+        return [sys.executable, str(HERE / "floor.py"), "write", str(source), str(output), "--bytes", str(n)] if n else None
     if method == "cp":
         return ["cp", "-r", str(source), str(output)]
     if method in OPS:
@@ -754,9 +767,13 @@ def shape_checks(results: list[dict]) -> list[dict]:
         what, fmt = MEASURES[measure_]
         r = by.get(method)
         value = None if r is None or r["rc"] != 0 else r.get(measure_)
+        floor = by.get(FLOOR + method) if measure_ == "vs_cp_per_byte" else None
+        under = floor.get(measure_) if floor and floor["rc"] == 0 else None
         checks.append({"method": method, "target": f"{what} <= {fmt(limit)}", "value": value,
                        "shown": "not measured" if r is None else ("failed" if value is None else fmt(value)),
-                       "met": value is not None and value <= limit})
+                       "met": value is not None and value <= limit, "floor": under,
+                       "floor_shown": fmt(under) if under is not None else "",
+                       "reachable": under is None or under <= limit})
     return checks
 
 
@@ -829,9 +846,13 @@ def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[
     lines += ["", f"### Targets ({met} of {len(checks)} met)", "",
               "Targets live in `SHAPE_TARGETS` (benchmarks/run.py). Peak RSS is the kernel's maximum resident set "
               "(it counts mmapped file pages); 1.5 GB is 1.5e9 bytes.", "",
-              "| method | target | measured | |", "|---|---|---|---|"]
+              "The floor is `floor_M`'s measure (benchmarks/floor.py): M's bytes moved and hashed as every surgery run hashes "
+              "them, and nothing else, not even torch's start-up. A target below its floor cannot be met on this machine "
+              "while the digests are kept.", "",
+              "| method | target | measured | floor | |", "|---|---|---|---|---|"]
     for c in checks:
-        lines.append(f"| {c['method']} | {c['target']} | {c['shown']} | {'PASS' if c['met'] else '**MISS**'} |")
+        verdict = "PASS" if c["met"] else "**MISS**" + ("" if c["reachable"] else " (below the floor: not reachable here)")
+        lines.append(f"| {c['method']} | {c['target']} | {c['shown']} | {c['floor_shown']} | {verdict} |")
     lines += verification_breakdown(results)
     if notes:
         lines += ["", "### Notes from this run", ""] + [f"- {n}" for n in notes]
@@ -894,14 +915,14 @@ def run_methods(src: Path, desc: dict, size: int, methods: list[str], args, env:
     work = Path(args.workdir).expanduser().absolute()
     logdir = work / "logs" / src.name
     logdir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, written = [], {}
     for m in methods:
         if skip(m):
             continue
         out = work / "out" / f"{src.name}-{m}"
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = command_for(m, src, out, desc, logdir, args, mergekit)
+        cmd = command_for(m, src, out, desc, logdir, args, mergekit, written)
         if cmd is None:
             continue
         timeout = args.timeout or None
@@ -924,6 +945,8 @@ def run_methods(src: Path, desc: dict, size: int, methods: list[str], args, env:
                 rec["profile"] = profile_summary(prof)
         rec.update(method=m, size=size, dtype=desc["dtype"])
         results.append(rec)
+        if rec["rc"] == 0:
+            written[m] = rec["written_bytes"]
         status = ("ok" if rec["rc"] == 0 else f"TIMED OUT after {rec['wall']:.0f} s" if rec.get("timed_out")
                   else f"FAILED rc={rec['rc']} (log {logdir / (m + '.log')})")
         if "all_totals" in rec:
@@ -941,7 +964,7 @@ def disk_check(work: Path, shape: Shape, layers: int, dtype: str, methods: list[
     """Why the source plus the largest output would not fit on the work dir's disk, or None."""
     layer, fixed = shape.layer_params() * ITEMSIZE[dtype], shape.fixed_params() * ITEMSIZE[dtype]
     # output over source, layers and embedding + lm_head apart: clone_width x2 4x and 2x, the others at most ~1.6x
-    factors = [(4, 2) if m == "clone_width" else (0, 0) if m.startswith("forward") else (1.6, 1.3) for m in methods]
+    factors = [(4, 2) if m.removeprefix(FLOOR) == "clone_width" else (0, 0) if m.startswith("forward") else (1.6, 1.3) for m in methods]
     grow_layers, grow_fixed = max(factors, default=(0, 0))
 
     def need(n: int) -> float:
@@ -1103,7 +1126,8 @@ def main_shape(args, methods: list[str], work: Path, results_path: Path, env: di
     insert_section(results_path, args.shape, render_shape(results, info, args, ckpt, notes))
     checks = shape_checks(results)
     for c in checks:
-        print(f"   {'PASS' if c['met'] else 'MISS'}  {c['method']:<12} {c['target']:<46} {c['shown']}")
+        floor = f"  (floor {c['floor_shown']}{'' if c['reachable'] else ': the target is below it'})" if c["floor_shown"] else ""
+        print(f"   {'PASS' if c['met'] else 'MISS'}  {c['method']:<12} {c['target']:<46} {c['shown']}{floor}")
     print(f"{sum(c['met'] for c in checks)} of {len(checks)} targets met; wrote {results_path}")
     if args.clean:
         shutil.rmtree(src, ignore_errors=True)

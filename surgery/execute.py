@@ -27,7 +27,7 @@ from .errors import SurgeryError
 from .finite import tensor_non_finite
 from .lazy import LazyTensor, evaluate, storage_exact
 from .io.checkpoint import SourceDigest
-from .io.writer import PlannedTensor, Pieces, ShardWriter, SourceBytes, layout_order
+from .io.writer import PlannedTensor, Pieces, SourceBytes, layout_order, write_files
 from .modeling import MODELING_FILE
 from .ops.slices import new_entry_blocks
 from .rowwise import ahead, block_cost, byte_blocks, in_blocks, placed
@@ -354,31 +354,25 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
         return node.numel * max(cd.itemsize, d.itemsize)
 
     costs = {n: cost(n) for n in outputs}
+
+    def kernel_copies(name: str) -> list[tuple[int, int, int]]:
+        """(offset in its source file, offset in the tensor, bytes) of each range of `name` the kernel will copy."""
+        if name in copies:
+            sb = source_bytes(hashed, outputs[name].node.source)
+            return [(sb.offset, 0, sb.nbytes)] if sb else []
+        if name in layouts:
+            lay = layouts[name]
+            return [(lay.source.offset + s_at, t_at, n) for s_at, t_at, n in lay.copies]
+        return []
     budget = max(costs.values(), default=0)
-    digests: dict[str, str] = {}
-    file_digests: dict[str, str] = {}
-    sources: dict[str, str] = {}
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool, streaming_threads(busy=2, workers=workers):
-        for fname, shard in files:
-            writer = ShardWriter(out_dir / fname, shard)
-            stream = computed_in_order(pool, compute, layout_order(shard), costs.__getitem__, workers, budget)
-            try:
-                for p, data in stream:
-                    writer.write(p.name, data)
-                    del data
-                    bar.update(p.nbytes)
-                file_digest = writer.close()
-            except BaseException:
-                stream.close()
-                writer.abort()
-                raise
-            digests.update(writer.digests)
-            sources.update(writer.source_digests)
-            if file_digest:
-                file_digests[fname] = file_digest
+        done = write_files(out_dir, files, lambda shard: computed_in_order(pool, compute, layout_order(shard),
+                                                                          costs.__getitem__, workers, budget),
+                           kernel_copies, bar.update)
     bar.close()
+    digests, file_digests, sources = done.tensors, done.files, done.sources
     hashed.adopt(digests, sources)
     fmt.finish(state, out_dir, files)
     return Written(digests, file_digests, sources, hashed)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import SurgeryError
 from ..finite import checkable, count_non_finite, tensor_non_finite
@@ -108,6 +108,8 @@ CHUNK = 4 << 20  # bytes the hashing thread reads back at a time, into one buffe
 MAX_UNHASHED = 2  # written tensors whose buffers wait for the hashing thread (bounds memory to ~2 tensors)
 IN_FLIGHT = 2  # computed blocks written but waiting for the hashing thread
 WRITEBACK = 64 << 20  # bytes written before the kernel is told to start putting them on disk
+ALIGN = 64  # a kernel copy runs at full speed where source and output offsets agree modulo this (a cache line)
+ALIGN_GAIN = 1 << 20  # bytes a header padding must align beyond no padding to be worth a layout of its own
 
 
 class ShardWriter:
@@ -121,7 +123,11 @@ class ShardWriter:
     feeds both digests and checks them finite (the check every other source tensor gets when it is read).
     """
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None):
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict | None = None,
+                 copies: dict[str, list[tuple[int, int, int]]] | None = None):
+        """`copies`: for tensors whose bytes the kernel will copy from a source file, (offset in that file, offset
+        in the tensor, bytes) of each range; the header is padded so that most of those bytes keep their source's
+        offset modulo 64 (`ALIGN`)."""
         self.path = path
         self.planned = {t.name: t for t in tensors}
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -133,6 +139,7 @@ class ShardWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+        raw += b" " * _aligning_pad(8 + len(raw), self.offsets, copies or {})
         self.data_start = 8 + len(raw)
         self.f = open(path, "wb", buffering=0)
         head = len(raw).to_bytes(8, "little") + raw
@@ -286,6 +293,77 @@ class ShardWriter:
 
     def _shutdown(self) -> None:
         self._lane.shutdown(wait=True)
+
+
+@dataclass
+class WrittenFiles:
+    tensors: dict[str, str]  # tensor name -> digest of its bytes
+    files: dict[str, str]  # file name -> digest, where its tensors came in layout order
+    sources: dict[str, str]  # source tensor name -> digest, for sources written in `Pieces` and hashed here
+
+
+def write_files(out_dir: Path, files: list[tuple[str, list[PlannedTensor]]], stream,
+                copies: Callable[[str], list[tuple[int, int, int]]] = lambda name: [],
+                written: Callable[[int], object] = lambda n: None) -> WrittenFiles:
+    """Every file of `files` written from `stream(its tensors)`, an iterator of (PlannedTensor, data) with `close()`.
+    `copies(name)`: the ranges the kernel will copy into that tensor (`ShardWriter`); `written(bytes)` after each.
+
+    A file is closed (its last digests awaited, then fsync) on a thread of its own while the next is written:
+    closing in line left the kernel copy idle while the hashing thread caught up, once per file. At most one
+    file closes behind the one being written, and its errors (a copied tensor's NaN) surface before the next."""
+    done = WrittenFiles({}, {}, {})
+    closing: deque[tuple[str, ShardWriter, Future]] = deque()
+
+    def settle(keep: int) -> None:
+        while len(closing) > keep:
+            fname, writer, job = closing[0]
+            file_digest = job.result()
+            closing.popleft()
+            done.tensors.update(writer.digests)
+            done.sources.update(writer.source_digests)
+            if file_digest:
+                done.files[fname] = file_digest
+
+    with ThreadPoolExecutor(1, thread_name_prefix="close") as closer:
+        try:
+            for fname, shard in files:
+                settle(keep=1)
+                writer = ShardWriter(out_dir / fname, shard, copies={t.name: copies(t.name) for t in shard})
+                tensors = stream(shard)
+                try:
+                    for p, data in tensors:
+                        writer.write(p.name, data)
+                        del data
+                        written(p.nbytes)
+                except BaseException:
+                    tensors.close()
+                    writer.abort()
+                    raise
+                closing.append((fname, writer, closer.submit(writer.close)))
+            settle(keep=0)
+        except BaseException:
+            for _, writer, job in closing:
+                job.cancel()
+                wait([job])
+                writer.abort()
+            raise
+    return done
+
+
+def _aligning_pad(data_start: int, offsets: dict[str, int], copies: dict[str, list[tuple[int, int, int]]]) -> int:
+    """Spaces (a multiple of 8, below ALIGN) added to the header so that the most kernel-copied bytes land at their
+    source offset modulo ALIGN. The kernel copies a range between files whose offsets differ by a multiple of 64
+    at about twice the speed of one where they differ by 8 (1 GB: 0.4 s against 0.75 s on this project's machine).
+    No padding unless it aligns ALIGN_GAIN more bytes than none: the natural layout is kept where the gain is
+    under a millisecond, so a conversion there and back gives the same file."""
+    aligned = [0] * (ALIGN // 8)
+    for name, ranges in copies.items():
+        for src_at, t_at, n in ranges:
+            shift = (src_at - (data_start + offsets[name] + t_at)) % ALIGN
+            if shift % 8 == 0:
+                aligned[shift // 8] += n
+    best = max(range(len(aligned)), key=lambda k: (aligned[k], -k))
+    return 8 * best if aligned[best] - aligned[0] >= ALIGN_GAIN else 0
 
 
 def _feed(view: memoryview, h, file_hash) -> None:
