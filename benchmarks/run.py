@@ -777,7 +777,7 @@ def shape_checks(results: list[dict]) -> list[dict]:
     return checks
 
 
-SHAPE_BEGIN = "<!-- {name}: begin (run.py --shape {name} rewrites the text between these markers) -->"
+SHAPE_BEGIN = "<!-- {name}: begin (run.py --shape rewrites the text between these markers) -->"
 SHAPE_END = "<!-- {name}: end -->"
 
 
@@ -803,7 +803,7 @@ def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[
     busy = max([info["load_start"], info["load_end"]] + [r["load1"] for r in results])
     title = SHAPES_TITLE.get(args.shape, args.shape)
     lines = [
-        f"## {title}-shaped checkpoint ({info['date']})", "",
+        f"## {title}-shaped checkpoint, {ckpt['layers']} layers ({info['date']})", "",
         f"Written by `python benchmarks/run.py {' '.join(args.argv)}`; {info['code']}"
         + ("" if info.get("code_end", info["code"]) == info["code"] else f" at the start, {info['code_end']} at the end") + ". "
         f"{info['cpus']} cores ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM; work dir {info['disk']}; torch {info['torch']}, "
@@ -860,6 +860,7 @@ def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[
 
 
 SHAPES_TITLE = {"llama3-8b": "Llama-3-8B"}
+DEFAULT_LAYERS = 6  # --shape's depth unless --layers says otherwise
 
 
 def verification_breakdown(results: list[dict]) -> list[str]:
@@ -1094,7 +1095,7 @@ def main_shape(args, methods: list[str], work: Path, results_path: Path, env: di
                notes: list[str], info: dict) -> int:
     """One checkpoint of a published shape, every method on it, its section written into the results file."""
     dtype = "bfloat16"
-    layers = args.layers or (1 if args.quick else 6)
+    layers = args.layers or (1 if args.quick else DEFAULT_LAYERS)
     scale = args.scale or (8 if args.quick else 1)
     shape = Shape(**SHAPES[args.shape]).scaled(scale)
     name = f"{args.shape}" + (f"-scale{scale}" if scale > 1 else "") + f"-{layers}L-{dtype}"
@@ -1123,7 +1124,9 @@ def main_shape(args, methods: list[str], work: Path, results_path: Path, env: di
     notes.append(f"whole benchmark: {time.perf_counter() - t_start:.0f} s of wall time, checkpoint included")
     (work / f"results-{name}.json").write_text(json.dumps({"machine": info, "checkpoint": ckpt, "results": results},
                                                           indent=2, default=str))
-    insert_section(results_path, args.shape, render_shape(results, info, args, ckpt, notes))
+    # the default depth keeps the shape's own section; another depth gets one of its own beside it
+    section = args.shape if layers == DEFAULT_LAYERS or args.quick else f"{args.shape}-{layers}L"
+    insert_section(results_path, section, render_shape(results, info, args, ckpt, notes))
     checks = shape_checks(results)
     for c in checks:
         floor = f"  (floor {c['floor_shown']}{'' if c['reachable'] else ': the target is below it'})" if c["floor_shown"] else ""

@@ -27,6 +27,11 @@ class RowRule:
         """What the rows need from whole inputs (a fill's std and mean), computed from their blocks."""
         return None
 
+    def stored_statistics(self, node: LazyTensor) -> bool:
+        """Whether `statistics` takes a stored input's blocks in their storage dtype (it converts them a few MiB at
+        a time itself): no float32 copy of each block is made for it."""
+        return False
+
     def rows(self, node: LazyTensor, start: int, stop: int, fetch: Callable[[int, int, int], torch.Tensor], stats) -> torch.Tensor:
         raise NotImplementedError
 

@@ -28,7 +28,10 @@ from .lazy import LazyTensor, RowRule, generator
 if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery validate` start without it
     import torch
 
-BLOCK_BYTES = 32 << 20  # float32 bytes of output rows computed at a time; smaller tensors are computed whole
+# float32 bytes of output rows computed at a time; smaller tensors are computed whole. Below glibc's largest
+# mmap threshold (32 MiB): a block's buffers are then reused from its heap, where 32 MiB ones were each mapped
+# afresh and faulted in page by page (two threads growing an 8B MLP: 2.5 s of system time at 32 MiB, 0.6 s at 16).
+BLOCK_BYTES = 16 << 20
 DRAW_VALUES = 1 << 20  # values per block of a random draw (a fixed part of the draw's definition)
 
 
@@ -123,9 +126,11 @@ class RowEvaluator:
         """Compute every node's statistics, inputs' first (each pass reads its input block by block)."""
         for n in self._order:
             if n.fn is not None and id(n) not in self.stats:
-                self.stats[id(n)] = n.rows.statistics(n, lambda i, n=n: self.blocks(n.inputs[i]))
+                stored = n.rows.stored_statistics(n)
+                self.stats[id(n)] = n.rows.statistics(n, lambda i, n=n, s=stored: self.blocks(n.inputs[i], stored=s))
 
-    def rows(self, n: LazyTensor, start: int, stop: int) -> torch.Tensor:
+    def rows(self, n: LazyTensor, start: int, stop: int, stored: bool = False) -> torch.Tensor:
+        """Rows [start, stop) of `n` in this evaluator's dtype and device; a stored tensor's as stored if `stored`."""
         if n.fn is None:
             if has_rows(self.reader) and n.numel * 4 > BLOCK_BYTES:
                 t = self.reader.load_rows(n.source, start, stop)
@@ -134,7 +139,7 @@ class RowEvaluator:
                     self._whole[n.source] = (self.reader.load_rows(n.source, 0, n.shape[0]) if has_rows(self.reader)
                                              else self.reader.load(n.source))
                 t = self._whole[n.source][start:stop]
-            t = t.to(device=self.device, dtype=self.dtype)
+            t = t if stored else t.to(device=self.device, dtype=self.dtype)
         else:
             t = n.rows.rows(n, start, stop, lambda i, a, b: self.rows(n.inputs[i], a, b), self.stats.get(id(n)))
             t = t.to(device=self.device, dtype=self.dtype) if t.is_floating_point() else t.to(self.device)
@@ -143,11 +148,11 @@ class RowEvaluator:
             raise AssertionError(f"{n.label}: computed rows {tuple(t.shape)} != planned {want}")
         return t
 
-    def blocks(self, n: LazyTensor | None = None) -> Iterator[torch.Tensor]:
+    def blocks(self, n: LazyTensor | None = None, stored: bool = False) -> Iterator[torch.Tensor]:
         n = self.node if n is None else n
         step = block_rows(n.shape, max((m.rows.align(m) for m in _post_order(n) if m.fn is not None), default=1))
         for a in range(0, n.shape[0], step):
-            yield self.rows(n, a, min(n.shape[0], a + step))
+            yield self.rows(n, a, min(n.shape[0], a + step), stored)
 
 
 def _post_order(node: LazyTensor) -> list[LazyTensor]:

@@ -94,3 +94,35 @@ def test_shape_section_replaces_its_previous_one_and_keeps_the_rest(bench, tmp_p
     text = f.read_text()
     assert "## first" not in text and text.count("## second") == 1
     assert text.index(bench.ANALYSIS_MARK) < text.index("## second") < text.index("## hand-written")
+
+
+def test_a_time_target_below_its_floor_is_reported_unreachable(bench):
+    results = [record(bench, "cp", 10.0), record(bench, "copy", 16.0), record(bench, "floor_copy", 14.0),
+               record(bench, "grow_mlp", 25.0), record(bench, "floor_grow_mlp", 12.0)]
+    bench.annotate(results)
+    got = {(c["method"], c["target"].split()[0]): c for c in bench.shape_checks(results)}
+    copy, grow = got[("copy", "time")], got[("grow_mlp", "time")]
+    assert not copy["met"] and copy["floor_shown"] == "1.40x" and not copy["reachable"]
+    assert not grow["met"] and grow["floor_shown"] == "1.20x" and grow["reachable"]
+    assert got[("copy", "peak")]["floor"] is None, "a floor is a time, not a memory"
+
+
+def test_a_growths_floor_runs_only_after_its_growth_wrote_something(bench, tmp_path):
+    args = type("A", (), {"shard_size": 10**9})()
+    assert bench.command_for("floor_grow_mlp", tmp_path, tmp_path / "o", {}, tmp_path, args, None, {}) is None
+    cmd = bench.command_for("floor_grow_mlp", tmp_path, tmp_path / "o", {}, tmp_path, args, None, {"grow_mlp": 123})
+    assert cmd[-2:] == ["--bytes", "123"] and cmd[1].endswith("floor.py")
+
+
+def test_floor_writes_the_bytes_asked_for_and_copies_every_shard(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_floor", ROOT / "benchmarks" / "floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, n in enumerate([3000, 70_000]):
+        (src / f"model-{i}.safetensors").write_bytes(bytes(range(256)) * (n // 256))
+    assert floor.main(["write", str(src), str(tmp_path / "w"), "--bytes", str(5 * floor.BLOCK // 2)]) == 0
+    assert sum(f.stat().st_size for f in (tmp_path / "w").iterdir()) == 5 * floor.BLOCK // 2
+    assert floor.main(["copy", str(src), str(tmp_path / "c")]) == 0
+    assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == {f.name: f.read_bytes() for f in src.iterdir()}

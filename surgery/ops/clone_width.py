@@ -120,6 +120,9 @@ class CloneRows(RowRule):
         _, input_axis, _, noise, *_ = self.args
         return _noise_std(noise, input_axis, node.inputs[0].numel, lambda: blocks(0))
 
+    def stored_statistics(self, node):
+        return True
+
     def rows(self, node, start, stop, fetch, std):
         import torch
         tiled = self.args[0]

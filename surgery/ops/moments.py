@@ -26,13 +26,22 @@ BLOCK = 256 * ROW  # values converted to float32 at a time (4 MiB): no copy of a
 
 
 def _pieces(blocks: Iterable[torch.Tensor]):
-    """The values of `blocks` (tensors, in order: one tensor's flat values cut anywhere) as float32 arrays of at most BLOCK."""
+    """The values of `blocks` (tensors, in order: one tensor's flat values cut anywhere) as float32 arrays of at most
+    BLOCK, each valid until the next is asked for: other dtypes are converted into one reused buffer (a fresh
+    allocation per piece cost page faults on every one)."""
     import torch
 
+    buf = None
     for t in blocks:
         flat = t.detach().reshape(-1)
         for i in range(0, flat.numel(), BLOCK):
-            yield flat[i:i + BLOCK].to(device="cpu", dtype=torch.float32).numpy()
+            part = flat[i:i + BLOCK]
+            if part.dtype == torch.float32 and part.device.type == "cpu":
+                yield part.numpy()
+                continue
+            if buf is None:
+                buf = torch.empty(BLOCK, dtype=torch.float32)
+            yield buf[:part.numel()].copy_(part).numpy()
 
 
 def _rows(pieces: Iterable[np.ndarray]) -> Iterator[np.ndarray]:

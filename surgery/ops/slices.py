@@ -158,6 +158,9 @@ class GrowthRows(RowRule):
     def statistics(self, node, blocks):
         return node.growth.fill.statistics(node.inputs[0].numel, lambda: blocks(0))
 
+    def stored_statistics(self, node):
+        return type(node.growth.fill) is Fill  # its statistics are `moments`'; a subclass's may read other dtypes
+
     def rows(self, node, start, stop, fetch, stats):
         import torch
         g = node.growth
