@@ -5,18 +5,19 @@
 
 Every surgery run records the BLAKE3 of each output tensor and of each output file (`tensor_blake3`,
 `files_blake3`) and of each source tensor (the source's content hash), and fsyncs what it wrote. This
-script does exactly that much work, in the pattern surgery does it, and nothing else: no torch or
+script does that much work in the cheapest pattern surgery could do it, and nothing else: no torch or
 transformers start-up, no plan, no conversion, no random draws, no NaN check.
 
 - copy: each source file is moved by the kernel (copy_file_range, as cp and surgery move untouched
-  tensors); a second thread reads it back from the page cache and hashes it twice.
-- write: each source file is read once and hashed once (a third thread), and N bytes of new files
-  (1 GB each) are written from a buffer in memory, 32 MiB at a time, each block hashed twice on the
-  second thread as the writer goes.
+  tensors); a second thread reads it back from the page cache and hashes it twice (the output
+  tensor's and file's digests; the first is also the source tensor's, as surgery adopts it).
+- write: the same for every source byte (as if a growth could place all of them by kernel copies),
+  then the N - source bytes a growth adds written from a buffer in memory, 32 MiB at a time, each
+  block hashed twice on the second thread as the writer goes.
 
-A surgery time target below this floor's time (against cp + sync for the same bytes) cannot be met on
-this machine by any implementation that keeps those digests; `run.py --shape` reports the floor beside
-each target.
+A lower bound, then: a surgery time target below this floor's time (against cp + sync for the same
+bytes) cannot be met on this machine by any implementation that keeps those digests; `run.py --shape`
+reports the floor beside each target.
 """
 from __future__ import annotations
 
@@ -44,43 +45,39 @@ def read_and_hash(path: Path, digests: int) -> list[str]:
     return [h.hexdigest() for h in hs]
 
 
-def copy(source: Path, output: Path) -> None:
-    with ThreadPoolExecutor(1) as hasher:
-        jobs = []
-        for src in sorted(source.glob("*.safetensors")):
-            dst = output / src.name
-            with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
-                n, done = src.stat().st_size, 0
-                while done < n:
-                    done += os.copy_file_range(fi.fileno(), fo.fileno(), n - done, done, done)
-                jobs.append(hasher.submit(read_and_hash, dst, 2))
-                os.fsync(fo.fileno())
-        for j in jobs:
-            j.result()
+def copy(source: Path, output: Path, hasher: ThreadPoolExecutor) -> list:
+    """Every source file moved by the kernel into `output`, each read back and hashed twice on `hasher`."""
+    jobs = []
+    for src in sorted(source.glob("*.safetensors")):
+        dst = output / src.name
+        with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+            n, done = src.stat().st_size, 0
+            while done < n:
+                done += os.copy_file_range(fi.fileno(), fo.fileno(), n - done, done, done)
+            jobs.append(hasher.submit(read_and_hash, dst, 2))
+            os.fsync(fo.fileno())
+    return jobs
 
 
-def write(source: Path, output: Path, nbytes: int) -> None:
+def write(output: Path, nbytes: int, hasher: ThreadPoolExecutor) -> None:
+    """`nbytes` of new files written from memory, each block hashed twice on `hasher` (two blocks may wait)."""
     data = memoryview(os.urandom(BLOCK))
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as hasher:
-        reads = [reader.submit(read_and_hash, src, 1) for src in sorted(source.glob("*.safetensors"))]
-        left, i = nbytes, 0
-        while left > 0:
-            size, i = min(FILE, left), i + 1
-            tensor, file = blake3(), blake3()
-            with open(output / f"floor-{i:05d}.bin", "wb", buffering=0) as f:
-                done, pending = 0, []
-                while done < size:
-                    view = data[:min(BLOCK, size - done)]
-                    done += os.pwrite(f.fileno(), view, done)
-                    if len(pending) >= 2:  # surgery's writer lets two blocks wait for its hashing thread
-                        pending.pop(0).result()
-                    pending.append(hasher.submit(lambda v=view: (tensor.update(v), file.update(v))))
-                for p in pending:
-                    p.result()
-                os.fsync(f.fileno())
-            left -= size
-        for r in reads:
-            r.result()
+    left, i = nbytes, 0
+    while left > 0:
+        size, i = min(FILE, left), i + 1
+        tensor, file = blake3(), blake3()
+        with open(output / f"floor-{i:05d}.bin", "wb", buffering=0) as f:
+            done, pending = 0, []
+            while done < size:
+                view = data[:min(BLOCK, size - done)]
+                done += os.pwrite(f.fileno(), view, done)
+                if len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(hasher.submit(lambda v=view: (tensor.update(v), file.update(v))))
+            for p in pending:
+                p.result()
+            os.fsync(f.fileno())
+        left -= size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "write" and not args.bytes:
         ap.error("write needs --bytes")
     args.output.mkdir(parents=True, exist_ok=False)
-    copy(args.source, args.output) if args.mode == "copy" else write(args.source, args.output, args.bytes)
+    with ThreadPoolExecutor(1) as hasher:
+        jobs = copy(args.source, args.output, hasher)
+        if args.mode == "write":
+            copied = sum(f.stat().st_size for f in args.output.iterdir())
+            write(args.output, max(0, args.bytes - copied), hasher)
+        for j in jobs:
+            j.result()
     return 0
 
 
