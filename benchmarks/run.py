@@ -934,7 +934,7 @@ def run_methods(src: Path, desc: dict, size: int, methods: list[str], args, env:
             shutil.rmtree(cache, ignore_errors=True)
             run_env = dict(env, SURGERY_CACHE=str(cache))
         rec = measure(m, cmd, src, out, logdir, run_env, cold=args.cold, timeout=timeout)
-        repeat = args.cp_repeat if m == "cp" else getattr(args, "repeat", 1) if m in UNVERIFIED or m.startswith(FLOOR) else 1
+        repeat = args.cp_repeat if m == "cp" else args.repeat if m in UNVERIFIED or m.startswith(FLOOR) else 1
         if repeat > 1 and rec["rc"] == 0:  # this machine's page cache makes single runs vary: keep the median run
             runs = [rec] + [measure(m, cmd, src, out, logdir, run_env, cold=args.cold) for _ in range(repeat - 1)]
             rec = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]

@@ -364,6 +364,7 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
             lay = layouts[name]
             return [(lay.source.offset + s_at, t_at, n) for s_at, t_at, n in lay.copies]
         return []
+
     budget = max(costs.values(), default=0)
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)

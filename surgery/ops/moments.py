@@ -74,6 +74,13 @@ def _row_sums(rows: np.ndarray) -> np.ndarray:
     return rows.sum(axis=1, dtype=np.float64) if rows.shape[1] < ROW else rows.sum(axis=1).astype(np.float64)
 
 
+def _exact_sum(parts: list[np.ndarray]) -> float:
+    """The exactly rounded sum of every value of `parts` (float64 arrays): the same whatever their order."""
+    import numpy as np
+
+    return math.fsum(np.concatenate(parts).tolist())
+
+
 def mean(t: torch.Tensor) -> float:
     """The mean of every value of `t` (float64)."""
     return mean_of(lambda: (t,), t.numel())
@@ -87,10 +94,8 @@ def std_mean(t: torch.Tensor) -> tuple[float, float]:
 def mean_of(blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> float:
     """`mean` of a tensor of `n` values given as consecutive blocks (`blocks()` yields them, e.g. row blocks):
     the same bits however it is cut."""
-    import numpy as np
-
     sums = [_row_sums(r) for r in _rows(_pieces(blocks()))]
-    return math.fsum(np.concatenate(sums).tolist()) / n if n else math.nan
+    return _exact_sum(sums) / n if n else math.nan
 
 
 def std_mean_of(blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> tuple[float, float]:
@@ -115,7 +120,6 @@ def std_mean_of(blocks: Callable[[], Iterable[torch.Tensor]], n: int) -> tuple[f
     if not sums:
         return math.nan, math.nan
     c, mu = np.concatenate(counts), np.concatenate(means)
-    centre = math.fsum((c * mu).tolist()) / n
-    spread = c * np.square(mu - centre)
-    var = (math.fsum(np.concatenate(squares).tolist()) + math.fsum(spread.tolist())) / (n - 1)
-    return math.sqrt(max(var, 0.0)), math.fsum(np.concatenate(sums).tolist()) / n
+    centre = _exact_sum([c * mu]) / n
+    var = (_exact_sum(squares) + _exact_sum([c * np.square(mu - centre)])) / (n - 1)
+    return math.sqrt(max(var, 0.0)), _exact_sum(sums) / n
