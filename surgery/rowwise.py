@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch loads where data is touched: plans and `surgery valid
 # mmap threshold (32 MiB): a block's buffers are then reused from its heap, where 32 MiB ones were each mapped
 # afresh and faulted in page by page (two threads growing an 8B MLP: 2.5 s of system time at 32 MiB, 0.6 s at 16).
 BLOCK_BYTES = 16 << 20
+ROW_THREADS = 2  # threads computing consecutive blocks of one tensor side by side (a block's draws are serial)
 DRAW_VALUES = 1 << 20  # values per block of a random draw (a fixed part of the draw's definition)
 
 
@@ -98,8 +99,42 @@ def in_blocks(node: LazyTensor) -> bool:
 
 
 def block_cost() -> int:
-    """What computing a tensor in blocks holds at most (a block's chain of work), for the executor's budget."""
-    return 4 * BLOCK_BYTES
+    """What computing a tensor in blocks holds at most (a block's chain of work on each of its threads), for the
+    executor's budget."""
+    return 4 * BLOCK_BYTES * ROW_THREADS
+
+
+def in_order(tasks: Iterable[Callable[[], object]], threads: int = ROW_THREADS) -> Iterator:
+    """The results of `tasks` in order, up to `threads` of them computed at once on threads of their own while
+    the consumer takes the one before. torch releases the GIL in its kernels, so consecutive row blocks (each
+    with its own draws, from its own generator) use as many cores; a consumer that stops early cancels the rest
+    and waits for those already running."""
+    tasks = iter(tasks)
+    if threads <= 1:
+        for task in tasks:
+            yield task()
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="rows")
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(task))
+            if len(pending) >= threads:
+                break
+        while pending:
+            result = pending.popleft().result()
+            task = next(tasks, None)
+            if task is not None:
+                pending.append(pool.submit(task))
+            yield result
+            del result
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 def block_rows(shape, align: int = 1) -> int:
@@ -120,6 +155,7 @@ class RowEvaluator:
         self.node, self.reader, self.device, self.dtype = node, reader, device, dtype
         self.stats: dict[int, object] = {}
         self._whole: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # blocks compute on several threads (`in_order`): a small tensor is read once
         self._order = _post_order(node)
 
     def prepare(self) -> None:
@@ -135,9 +171,10 @@ class RowEvaluator:
             if has_rows(self.reader) and n.numel * 4 > BLOCK_BYTES:
                 t = self.reader.load_rows(n.source, start, stop)
             else:  # a small tensor, or a reader of whole tensors only: read once for every pass, sliced
-                if n.source not in self._whole:
-                    self._whole[n.source] = (self.reader.load_rows(n.source, 0, n.shape[0]) if has_rows(self.reader)
-                                             else self.reader.load(n.source))
+                with self._lock:
+                    if n.source not in self._whole:
+                        self._whole[n.source] = (self.reader.load_rows(n.source, 0, n.shape[0]) if has_rows(self.reader)
+                                                 else self.reader.load(n.source))
                 t = self._whole[n.source][start:stop]
             t = t if stored else t.to(device=self.device, dtype=self.dtype)
         else:
@@ -149,10 +186,11 @@ class RowEvaluator:
         return t
 
     def blocks(self, n: LazyTensor | None = None, stored: bool = False) -> Iterator[torch.Tensor]:
+        """`n`'s row blocks in order, computed ROW_THREADS at a time (`in_order`)."""
         n = self.node if n is None else n
         step = block_rows(n.shape, max((m.rows.align(m) for m in _post_order(n) if m.fn is not None), default=1))
-        for a in range(0, n.shape[0], step):
-            yield self.rows(n, a, min(n.shape[0], a + step), stored)
+        spans = [(a, min(n.shape[0], a + step)) for a in range(0, n.shape[0], step)]
+        return in_order(((lambda a=a, b=b: self.rows(n, a, b, stored)) for a, b in spans), ROW_THREADS if len(spans) > 1 else 1)
 
 
 def _post_order(node: LazyTensor) -> list[LazyTensor]:
@@ -263,27 +301,43 @@ def placed(blocks: Iterable[torch.Tensor], runs: Iterable[tuple[int, int, int]],
 
 class Sequential:
     """A reader's row reads of one tensor, hashed in order: the first pass from row 0 to the end gives the
-    tensor's digest without holding it whole (reads out of order are not hashed; a whole load hashes them)."""
+    tensor's digest without holding it whole. Blocks computed side by side (`in_order`) read a little out of
+    order: rows read ahead of the next expected one wait (up to AHEAD reads) until the rows before them come;
+    rows read again, or further ahead, are not hashed (a whole load hashes the tensor)."""
+
+    AHEAD = 4
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._open: dict[str, tuple[object, int]] = {}  # name -> (hasher, next row)
+        self._open: dict[str, tuple[object, int, dict]] = {}  # name -> (hasher, next row, reads ahead by first row)
 
     def feed(self, name: str, start: int, stop: int, rows: int, t: torch.Tensor, new_hasher) -> str | None:
         """The digest once rows [0, rows) have all been fed in order, else None."""
         with self._lock:
-            h, at = self._open.get(name, (None, 0))
+            h, at, ahead_of = self._open.get(name, (None, 0, {}))
+            if start > at and len(ahead_of) < self.AHEAD:
+                ahead_of.setdefault(start, (stop, t))
+                self._open[name] = (h, at, ahead_of)
             if start != at:
                 return None
-            if h is None:
-                h = new_hasher()
-            data = t.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                import torch
+            h = h or new_hasher()
+            while True:
+                _update(h, t)
+                at = stop
+                for first in [first for first in ahead_of if first < at]:  # read again after all: not needed
+                    del ahead_of[first]
+                if at >= rows:
+                    self._open.pop(name, None)
+                    return h.hexdigest()
+                if at not in ahead_of:
+                    self._open[name] = (h, at, ahead_of)
+                    return None
+                stop, t = ahead_of.pop(at)
 
-                h.update(data.view(torch.uint8).numpy())
-            if stop >= rows:
-                self._open.pop(name, None)
-                return h.hexdigest()
-            self._open[name] = (h, stop)
-            return None
+
+def _update(h, t: torch.Tensor) -> None:
+    data = t.detach().to("cpu").contiguous().reshape(-1)
+    if data.numel():
+        import torch
+
+        h.update(data.view(torch.uint8).numpy())

@@ -160,6 +160,59 @@ def test_a_random_draw_is_defined_per_row_block_of_fixed_size():
     assert not torch.equal(whole[1048:1096], whole[:48])
 
 
+def test_consecutive_blocks_compute_side_by_side_and_come_in_order():
+    """The first two tasks meet at a barrier (each would wait forever for the other if they ran one after the
+    other); the later ones finish in reverse order; the results still come in the order of the tasks."""
+    import threading
+    import time
+
+    meet = threading.Barrier(2, timeout=10)
+
+    def task(i):
+        if i < 2:
+            meet.wait()
+        time.sleep(0.01 * (6 - i))
+        return i
+
+    assert list(rowwise.in_order((lambda i=i: task(i)) for i in range(6))) == list(range(6))
+
+
+def test_an_error_in_a_block_reaches_the_consumer_and_the_blocks_after_it_never_start():
+    started = []
+
+    def task(i):
+        started.append(i)
+        if i == 1:
+            raise ValueError("block 1")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="block 1"):
+        for x in rowwise.in_order((lambda i=i: task(i)) for i in range(50)):
+            got.append(x)
+    assert got == [0] and max(started) <= 3
+
+
+def test_rows_read_a_little_out_of_order_are_hashed_in_order():
+    """Two threads computing consecutive blocks read their rows out of order: the digest is still that of the
+    rows in order; reads too far ahead, or of rows already hashed, give no digest rather than a wrong one."""
+    t = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    whole = blake3(t.numpy().tobytes()).hexdigest()
+    spans = [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40)]
+
+    def fed(order, seq=None):
+        seq = seq or rowwise.Sequential()
+        got = [seq.feed("w", a, b, 40, t[a:b], blake3) for a, b in order]
+        return [d for d in got if d is not None]
+
+    assert fed(spans) == [whole]
+    assert fed([spans[i] for i in (1, 0, 3, 2, 4)]) == [whole]
+    assert fed([spans[i] for i in (4, 3, 2, 1, 0)]) == [whole]  # four reads ahead: all kept
+    assert fed([(0, 8), (8, 16), (0, 8), (16, 24), (8, 16), (24, 40)]) == [whole]  # rows read again are not hashed twice
+    many = [(a, a + 1) for a in range(40)]
+    assert fed(many[6:] + many[:6]) == []  # more than AHEAD reads ahead: no digest (a whole load gives it)
+
+
 GROWTHS = {
     "grow_mlp": "  - op: grow_mlp\n    intermediate_size: x1.5\n",
     "grow_heads_zeros": "  - op: grow_heads\n    num_heads: x2\n    init: zeros\n  - op: rescale_norm\n",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..lazy import AxisGrowth, LazyTensor
-from ..rowwise import ROW_LOCAL, RowEvaluator, RowRule, block_rows, draw_rows, randn_rows, separable
+from ..rowwise import ROW_LOCAL, RowEvaluator, RowRule, block_rows, draw_rows, in_order, randn_rows, separable
 from ..state import ModelState, NewSlice
 from . import moments
 
@@ -197,16 +197,14 @@ def new_entry_blocks(node: LazyTensor, reader, device, dtype: torch.dtype) -> It
     ev = RowEvaluator(src, reader, device, dtype)
     stats = g.fill.statistics(src.numel, ev.blocks) if g.fill.kind != "mean" else ()
 
-    def blocks():
-        step = block_rows(shape, draw_rows(shape) if g.fill.kind == "random" else 1)
-        for a in range(0, shape[0], step):
-            b = min(shape[0], a + step)
-            if g.fill.kind == "mean":  # along axis > 0: the rows of the input
-                yield g.fill.values(ev.rows(src, a, b), g.axis, shape[g.axis])
-            else:
-                yield g.fill.block(shape, stats, a, b, dtype, device)
+    def block(a: int, b: int) -> torch.Tensor:
+        if g.fill.kind == "mean":  # along axis > 0: the rows of the input
+            return g.fill.values(ev.rows(src, a, b), g.axis, shape[g.axis])
+        return g.fill.block(shape, stats, a, b, dtype, device)
 
-    return blocks()
+    step = block_rows(shape, draw_rows(shape) if g.fill.kind == "random" else 1)
+    spans = [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
+    return in_order((lambda a=a, b=b: block(a, b)) for a, b in spans)
 
 
 def missing_positions(new_size: int, dest: list[int]) -> list[int]:
