@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -362,6 +363,24 @@ def evict(directory: Path) -> None:
                 os.close(fd)
 
 
+def busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat; steal counts: another guest took them)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_share(rec: dict, cpus: int) -> float:
+    """The share of the machine's cores that work other than the measured run (and this script's polling) used
+    while it ran: the benchmark's own runs start several threads, so the load average cannot tell."""
+    others = rec.get("busy", math.nan) - rec.get("user", 0) - rec.get("sys", 0)
+    return max(0.0, others) / (rec["wall"] * cpus) if rec.get("wall") and others == others else 0.0
+
+
 def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path, env: dict, cold: bool = False,
             timeout: float | None = None) -> dict:
     subprocess.run(["sync"], check=False)
@@ -372,16 +391,17 @@ def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path
     tfile = logdir / f"{label}.time"
     full = ([time_bin, "-v", "-o", str(tfile)] if time_bin else []) + cmd
     log = logdir / f"{label}.log"
-    t0 = time.perf_counter()
+    t0, b0 = time.perf_counter(), busy_seconds()
     with open(log, "w") as lf:
         proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=str(logdir), start_new_session=True)
         peaks = poll_tree(proc, deadline=None if timeout is None else t0 + timeout)
         rc = proc.wait()
-    t1 = time.perf_counter()
+    t1, b1 = time.perf_counter(), busy_seconds()
     if output.exists():
         subprocess.run(["sync", "-f", str(output)], check=False)
     t2 = time.perf_counter()
     rec = {"label": label, "cmd": cmd, "rc": rc, "timed_out": timeout is not None and t1 - t0 > timeout, "wall": t1 - t0, "sync": t2 - t1, "load1": load[0],
+           "busy": b1 - b0,
            "peak_rss_polled": peaks["VmRSS"], "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"],
            "read_bytes": dir_bytes(source, weights_only=True), "written_bytes": dir_bytes(output),
            "largest_tensor": max(largest_tensor(source), largest_tensor(output)) if output.exists() else largest_tensor(source),
@@ -800,7 +820,7 @@ def insert_section(path: Path, name: str, text: str) -> None:
 def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[str]) -> str:
     annotate(results)
     checks = shape_checks(results)
-    busy = max([info["load_start"], info["load_end"]] + [r["load1"] for r in results])
+    shared = max([others_share(r, info["cpus"]) for r in results], default=0.0)
     title = SHAPES_TITLE.get(args.shape, args.shape)
     lines = [
         f"## {title}-shaped checkpoint, {ckpt['layers']} layers ({info['date']})", "",
@@ -809,11 +829,13 @@ def render_shape(results: list[dict], info: dict, args, ckpt: dict, notes: list[
         f"{info['cpus']} cores ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM; work dir {info['disk']}; torch {info['torch']}, "
         f"transformers {info['transformers']}.", "",
         f"Load: `uptime` at the start `{info['uptime_start']}`, at the end `{info['uptime_end']}`; the `load` column is the "
-        "1-minute load when each run started (the benchmark's own previous run counts about 1).",
+        "1-minute load when each run started (the benchmark's own previous run counts 1 to 3: surgery's runs keep several "
+        f"threads busy). Other work's CPU while a run ran (the machine's busy time less the run's own): at most "
+        f"{100 * shared:.0f} % of the cores.",
     ]
-    if busy > 2.5:
-        lines += ["", f"**Preliminary**: the machine was shared with other work (1-minute load up to {busy:.1f} on "
-                  f"{info['cpus']} cores): times, and cp's floor with them, are noisy; peaks of memory are not affected."]
+    if shared > 0.25:
+        lines += ["", f"**Preliminary**: the machine was shared with other work (up to {100 * shared:.0f} % of its "
+                  f"{info['cpus']} cores during a run): times, and cp's floor with them, are noisy; peaks of memory are not affected."]
     lines += [
         "", f"Checkpoint: {ckpt['layers']} layers of {title}'s shape ({ckpt['shape']}), {ckpt['dtype']}, random weights "
         f"(N(0, 0.02), norms 1, seeded per tensor name, written tensor by tensor), {ckpt['bytes'] / 1e9:.2f} GB of tensors "

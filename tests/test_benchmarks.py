@@ -107,6 +107,16 @@ def test_a_time_target_below_its_floor_is_reported_unreachable(bench):
     assert got[("copy", "peak")]["floor"] is None, "a floor is a time, not a memory"
 
 
+def test_other_works_share_of_the_cores_is_the_busy_time_a_run_did_not_use_itself(bench):
+    """A run keeping both cores busy itself is not other work (the load average counted its threads as such)."""
+    own = {"wall": 10.0, "user": 15.0, "sys": 4.0}
+    assert bench.others_share(dict(own, busy=19.5), 2) == pytest.approx(0.025)
+    assert bench.others_share(dict(own, busy=29.0), 2) == pytest.approx(0.5)
+    assert bench.others_share(dict(own, busy=18.0), 2) == 0.0  # sampling: never below nothing
+    assert bench.others_share(dict(own), 2) == 0.0  # a record from before the measure existed
+    assert bench.busy_seconds() > 0
+
+
 def test_a_growths_floor_runs_only_after_its_growth_wrote_something(bench, tmp_path):
     args = type("A", (), {"shard_size": 10**9})()
     assert bench.command_for("floor_grow_mlp", tmp_path, tmp_path / "o", {}, tmp_path, args, None, {}) is None
