@@ -369,8 +369,8 @@ def write_output(state: ModelState, fmt: OutputFormat, source, out_dir: Path, de
     bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True, desc="writing",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool, streaming_threads(busy=2, workers=workers):
-        done = write_files(out_dir, files, lambda shard: computed_in_order(pool, compute, layout_order(shard),
-                                                                          costs.__getitem__, workers, budget),
+        order = [t for _, shard in files for t in layout_order(shard)]
+        done = write_files(out_dir, files, computed_in_order(pool, compute, order, costs.__getitem__, workers, budget),
                            kernel_copies, bar.update)
     bar.close()
     digests, file_digests, sources = done.tensors, done.files, done.sources

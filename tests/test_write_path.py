@@ -218,6 +218,38 @@ def test_tensors_computed_ahead_arrive_in_order_within_the_worker_and_memory_bud
     assert any(len(s) == 2 for s in seen)  # b with c, e with f: side by side
 
 
+def test_the_next_files_first_tensor_computes_while_the_last_of_the_file_before_is_written(tmp_path, monkeypatch):
+    """One stream for every file: writing a file's last tensor waits here until the next file's first has started
+    computing, which a stream per file (started once the file before is done) would never do."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgery.execute import computed_in_order
+
+    files = [("a.safetensors", [writer.PlannedTensor("a", (4,), torch.float32)]),
+             ("b.safetensors", [writer.PlannedTensor("b", (4,), torch.float32)])]
+    started = threading.Event()
+    real = writer.ShardWriter.write
+
+    def compute(name):
+        if name == "b":
+            started.set()
+        return torch.full((4,), float(ord(name)))
+
+    def write(self, name, data):
+        if name == "a":
+            assert started.wait(10), "the next file's first tensor did not start computing"
+        real(self, name, data)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", write)
+    order = [t for _, shard in files for t in shard]
+    with ThreadPoolExecutor(2) as pool:
+        done = writer.write_files(tmp_path, files, computed_in_order(pool, compute, order, lambda n: 1, 2, 1))
+    assert set(done.tensors) == {"a", "b"} and set(done.files) == {"a.safetensors", "b.safetensors"}
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("b"), torch.full((4,), 98.0))
+
+
 def test_writeback_is_started_over_the_written_bytes_in_order_and_the_shard_reads_back(tmp_path, monkeypatch):
     calls = []
     real = writer.start_writeback

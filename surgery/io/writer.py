@@ -305,12 +305,12 @@ class WrittenFiles:
 def write_files(out_dir: Path, files: list[tuple[str, list[PlannedTensor]]], stream,
                 copies: Callable[[str], list[tuple[int, int, int]]] = lambda name: [],
                 written: Callable[[int], object] = lambda n: None) -> WrittenFiles:
-    """Every file of `files` written from `stream(its tensors)`, an iterator of (PlannedTensor, data) with `close()`.
-    `copies(name)`: the ranges the kernel will copy into that tensor (`ShardWriter`); `written(bytes)` after each.
-
-    A file is closed (its last digests awaited, then fsync) on a thread of its own while the next is written:
-    closing in line left the kernel copy idle while the hashing thread caught up, once per file. At most one
-    file closes behind the one being written, and its errors (a copied tensor's NaN) surface before the next."""
+    """Every file of `files` written from `stream`, a generator of (PlannedTensor, data): each file's tensors in layout
+    order, file after file, so a file's first tensors compute while the last of the one before is written (a stream
+    per file left the cores idle at every file's start). `copies(name)`: the ranges the kernel will copy into that
+    tensor (`ShardWriter`); `written(bytes)` after each. A file is closed (its last digests, fsync) on a thread of
+    its own while the next is written (closing in line left the kernel copy idle while the hashing caught up), at
+    most one behind, and its errors (a copied tensor's NaN) surface before the next."""
     done = WrittenFiles({}, {}, {})
     closing: deque[tuple[str, ShardWriter, Future]] = deque()
 
@@ -329,19 +329,19 @@ def write_files(out_dir: Path, files: list[tuple[str, list[PlannedTensor]]], str
             for fname, shard in files:
                 settle(keep=1)
                 writer = ShardWriter(out_dir / fname, shard, copies={t.name: copies(t.name) for t in shard})
-                tensors = stream(shard)
                 try:
-                    for p, data in tensors:
+                    for _ in shard:
+                        p, data = next(stream)  # a tensor of another file: `write` refuses it
                         writer.write(p.name, data)
                         del data
                         written(p.nbytes)
                 except BaseException:
-                    tensors.close()
                     writer.abort()
                     raise
                 closing.append((fname, writer, closer.submit(writer.close)))
             settle(keep=0)
         except BaseException:
+            stream.close()
             for _, writer, job in closing:
                 job.cancel()
                 wait([job])
