@@ -197,11 +197,11 @@ def grown_pieces(node: LazyTensor, layout: KeptLayout, reader, device: torch.dev
         cdt = d if storage_exact(node, d) else cd
         shape = list(src.shape)
         shape[g.axis] = g.new_size - len(g.dest)
-        blocks = new_entry_blocks(node, reader, device, cdt)
+        blocks = new_entry_blocks(node, reader, device, cdt, d)
         if blocks is None:  # the fill reads its whole input: read through the run's reader, checked finite and hashed there
             blocks = [g.fill.values(reader.load(src.source).to(device=device, dtype=cdt), g.axis, shape[g.axis]).to(dtype=cdt)]
         else:  # computed block by block on a thread of their own, one ahead of the writer
-            blocks = ahead(b.to(dtype=d).to("cpu") for b in blocks)
+            blocks = ahead(blocks)
         unit = layout.unit // d.itemsize  # values per entry
         data = placed(blocks, [((o * shape[g.axis] + k) * unit, at, n * unit) for o, k, at, n in layout.new], d)
     return Pieces(layout.source, node.shape, d, layout.copies, data, checked=g.fill.reads_values)

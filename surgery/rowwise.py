@@ -185,12 +185,14 @@ class RowEvaluator:
             raise AssertionError(f"{n.label}: computed rows {tuple(t.shape)} != planned {want}")
         return t
 
-    def blocks(self, n: LazyTensor | None = None, stored: bool = False) -> Iterator[torch.Tensor]:
-        """`n`'s row blocks in order, computed ROW_THREADS at a time (`in_order`)."""
+    def blocks(self, n: LazyTensor | None = None, stored: bool = False, then: Callable | None = None) -> Iterator:
+        """`n`'s row blocks in order, computed ROW_THREADS at a time (`in_order`); `then(block)` on the same threads."""
         n = self.node if n is None else n
         step = block_rows(n.shape, max((m.rows.align(m) for m in _post_order(n) if m.fn is not None), default=1))
         spans = [(a, min(n.shape[0], a + step)) for a in range(0, n.shape[0], step)]
-        return in_order(((lambda a=a, b=b: self.rows(n, a, b, stored)) for a, b in spans), ROW_THREADS if len(spans) > 1 else 1)
+        then = then or (lambda t: t)
+        return in_order(((lambda a=a, b=b: then(self.rows(n, a, b, stored))) for a, b in spans),
+                        ROW_THREADS if len(spans) > 1 else 1)
 
 
 def _post_order(node: LazyTensor) -> list[LazyTensor]:
@@ -210,10 +212,16 @@ def _post_order(node: LazyTensor) -> list[LazyTensor]:
 
 def byte_blocks(node: LazyTensor, reader, device, dtype, out_dtype) -> Iterator[tuple[int, memoryview]]:
     """(byte offset in the tensor, bytes) of `node` in `out_dtype`, computed in `dtype` block by block.
-    Statistics are computed now, then the blocks on a thread of their own, one ahead of the writer (`ahead`)."""
+    Statistics are computed now, then the blocks, rounded to `out_dtype` on the threads that compute them (one thread
+    rounding every block was the slowest step of a clone), one ahead of the writer (`ahead`)."""
     ev = RowEvaluator(node, reader, device, dtype)
     ev.prepare()
-    return ahead(_as_bytes(ev.blocks(), out_dtype))
+    return ahead(_as_bytes(ev.blocks(then=lambda t: stored_as(t, out_dtype)), out_dtype))
+
+
+def stored_as(t: torch.Tensor, dtype) -> torch.Tensor:
+    """A computed block as it is written: floating values rounded to `dtype`, on the CPU, contiguous."""
+    return (t.to(dtype=dtype) if t.is_floating_point() else t).to("cpu").contiguous()
 
 
 class ahead:

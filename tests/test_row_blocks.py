@@ -177,6 +177,27 @@ def test_consecutive_blocks_compute_side_by_side_and_come_in_order():
     assert list(rowwise.in_order((lambda i=i: task(i)) for i in range(6))) == list(range(6))
 
 
+def test_blocks_are_rounded_to_their_stored_dtype_on_the_threads_that_compute_them(monkeypatch):
+    """One thread rounding every block to bf16 behind two computing them was a clone's slowest step."""
+    import threading
+
+    monkeypatch.setattr(rowwise, "BLOCK_BYTES", 4 * 64 * 8)  # 8 rows of 64 float32 values a block
+    node = scale(read("w", (40, 64), torch.float32), 0.5, "half")
+    w = torch.randn(40, 64)
+    reader = type("R", (), {"load": lambda self, name: w, "tensors": {"w": None}})()
+    where = []
+
+    def then(t):
+        where.append(threading.current_thread().name)
+        return rowwise.stored_as(t, torch.bfloat16)
+
+    ev = RowEvaluator(node, reader, torch.device("cpu"), torch.float32)
+    ev.prepare()
+    got = torch.cat(list(ev.blocks(then=then)))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (w * 0.5).to(torch.bfloat16))
+    assert len(where) == 5 and all(name.startswith("rows") for name in where)
+
+
 def test_an_error_in_a_block_reaches_the_consumer_and_the_blocks_after_it_never_start():
     started = []
 

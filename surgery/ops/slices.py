@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..lazy import AxisGrowth, LazyTensor
-from ..rowwise import ROW_LOCAL, RowEvaluator, RowRule, block_rows, draw_rows, in_order, randn_rows, separable
+from ..rowwise import ROW_LOCAL, RowEvaluator, RowRule, block_rows, draw_rows, in_order, randn_rows, separable, stored_as
 from ..state import ModelState, NewSlice
 from . import moments
 
@@ -186,10 +186,11 @@ class GrowthRows(RowRule):
 GROWTH_ROWS = GrowthRows()
 
 
-def new_entry_blocks(node: LazyTensor, reader, device, dtype: torch.dtype) -> Iterator[torch.Tensor] | None:
-    """A growth's new entries (`_new_shape`) in `dtype`, in consecutive blocks of their rows, as `scatter_axis`
-    computes them; the statistics the fill needs are computed now, from the input's row blocks. None where
-    the fill needs its whole input at once (`Fill.in_row_blocks`)."""
+def new_entry_blocks(node: LazyTensor, reader, device, dtype: torch.dtype,
+                     out_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor] | None:
+    """A growth's new entries (`_new_shape`) computed in `dtype` (and rounded to `out_dtype`, on the CPU, where given),
+    in consecutive blocks of their rows, as `scatter_axis` computes them; the statistics the fill needs are computed
+    now, from the input's row blocks. None where the fill needs its whole input at once (`Fill.in_row_blocks`)."""
     g = node.growth
     src, shape = node.inputs[0], _new_shape(node)
     if not g.fill.in_row_blocks(g.axis) or not separable(src):
@@ -199,8 +200,10 @@ def new_entry_blocks(node: LazyTensor, reader, device, dtype: torch.dtype) -> It
 
     def block(a: int, b: int) -> torch.Tensor:
         if g.fill.kind == "mean":  # along axis > 0: the rows of the input
-            return g.fill.values(ev.rows(src, a, b), g.axis, shape[g.axis])
-        return g.fill.block(shape, stats, a, b, dtype, device)
+            t = g.fill.values(ev.rows(src, a, b), g.axis, shape[g.axis])
+        else:
+            t = g.fill.block(shape, stats, a, b, dtype, device)
+        return t if out_dtype is None else stored_as(t, out_dtype)  # rounded on the threads that compute the blocks
 
     step = block_rows(shape, draw_rows(shape) if g.fill.kind == "random" else 1)
     spans = [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
