@@ -378,7 +378,7 @@ def others_share(rec: dict, cpus: int) -> float:
     """The share of the machine's cores that work other than the measured run (and this script's polling) used
     while it ran: the benchmark's own runs start several threads, so the load average cannot tell."""
     others = rec.get("busy", math.nan) - rec.get("user", 0) - rec.get("sys", 0)
-    return max(0.0, others) / (rec["wall"] * cpus) if rec.get("wall") and others == others else 0.0
+    return max(0.0, others) / (rec["wall"] * cpus) if rec.get("wall") and not math.isnan(others) else 0.0
 
 
 def measure(label: str, cmd: list[str], source: Path, output: Path, logdir: Path, env: dict, cold: bool = False,

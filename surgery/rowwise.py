@@ -104,11 +104,12 @@ def block_cost() -> int:
     return 4 * BLOCK_BYTES * ROW_THREADS
 
 
-def in_order(tasks: Iterable[Callable[[], object]], threads: int = ROW_THREADS) -> Iterator:
-    """The results of `tasks` in order, up to `threads` of them computed at once on threads of their own while
-    the consumer takes the one before. torch releases the GIL in its kernels, so consecutive row blocks (each
-    with its own draws, from its own generator) use as many cores; a consumer that stops early cancels the rest
-    and waits for those already running."""
+def in_order(tasks: list[Callable[[], object]], threads: int | None = None) -> Iterator:
+    """The results of `tasks` in order, up to `threads` (ROW_THREADS) of them computed at once on threads of their
+    own while the consumer takes the one before; a single task runs on the consumer's thread. torch releases the
+    GIL in its kernels, so consecutive row blocks (each with its own draws, from its own generator) use as many
+    cores; a consumer that stops early cancels the rest and waits for those already running."""
+    threads = min(ROW_THREADS if threads is None else threads, len(tasks))
     tasks = iter(tasks)
     if threads <= 1:
         for task in tasks:
@@ -191,8 +192,7 @@ class RowEvaluator:
         step = block_rows(n.shape, max((m.rows.align(m) for m in _post_order(n) if m.fn is not None), default=1))
         spans = [(a, min(n.shape[0], a + step)) for a in range(0, n.shape[0], step)]
         then = then or (lambda t: t)
-        return in_order(((lambda a=a, b=b: then(self.rows(n, a, b, stored))) for a, b in spans),
-                        ROW_THREADS if len(spans) > 1 else 1)
+        return in_order([lambda a=a, b=b: then(self.rows(n, a, b, stored)) for a, b in spans])
 
 
 def _post_order(node: LazyTensor) -> list[LazyTensor]:
@@ -280,8 +280,7 @@ def _as_bytes(blocks: Iterator[torch.Tensor], out_dtype):
 
     at = 0
     for t in blocks:
-        t = t.to(dtype=out_dtype) if t.is_floating_point() else t
-        t = t.to("cpu").contiguous().reshape(-1)
+        t = stored_as(t, out_dtype).reshape(-1)
         yield at, memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         at += t.numel() * out_dtype.itemsize
 

@@ -174,7 +174,7 @@ def test_consecutive_blocks_compute_side_by_side_and_come_in_order():
         time.sleep(0.01 * (6 - i))
         return i
 
-    assert list(rowwise.in_order((lambda i=i: task(i)) for i in range(6))) == list(range(6))
+    assert list(rowwise.in_order([lambda i=i: task(i) for i in range(6)])) == list(range(6))
 
 
 def test_blocks_are_rounded_to_their_stored_dtype_on_the_threads_that_compute_them(monkeypatch):
@@ -209,7 +209,7 @@ def test_an_error_in_a_block_reaches_the_consumer_and_the_blocks_after_it_never_
 
     got = []
     with pytest.raises(ValueError, match="block 1"):
-        for x in rowwise.in_order((lambda i=i: task(i)) for i in range(50)):
+        for x in rowwise.in_order([lambda i=i: task(i) for i in range(50)]):
             got.append(x)
     assert got == [0] and max(started) <= 3
 

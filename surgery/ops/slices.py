@@ -207,7 +207,7 @@ def new_entry_blocks(node: LazyTensor, reader, device, dtype: torch.dtype,
 
     step = block_rows(shape, draw_rows(shape) if g.fill.kind == "random" else 1)
     spans = [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
-    return in_order((lambda a=a, b=b: block(a, b)) for a, b in spans)
+    return in_order([lambda a=a, b=b: block(a, b) for a, b in spans])
 
 
 def missing_positions(new_size: int, dest: list[int]) -> list[int]:
