@@ -1,6 +1,8 @@
 import os
 import shutil
+import signal
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +68,18 @@ def tensor_bytes(path: Path) -> dict[str, bytes]:
                 a, b = info["data_offsets"]
                 out[name] = raw[start + a:start + b]
     return out
+
+
+def exited(proc: subprocess.Popen, what: str, timeout: float = 120) -> str:
+    """A run's stderr once it exits; one still running after `timeout` seconds fails the test with every one
+    of its threads' stacks (SIGABRT makes one started with `-X faulthandler` print them), so a hang says where it waits."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        pytest.fail(f"{what} still running {timeout:.0f} s after its last input; its threads:\n{err[-20000:]}")

@@ -25,7 +25,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import save_checkpoint
+from conftest import exited, save_checkpoint
 from factories import make_config, make_model
 from surgery import api
 from surgery.cli import main
@@ -124,7 +124,7 @@ def interrupted(source, tmp_path_factory):
         r.parent.mkdir()
         recipe = r.parent / "recipe.yaml"
         recipe.write_text(RECIPE.format(src=source, out=r.out))
-        r.proc = subprocess.Popen([sys.executable, "-m", "surgery", "run", str(recipe), "--no-verify"],
+        r.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "surgery", "run", str(recipe), "--no-verify"],
                                   cwd=r.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         r.started = time.monotonic()
     deadline = time.monotonic() + 240
@@ -153,9 +153,10 @@ def interrupted(source, tmp_path_factory):
                 r.proc.kill()
         raise
     for r in runs:
-        _, r.stderr = r.proc.communicate(timeout=120)
+        r.stderr = exited(r.proc, f"run {r.parent.name}")
         r.returncode = r.proc.returncode
     return runs, before
+
 
 
 def test_killed_runs_leave_the_source_identical_and_the_target_absent_or_complete(interrupted, source):
@@ -413,3 +414,16 @@ def test_output_modes_follow_the_umask_like_save_pretrained(tmp_path, umask, dir
     modes = {str(p.relative_to(result.output)): p.stat().st_mode & 0o777 for p in result.output.rglob("*")}
     assert result.output.stat().st_mode & 0o777 == directory
     assert modes and set(modes.values()) == {file}, modes
+
+
+def test_a_run_that_hangs_after_its_signal_fails_the_test_with_its_threads_stacks():
+    """The SIGINT run once stayed up for 120 s in CI and never again in hundreds of tries: if it happens again,
+    the failure shows where each of its threads waited."""
+    code = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), name='stuck').start()\ntime.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        exited(proc, "the sleeper", timeout=1)
+    assert "the sleeper still running 1 s" in str(failed.value)
+    assert "Current thread" in str(failed.value) and str(failed.value).count("File ") >= 2
+    assert proc.poll() is not None

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import save_checkpoint
+from conftest import exited, save_checkpoint
 from factories import make_config, make_model
 from surgery import api, interrupt
 from surgery.cli import main
@@ -183,7 +183,7 @@ def test_ctrl_c_during_verification_keeps_the_complete_output_unverified(source,
 def surgery(*argv: str, cwd: Path, code: str = "") -> subprocess.Popen:
     """`surgery ARGV` as the command runs it (its `entry`), after `code` (a test's hook) has run."""
     script = f"import sys\n{code}\nsys.argv = ['surgery', *{list(argv)!r}]\nfrom surgery.cli import entry\nentry()\n"
-    return subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 HELD_OPEN = """
@@ -211,7 +211,7 @@ def test_sigint_in_the_verification_phase_keeps_the_output_and_says_how_to_verif
         if line == "verification begins\n":
             proc.send_signal(signal.SIGINT)
             break
-    _, rest = proc.communicate(timeout=120)
+    rest = exited(proc, "the run")
     assert proc.returncode == 130, "".join(seen) + rest
     assert rest.splitlines()[-1].startswith(f"interrupted during verification; the output {out} is complete but not verified")
     assert f"`surgery verify {out}`" in rest and "Traceback" not in rest
@@ -243,7 +243,7 @@ def test_ctrl_c_swallowed_by_a_finalizer_while_writing_still_stops_the_run_and_l
     weakref callback (each shard's hashing lane is collected), Python printed it and the run went on."""
     (tmp_path / "r.yaml").write_text(GROW.format(src=source) + "output:\n  path: out\n  shard_size: 16KB\n")
     proc = surgery("run", "r.yaml", "--no-verify", cwd=tmp_path, code=CTRL_C_IN_A_FINALIZER)
-    _, err = proc.communicate(timeout=120)
+    err = exited(proc, "the run")
     assert proc.returncode == 130 and err == "interrupted; the output was not written\n", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
