@@ -22,7 +22,7 @@ from .recipe.loader import LoadedRecipe
 from .spec import ModelSpec, _first_line, config_errors, hf_config
 from .verify.data import calibration_ids as tokens_of
 from .verify.schedule import schedule
-from .state import ModelState
+from .state import ModelState, read_ties
 
 _RANK = {Exactness.EXACT: 0, Exactness.EXACT_OLD_TOKENS: 1, Exactness.EXACT_SHIPPED_CODE: 2, Exactness.APPROXIMATE: 3,
          Exactness.PRUNED: 4, Exactness.REINIT: 5}
@@ -153,6 +153,7 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
         tokens = lambda: calibration_ids  # noqa: E731
     calibration = Calibration(ckpt, tokens, device, progress)
     spec = ModelSpec.from_config(ckpt.config, where=str(source_dir / "config.json"))
+    read_ties(spec, ckpt)
     initial = ModelState.from_checkpoint(spec, ckpt.tensors, where=str(source_dir))
     recipe = loaded.recipe
     steps: list[Step] = []

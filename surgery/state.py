@@ -14,6 +14,48 @@ from .spec import ModelSpec
 DROPPED_BUFFERS = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 
+def read_ties(spec: ModelSpec, checkpoint) -> None:
+    """Ties as transformers makes them on load, where the config and the stored tensors disagree.
+
+    transformers ties a stored copy to the embedding only when the two hold equal values; where they differ it loads
+    them apart and warns. A tied config with a different stored lm_head is read untied (the output's config then says
+    so: its function is the one transformers gives the source); a different stored copy the architecture cannot
+    hold apart (T5's encoder and decoder embeddings) is refused.
+    """
+    stored = checkpoint.tensors
+    embed = spec.arch.parameter_name(TensorRole.EMBED, "weight")
+    if embed not in stored:
+        return
+    for alias in spec.arch.tied_aliases:
+        if alias in stored and not _equal_values(checkpoint, alias, embed):
+            raise SurgeryError(f"{alias!r} holds other values than {embed!r}, which transformers loads apart and the "
+                               f"{spec.arch.name} table ties to it; not supported", where=str(checkpoint.path))
+    head = spec.arch.parameter_name(TensorRole.LM_HEAD, "weight")
+    if spec.tied and head in stored and not _equal_values(checkpoint, head, embed):
+        spec.config["tie_word_embeddings"] = False
+        spec.meta.standardised.append(f"tie_word_embeddings: true -> false: {head} is stored with other values than "
+                                      f"{embed}, and transformers loads the two apart")
+
+
+def _equal_values(checkpoint, a: str, b: str) -> bool:
+    """Whether two stored tensors hold equal values (`torch.equal`, as transformers decides a tie), read in row blocks."""
+    import torch
+
+    from .rowwise import block_rows, has_rows
+
+    ma, mb = checkpoint.tensors[a], checkpoint.tensors[b]
+    if tuple(ma.shape) != tuple(mb.shape):
+        return False
+    if not ma.shape or not has_rows(checkpoint):
+        return torch.equal(checkpoint.load(a).double(), checkpoint.load(b).double())
+    step = block_rows(ma.shape)
+    for start in range(0, ma.shape[0], step):
+        stop = min(start + step, ma.shape[0])
+        if not torch.equal(checkpoint.load_rows(a, start, stop).double(), checkpoint.load_rows(b, start, stop).double()):
+            return False
+    return True
+
+
 @dataclass
 class NewSlice:
     """Part of a tensor created by a growth op, for the gradient-flow check."""

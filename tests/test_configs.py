@@ -273,6 +273,58 @@ def test_persisted_rotary_inv_freq_buffers_are_dropped_as_transformers_does_and_
     assert max_rel_logit_diff(src, out) < 1e-12
 
 
+
+# ------------------------------------------------------------------- a tied config over a stored lm_head
+def store_head(src: Path, same: bool) -> None:
+    """Store lm_head.weight beside the embedding of a tied source: a copy of it, or other values (bf16 storage)."""
+    f = src / "model.safetensors"
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(f).items()}
+    embed = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = embed.clone() if same else torch.randn(embed.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_a_tied_config_over_a_different_stored_lm_head_is_read_untied_as_transformers_loads_it(tmp_path, capsys):
+    """transformers keeps the stored head apart (and warns); reading it tied, a grow wrote another function."""
+    src = source(tmp_path, "llama", tied=True)
+    store_head(src, same=False)
+    ops = "  - op: grow_mlp\n    intermediate_size: \"+8\""
+    assert main(["plan", str(recipe(tmp_path, src, ops))]) == 0
+    assert "config: tie_word_embeddings: true -> false: lm_head.weight is stored with other values" in capsys.readouterr().out
+    code, out = run(tmp_path, src, ops)
+    assert code == 0
+    assert config_of(out)["tie_word_embeddings"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert max_rel_logit_diff(src, out) < 1e-12
+
+
+def test_a_tied_config_over_a_stored_copy_of_the_embedding_stays_tied_and_drops_the_copy(tmp_path):
+    src = source(tmp_path, "llama", tied=True)
+    store_head(src, same=True)
+    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"")
+    assert code == 0
+    assert config_of(out)["tie_word_embeddings"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    assert max_rel_logit_diff(src, out) < 1e-12
+
+
+def test_a_tensor_name_with_a_control_character_is_refused_in_one_line(tmp_path, capsys):
+    """The source content hash joins names with newlines and NULs: such a name could pose as two tensors' entries."""
+    src = source(tmp_path, "llama")
+    f = src / "model.safetensors"
+    sd = load_file(f)
+    sd["lm_head.weight\0bfloat16\nmodel.norm.weight"] = torch.zeros(2)
+    save_file(sd, f, metadata={"format": "pt"})
+    capsys.readouterr()
+    code, _ = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "model.safetensors" in err and "control character" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- source content hash
 def recorded_hash(out: Path) -> str:
     for line in (out / "surgery_recipe.yaml").read_text().splitlines():
@@ -302,8 +354,9 @@ def test_source_hash_changes_when_one_weight_byte_changes_and_equals_a_fresh_has
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["computed", "in-pieces"])
 def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypatch, pieces):
-    """Each source tensor is read at most once; kernel-copied ones are hashed from the output's bytes.
-    In pieces, grow_mlp's gate/up are read once (their fill draws from them) and copied; down_proj only copied."""
+    """Each source tensor is read at most once while the output is written; kernel-copied ones are hashed from the
+    output's bytes. In pieces, grow_mlp's gate/up are read once (their fill draws from them) and copied; down_proj
+    only copied. Planning reads the stored lm_head and the embedding once more: a tie holds only if they are equal."""
     from surgery.io import checkpoint
 
     src = source(tmp_path, "llama", tied=True)
@@ -329,6 +382,9 @@ def test_the_source_hash_needs_no_second_read_of_the_weights(tmp_path, monkeypat
     monkeypatch.setattr(execute, "MIN_PIECE", 0 if pieces else 1 << 60)
     code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
     assert code == 0
+    for tie_checked in ("lm_head.weight", "model.embed_tokens.weight"):
+        reads[tie_checked] -= 1
+    reads = {name: n for name, n in reads.items() if n}
     assert reads and max(reads.values()) == 1 and kernel and set(reads) | kernel == set(sd)
     mlp, grown = {n for n in sd if ".mlp." in n}, set(reads) - {"lm_head.weight"}  # lm_head: read by the hash alone
     if pieces:

@@ -95,3 +95,18 @@ def test_growth_of_t5_is_refused_in_one_line_before_any_weight_is_read(tmp_path,
     src = t5_dir(tmp_path, V1_1)
     with pytest.raises(SurgeryError, match=f"{op['op']} is refused for t5: T5 is an encoder-decoder"):
         api.plan(recipe(write_recipe, src, [op]))
+
+
+def test_a_stored_encoder_embedding_apart_from_shared_is_refused_since_the_table_ties_it(tmp_path, write_recipe):
+    """transformers loads a differing stored copy apart; reading it tied would write another model."""
+    from safetensors.torch import load_file, save_file
+
+    src = t5_dir(tmp_path, V1_1)
+    sd = load_file(src / "model.safetensors")
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"] + 1
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SurgeryError, match="'encoder.embed_tokens.weight' holds other values than 'shared.weight'"):
+        api.plan(recipe(write_recipe, src, [{"op": "reinit", "method": "hf"}]))
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()  # a stored copy, as older saves hold: tied
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    api.plan(recipe(write_recipe, src, [{"op": "reinit", "method": "hf"}]))

@@ -50,6 +50,7 @@ def read_safetensors_header(path: Path) -> dict:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            check_tensor_name(name)
             if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
                 raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
             start, end = info["data_offsets"]
@@ -64,6 +65,14 @@ def read_safetensors_header(path: Path) -> dict:
         return header
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"corrupt safetensors file: {e}", where=str(path)) from None
+
+
+def check_tensor_name(name: str) -> None:
+    """Refuse a tensor name holding a control character (ValueError): no model names one so, and the source
+    content hash joins names with newlines and NULs, so such a name could pose as other tensors' entries."""
+    bad = next((c for c in name if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise ValueError(f"tensor name {name!r} holds the control character {bad!r}")
 
 
 def _header_length(path: Path) -> int:
@@ -162,6 +171,10 @@ class Checkpoint:
                 sd = load_pickle(f)
                 self._pickles[f] = sd
                 for name, t in sd.items():
+                    try:
+                        check_tensor_name(name)
+                    except ValueError as e:
+                        raise SurgeryError(str(e), where=str(f)) from None
                     self.tensors[name] = TensorMeta(tuple(t.shape), t.dtype, f)
         if not self.tensors:
             raise SurgeryError("checkpoint holds no tensors", where=str(self.path))
