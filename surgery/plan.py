@@ -196,7 +196,22 @@ def compile_plan(loaded: LoadedRecipe, source_dir: Path, checkpoint: Checkpoint 
             )
         )
         state = nxt
+    if steps and state.spec.arch.is_moe:
+        steps[-1].promise.notes += _experts_note(state.spec)
     return Plan(loaded, source_dir, ckpt, initial, steps, op_graph(list(recipe.ops)))
+
+
+def _experts_note(spec: ModelSpec) -> list[str]:
+    """What a mixture of experts whose widths torch's grouped_mm refuses needs to load (verification runs it eagerly)."""
+    import torch
+
+    from .runtime.build import grouped_mm_fits
+
+    refused = [name for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16)) if not grouped_mm_fits(spec.config, d)]
+    if not refused:
+        return []
+    return [f"the experts' widths are not a multiple of 16 bytes in {' or '.join(refused)}: transformers' default experts "
+            f"(torch's grouped_mm) refuse them there; load with experts_implementation=\"eager\""]
 
 
 def format_plan(plan: Plan, max_tensors: int = 12, warnings: bool = False) -> str:

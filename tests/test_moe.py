@@ -269,6 +269,22 @@ def test_written_upcycle_loads_in_stock_transformers_with_the_release_layout_and
         assert layer["distinct_after_step"] > 1 and layer["router_grad_after_step"] > 0
 
 
+
+def test_an_upcycle_to_widths_grouped_mm_refuses_is_verified_eagerly_and_its_plan_says_how_to_load_it(
+        tmp_path, write_recipe, capsys):
+    """An expert width of 13 float32 values (52 bytes) made torch's grouped_mm fail inside verification: exit 3 and
+    no output for an exact upcycle."""
+    src = save_checkpoint(dense("llama", heads=(4, 2), head_dim=8, intermediate=12, vocab=TOKENIZER_VOCAB), tmp_path / "src")
+    ops = "  - op: grow_mlp\n    intermediate_size: \"+1\"\n  - op: upcycle_moe\n    num_experts: 4\n    top_k: 2\n"
+    out, report = run(tmp_path, write_recipe, src, ops, dtype="float32")
+    assert report["passed"] and abs(report["rel_change"]) <= 1e-5
+    assert "load with experts_implementation=\"eager\"" in (out / "README.md").read_text()
+    x = ids()
+    a = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float64)
+    b = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64, experts_implementation="eager")
+    assert_same_function(a, b, x)
+
+
 def test_noise_is_reported_approximate_with_its_measured_loss_change(tmp_path, write_recipe):
     src = save_checkpoint(dense("llama", head_dim=8, intermediate=16, vocab=TOKENIZER_VOCAB), tmp_path / "src")
     out, report = run(tmp_path, write_recipe, src, "  - op: upcycle_moe\n    num_experts: 4\n    expert_noise: 0.02\n")

@@ -103,13 +103,22 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 def experts_kwargs(config, dtype: torch.dtype) -> dict:
-    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel:
-    float64 mixture-of-experts models run the eager per-expert loop."""
+    """transformers 5 runs experts through torch's grouped_mm by default, which has no float64 kernel and needs
+    rows of a multiple of 16 bytes: such mixture-of-experts models run the eager per-expert loop (the same sums)."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    if dtype == torch.float64 and get_checkpoint_conversion_mapping(config.model_type):
+    if get_checkpoint_conversion_mapping(config.model_type) and (dtype == torch.float64 or not grouped_mm_fits(config, dtype)):
         return {"experts_implementation": "eager"}
     return {}
+
+
+def grouped_mm_fits(config, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped_mm takes the experts' rows in `dtype`: hidden and expert widths of a multiple of 16
+    bytes (a grown or upcycled width such as 51 float32 values fails there with 'strides should be multiple of 16')."""
+    size = torch.empty((), dtype=dtype).element_size()
+    field = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    widths = [field(k) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    return all(w * size % 16 == 0 for w in widths if isinstance(w, int))
 
 
 def decoder_only(config: dict) -> bool:
