@@ -233,7 +233,8 @@ def test_lm_head_on_a_tied_model_redraws_the_one_shared_tensor_by_the_head_rule_
 
 
 def test_std_override_replaces_the_base_std_and_leaves_shape_fixed_stds_alone(llama):
-    out, _ = reinit(llama, method="olmo_llama", std=0.04, targets=["attn.q", "attn.o", "embed"])
+    out, plan = reinit(llama, method="olmo_llama", std=0.04, targets=["attn.q", "attn.o", "embed"])
+    assert "base std (0.02, initializer_range) replaced by std 0.04" in plan.steps[0].promise.reason  # not 0.02 alone
     assert abs(float(out["model.layers.0.self_attn.q_proj.weight"].std()) / (0.04 * T3) - 1) < TOL
     assert abs(float(out["model.layers.0.self_attn.o_proj.weight"].std()) / (0.04 / math.sqrt(2 * N) * T3) - 1) < TOL
     assert abs(float(out["model.embed_tokens.weight"].std()) - 1) < TOL

@@ -141,7 +141,8 @@ class Reinit(Op):
             rows = f", row {','.join(map(str, draws[0].zero_rows))} zero (pad_token_id)" if draws[0].zero_rows else ""
             notes.append(f"{key}: {dist}{cut}, std {formula}{rows} ({count})")
         scope = f"layers {self.layers}" if self.layers is not None else "whole model" if self.targets == ["*"] else "selected"
-        reason = (f"{len(chosen)} tensor(s) re-drawn by {self.method.value} ({DESCRIPTIONS[self.method]}), "
+        base = f", its base std (0.02, initializer_range) replaced by std {self.std:g}" if self.std is not None else ""
+        reason = (f"{len(chosen)} tensor(s) re-drawn by {self.method.value} ({DESCRIPTIONS[self.method]}{base}), "
                   f"{scope}; the function is replaced on purpose")
         return Promise(Exactness.REINIT, reason, notes)
 
