@@ -104,6 +104,8 @@ def run(
         if device:  # from --device, not from the recipe
             e.where, e.loc = f"--device {device}", None
         raise loaded.error(e) from None
+    fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
+    fmt.tensors(p.final)  # what the output format cannot hold is refused before the run announces its phases
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     rate = announce_phases(p, out_spec.dtype, ids, dev) if progress else None
@@ -112,7 +114,6 @@ def run(
     atomic = AtomicOutput(Path(out_spec.path), force, p.source_dir, run_inputs(loaded, verify))
     with atomic as tmp:
         t0 = time.perf_counter()
-        fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
         written = write_output(p.final, fmt, p.checkpoint, tmp, dev, progress)
         copy_side_files(p.source_dir, tmp)
         add_hf_tokenizer(tmp)

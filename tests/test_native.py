@@ -312,6 +312,16 @@ def test_a_model_with_biases_cannot_be_written_natively(tmp_path):
     assert not (tmp_path / "n").exists()
 
 
+def test_the_command_refuses_a_model_native_code_cannot_run_in_one_line_before_announcing_any_phase(tmp_path, capsys):
+    model = make_model(make_config("llama", vocab=512, qkv_bias=True), dtype=torch.float32)
+    src = save_checkpoint(model, tmp_path / "llama")
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "n"), "--to", "mistral"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and "no biases" in err
+    assert not (tmp_path / "n").exists()
+
+
 # errors -----------------------------------------------------------------------------------
 
 def _edit(params: dict, case: str) -> str:
