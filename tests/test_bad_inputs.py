@@ -65,6 +65,17 @@ def _header(src: Path, kind: str) -> None:
             return {**h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": [start, end - 64]}}
 
         _rewrite_header(f, shorten)
+    elif kind == "float_shape":
+        _rewrite_header(f, lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "shape": [32.0]}})
+    elif kind == "overlapping":  # lm_head's offsets are the embedding's: two names, one range of bytes
+        _rewrite_header(f, lambda h: {**h, "lm_head.weight": {**h["lm_head.weight"],
+                                                              "data_offsets": h["model.embed_tokens.weight"]["data_offsets"]}})
+    elif kind == "duplicate_name":  # lm_head's entry renamed model.norm.weight: JSON keeps the last; safetensors refuses
+        _rewrite_header(f, lambda h: json.dumps(h, separators=(",", ":")).encode().replace(b'"lm_head.weight"',
+                                                                                           b'"model.norm.weight"'))
+    elif kind == "unindexed_tail":
+        with open(f, "ab") as out:
+            out.write(b"\0" * 64)
     elif kind == "length_beyond_file":
         raw = f.read_bytes()
         f.write_bytes(struct.pack("<Q", 10_000_000) + raw[8:])

@@ -33,7 +33,8 @@ class TensorMeta:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header by hand so a corrupt file fails with its name, not a Rust panic."""
+    """Parse a safetensors header by hand so a corrupt file fails with its name, not a Rust panic. As the safetensors
+    library does, it refuses duplicate names and tensors that overlap, leave gaps or leave data unindexed."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -43,28 +44,58 @@ def read_safetensors_header(path: Path) -> dict:
             size = path.stat().st_size
             if n > size - 8 or n > 100_000_000:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         data_len = size - 8 - n
+        ranges = []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             check_tensor_name(name)
             if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
                 raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
-            start, end = info["data_offsets"]
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(info["dtype"], str) and _counts(shape) and _counts(offsets) and len(offsets) == 2):
+                raise ValueError(f"tensor {name!r}: dtype must be a string, shape and data_offsets lists of "
+                                 f"non-negative integers (got {info['dtype']!r}, {shape!r}, {offsets!r})")
+            start, end = offsets
             if end > data_len:
                 raise ValueError(f"tensor {name!r} ends at byte {end} but the data is {data_len} bytes (truncated?)")
             dtype = _ST_DTYPES.get(info["dtype"])
             if dtype is not None:
-                want = math.prod(info["shape"]) * dtype.itemsize
-                if not 0 <= start <= end or end - start != want:
-                    raise ValueError(f"tensor {name!r} spans bytes {start}..{end} but its shape {info['shape']} "
+                want = math.prod(shape) * dtype.itemsize
+                if not start <= end or end - start != want:
+                    raise ValueError(f"tensor {name!r} spans bytes {start}..{end} but its shape {shape} "
                                      f"and dtype {info['dtype']} need {want}")
+            ranges.append((start, end, name))
+        ranges.sort()
+        for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise ValueError(f"tensors {first!r} and {second!r} are overlapping (bytes {start}..{end})")
+        at = 0
+        for start, end, name in ranges:
+            if start != at:
+                raise ValueError(f"no tensor holds bytes {at}..{start} (the next, {name!r}, starts there)")
+            at = end
+        if at != data_len:
+            raise ValueError(f"the tensors end at byte {at} but the data is {data_len} bytes")
         return header
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"corrupt safetensors file: {e}", where=str(path)) from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the name {dup!r} appears twice")
+    return out
+
+
+def _counts(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def check_tensor_name(name: str) -> None:
