@@ -29,7 +29,7 @@ from .io.tokenizer import add_hf_tokenizer, text_encoder
 from .plan import Plan, compile_plan
 from .recipe.loader import LoadedRecipe, check_paths, load_recipe, validate_recipe
 from .report import Report, write_report, write_report_files
-from .runtime.build import disk_layout, model_from_tensors, skeleton
+from .runtime.build import disk_layout, load_problems, model_from_tensors, skeleton, streamable
 from .runtime.progress import Progress
 from .verify.data import calibration_ids
 from .verify.run import verify_plan
@@ -106,6 +106,7 @@ def run(
         raise loaded.error(e) from None
     fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
     fmt.tensors(p.final)  # what the output format cannot hold is refused before the run announces its phases
+    check_loadable(p, hf_output=out_spec.format == "hf")
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     rate = announce_phases(p, out_spec.dtype, ids, dev) if progress else None
@@ -183,10 +184,21 @@ def prepare_verification(p: Plan):
         ids = calibration_ids(p.source_dir, v.data, v.max_tokens, p.initial.spec.vocab_size, p.loaded.recipe.seed)
     except SurgeryError as e:
         raise e.located(p.loaded.where(("verify", "data"))) from None
-    dtype = compute_dtype_for(p.initial)
-    for state, where in ((p.initial, str(p.source_dir / "config.json")), (p.final, "the output's config")):
-        skeleton(state.spec.config, dtype, torch.device("cpu"), where=where)
     return ids
+
+
+def check_loadable(p: Plan, hf_output: bool) -> None:
+    """Before any weight is written: transformers builds the source's and the output's models from their configs,
+    and each loads its tensors with no key missing or unexpected. A config whose model_type or flags disagree with
+    the tensors (StableLM's over a Llama's) wrote, unverified, an output transformers loads with keys missing."""
+    dtype = compute_dtype_for(p.initial)
+    for state, names, where in ((p.initial, p.checkpoint.tensors, str(p.source_dir / "config.json")),
+                                (p.final, p.final.output() if hf_output else None, "the output's config")):
+        model = skeleton(state.spec.config, dtype, torch.device("cpu"), where=where)
+        if names is not None and streamable(state.spec.config):
+            _, problems = load_problems(model, list(names))
+            if problems:
+                raise SurgeryError(f"the tensors do not match the model the config describes ({problems})", where=where)
 
 
 def transform(model, ops: list[dict], seed: int = 0, device: str = "cpu", calibration_ids=None):

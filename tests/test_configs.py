@@ -325,6 +325,19 @@ def test_a_tensor_name_with_a_control_character_is_refused_in_one_line(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+
+def test_a_config_whose_model_type_disagrees_with_the_tensors_is_refused_before_writing_even_unverified(tmp_path, capsys):
+    """StableLM's config over a Llama's tensors planned cleanly and, with --no-verify, wrote an output transformers
+    loads with its layer-norm biases missing."""
+    src = source(tmp_path, "llama", config_edit=lambda c: c.update(model_type="stablelm", architectures=["StableLmForCausalLM"]))
+    capsys.readouterr()
+    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"", "--no-verify")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the tensors do not match the model the config describes" in err
+    assert "missing keys" in err and str(src / "config.json") in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- source content hash
 def recorded_hash(out: Path) -> str:
     for line in (out / "surgery_recipe.yaml").read_text().splitlines():

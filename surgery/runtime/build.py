@@ -143,6 +143,31 @@ def disk_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return revert_weight_conversion(model, dict(tensors))
 
 
+def load_problems(model, stored, expected: set[str] | None = None) -> tuple[dict[str, list[str]], str | None]:
+    """Loading checkpoint tensors named `stored` into `model` (a skeleton): ({parameter: the stored names that load
+    into it}, what `from_pretrained` would report as missing or unexpected keys, or None). `expected`: the
+    parameters' names where the model no longer lists them all itself (a streamed model's layers)."""
+    import re
+
+    conversion = LoadConversion(model)
+    stored_for: dict[str, list[str]] = {}
+    for n in stored:
+        stored_for.setdefault(conversion.target(n)[0] if conversion else n, []).append(n)
+    if expected is None:
+        expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    head = model.get_output_embeddings()
+    head_prefix = next((f"{k}." for k, m in model.named_modules() if m is head), "")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    optional = {f"{head_prefix}{n}" for n, _ in head.named_parameters()} if tied and head is not None else set()
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    ignore.append(re.compile(r".*rotary_emb\.inv_freq$"))  # older checkpoints persisted it; transformers drops it
+    missing = sorted(expected - set(stored_for) - optional)
+    unexpected = sorted(n for n in set(stored_for) - expected if not any(p.search(n) for p in ignore))
+    parts = [f"{what}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
+             for what, v in (("missing keys", missing), ("unexpected keys", unexpected)) if v]
+    return stored_for, "; ".join(parts) or None
+
+
 class LoadConversion:
     """transformers' load-time weight conversion (`conversion_mapping.py`), applied to one layer's tensors.
 

@@ -17,14 +17,13 @@ as the layer arrives (`build.LoadConversion`).
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .build import LoadConversion, model_from_tensors, skeleton
+from .build import LoadConversion, load_problems, model_from_tensors, skeleton
 from .memory import return_freed_memory
 from .sources import TensorSource
 
@@ -105,26 +104,14 @@ class StreamedModel:
 
     def _check_keys(self) -> None:
         """The source must hold exactly the model's parameters, as `from_pretrained` would refuse otherwise."""
-        stored = list(self.source.names())
-        # checkpoint names grouped by the parameter each loads into (several per fused expert tensor)
-        self._stored_for: dict[str, list[str]] = {}
-        for n in stored:
-            self._stored_for.setdefault(self.conversion.target(n)[0] if self.conversion else n, []).append(n)
-        names = set(self._stored_for)
         expected = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         for i, layer in enumerate(self.layers):
             expected |= {f"{self.layer_prefix}{i}.{n}" for n, _ in layer.named_parameters()}
-        head = {f"{self.head_prefix}{n}" for n, _ in self.head.named_parameters()}
-        optional = head if self.tied else set()
-        ignore = [re.compile(p) for p in (getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-        ignore.append(re.compile(r".*rotary_emb\.inv_freq$"))  # older checkpoints persisted it; transformers drops it
-        missing = sorted(expected - names - optional)
-        unexpected = sorted(n for n in names - expected if not any(p.search(n) for p in ignore))
-        if missing or unexpected:
-            parts = [f"{what}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
-                     for what, v in (("missing keys", missing), ("unexpected keys", unexpected)) if v]
-            raise SurgeryError(f"does not load cleanly with transformers ({'; '.join(parts)})", where=self.source.where)
-        self._present = names
+        # checkpoint names grouped by the parameter each loads into (several per fused expert tensor)
+        self._stored_for, problems = load_problems(self.model, list(self.source.names()), expected)
+        if problems:
+            raise SurgeryError(f"does not load cleanly with transformers ({problems})", where=self.source.where)
+        self._present = set(self._stored_for)
 
     def stored_names(self, prefix: str) -> list[str]:
         """The checkpoint's names of the tensors one layer loads from (per-expert tensors of fused parameters)."""
