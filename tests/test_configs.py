@@ -338,6 +338,18 @@ def test_a_config_whose_model_type_disagrees_with_the_tensors_is_refused_before_
     assert not out.exists()
 
 
+
+def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_refused_before_writing(tmp_path, capsys):
+    """The builtin 512-token tokenizer beside a 64-token model: verification indexed the embedding past its end
+    (exit 3) after the output was written."""
+    src = save_checkpoint(make_model(make_config("llama", vocab=64), dtype=torch.float32), tmp_path / "src")
+    capsys.readouterr()
+    code, out = run(tmp_path, src, "  - op: grow_mlp\n    intermediate_size: \"+8\"")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "vocab_size is 64: tokenizer and model disagree" in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- source content hash
 def recorded_hash(out: Path) -> str:
     for line in (out / "surgery_recipe.yaml").read_text().splitlines():

@@ -80,7 +80,12 @@ def calibration_ids(source_dir: Path, data: str, max_tokens: int, vocab_size: in
     if data == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (1, max_tokens), generator=g)
-    return tokenize(source_dir, data, max_tokens)
+    ids = tokenize(source_dir, data, max_tokens)
+    if int(ids.max()) >= vocab_size:  # the embedding would be indexed past its end (an IndexError mid-verification)
+        raise SurgeryError(f"the source's tokenizer gives token id {int(ids.max())} on this data, but the model's "
+                           f"vocab_size is {vocab_size}: tokenizer and model disagree (verify.data: random needs no tokenizer)",
+                           where=f"verify.data {data}")
+    return ids
 
 
 def with_new_tokens(ids: torch.Tensor, added: list[NewToken] | None) -> torch.Tensor:
