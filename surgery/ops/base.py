@@ -73,6 +73,12 @@ class Init(str, enum.Enum):
 _SIZE = re.compile(r"^\s*(?:(x)\s*(\d+(?:\.\d+)?)|([+-])\s*(\d+))\s*$")
 
 
+# Beyond any model's size (widths, vocabularies: a Llama-3-405B MLP is 53248 wide), and below what planning can hold:
+# a size of 1e20 built index lists that long and the run was killed for memory. Layers: one lazy node per tensor each.
+MAX_SIZE = 1 << 20
+MAX_LAYERS = 1 << 14
+
+
 def resolve_size(value: int | str, current: int, field_name: str) -> int:
     """An absolute int, or relative: "x1.25" (multiply) / "+8" (add) / "-8" (remove)."""
     if isinstance(value, bool):
@@ -90,9 +96,12 @@ def resolve_size(value: int | str, current: int, field_name: str) -> int:
                 raise SurgeryError(f"{value} of {current} is {exact:g}, not an integer", loc=(field_name,))
         else:
             new = current + int(m.group(4)) * (1 if m.group(3) == "+" else -1)
+    relative = f" ({value} from {current})" if not isinstance(value, int) or value < 0 else ""
     if new <= 0:
-        relative = not isinstance(value, int) or value < 0
-        raise SurgeryError(f"must be positive, got {new}" + (f" ({value} from {current})" if relative else ""), loc=(field_name,))
+        raise SurgeryError(f"must be positive, got {new}{relative}", loc=(field_name,))
+    limit = MAX_LAYERS if field_name == "num_layers" else MAX_SIZE
+    if new > limit:
+        raise SurgeryError(f"{new}{relative} is beyond any model's {field_name}: at most {limit}", loc=(field_name,))
     return new
 
 

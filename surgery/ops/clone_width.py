@@ -138,7 +138,7 @@ class CloneRows(RowRule):
 
 class CloneWidth(Op):
     op: Literal["clone_width"]
-    factor: int = Field(ge=2, description="how many copies of every width (hidden, heads, kv heads, MLP)")
+    factor: int = Field(ge=2, le=64, description="how many copies of every width (hidden, heads, kv heads, MLP)")
     noise: float = Field(0.0, ge=0, allow_inf_nan=False,
                          description="symmetry-breaking noise on readers' input blocks, relative to each tensor's std")
 

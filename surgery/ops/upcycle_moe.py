@@ -61,7 +61,7 @@ DROPPED = {
 
 class UpcycleMoe(Op):
     op: Literal["upcycle_moe"]
-    num_experts: int = Field(8, ge=2, description="routed experts per layer, each a copy of the dense MLP")
+    num_experts: int = Field(8, ge=2, le=4096, description="routed experts per layer, each a copy of the dense MLP")
     top_k: int = Field(2, ge=1, description="experts each token is routed to (num_experts_per_tok)")
     into: Optional[Literal["mixtral", "qwen2_moe", "qwen3_moe"]] = Field(
         None, description="output family: mixtral (from llama, mistral), qwen2_moe (from qwen2), qwen3_moe (from qwen3)")
