@@ -105,3 +105,9 @@ def test_hub_source_offline_fails_clearly_and_suggests_a_path(write_recipe, caps
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert "--source PATH" in err and "recipe.yaml:2:9" in err
+
+
+def test_yaml_nested_deeper_than_python_recurses_is_one_line_not_an_internal_error(write_recipe):
+    """5000 nested lists made the YAML composer exceed Python's recursion limit (exit 3, internal error)."""
+    msg = error_of(write_recipe, "name: t\nsource: builtin:tiny-stablelm\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert msg.endswith("malformed YAML: nested too deeply") and "\n" not in msg

@@ -65,17 +65,43 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
+MAX_VALUES = 100_000  # a recipe holds a few hundred; aliases nested ten deep (a "billion laughs") hold 10^9
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, dict]:
     try:
-        data = load_yaml(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_size(node, file)
+        data = load_yaml(text)
+        positions: dict = {}
+        if node is not None:
+            _positions(node, (), file, positions)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
         raise SurgeryError(f"malformed YAML: {e.problem or e.context}", where=where) from None
+    except yaml.reader.ReaderError as e:  # its text spans two lines
+        raise SurgeryError(f"malformed YAML: unacceptable character #x{e.character:04x} at position {e.position}",
+                           where=file) from None
     except yaml.YAMLError as e:
-        raise SurgeryError(f"malformed YAML: {e}", where=file) from None
-    positions: dict = {}
-    if node is not None:
-        _positions(node, (), file, positions)
+        raise SurgeryError(f"malformed YAML: {' '.join(str(e).split())}", where=file) from None
+    except RecursionError:
+        raise SurgeryError("malformed YAML: nested too deeply", where=file) from None
     return data, positions
+
+
+def _check_size(root: yaml.Node, file: str) -> None:
+    """Refuse a document whose values, aliases expanded, number more than MAX_VALUES (an alias inside itself never
+    ends): building it whole took all the memory there was."""
+    stack, count = [root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise SurgeryError(f"malformed YAML: its anchors and aliases expand to more than {MAX_VALUES} values "
+                               f"(or an alias refers to itself)", where=file)
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
