@@ -183,8 +183,10 @@ def _changes(row: PruningRow | RandomPrune, reference: str) -> str:
 def write_report(out_dir: Path, report: Report | None, surgery_seconds: float, written, interrupted: bool = False) -> None:
     """The verification result plus integrity hashes: every output file and every tensor.
 
-    `verification`: passed, failed, skipped (--no-verify) or interrupted (Ctrl-C: the weights are complete)."""
-    doc = {"surgery_version": __version__, "verified": report is not None, "surgery_seconds": round(surgery_seconds, 3),
+    `verification`: passed, failed, skipped (--no-verify) or interrupted (Ctrl-C: the weights are complete); `verified`
+    is true only where it passed (it was true for a failed one, which a script testing it would have accepted)."""
+    verified = report is not None and report.passed and not interrupted
+    doc = {"surgery_version": __version__, "verified": verified, "surgery_seconds": round(surgery_seconds, 3),
            "verification": "interrupted" if interrupted else "skipped" if report is None else "passed" if report.passed else "failed"}
     if report is not None:
         doc.update(json.loads(report.to_json()))

@@ -210,7 +210,8 @@ def test_failed_verification_says_the_output_is_kept_unverified_and_marks_card_a
     assert "**Verification FAILED**" in card.split("## Verification")[0]
     report_md = (out / "surgery_report.md").read_text()
     assert report_md.splitlines()[0].endswith(": FAILED") and "**NO**" in report_md
-    assert json.loads((out / "surgery_report.json").read_text())["passed"] is False
+    doc = json.loads((out / "surgery_report.json").read_text())
+    assert doc["passed"] is False and doc["verified"] is False and doc["verification"] == "failed"
 
 
 def test_copied_recipe_points_at_the_installed_schema(tmp_path, capsys):
