@@ -427,3 +427,24 @@ def test_a_run_that_hangs_after_its_signal_fails_the_test_with_its_threads_stack
     assert "the sleeper still running 1 s" in str(failed.value)
     assert "Current thread" in str(failed.value) and str(failed.value).count("File ") >= 2
     assert proc.poll() is not None
+
+
+@pytest.mark.parametrize("target", ["an empty directory", "nothing", "a surgery output"])
+def test_an_output_path_that_is_a_symlink_is_refused_before_writing(tmp_path, capsys, target):
+    """Renaming the finished output onto a link replaced the user's link (or, the link dangling, failed after the
+    whole write)."""
+    elsewhere = tmp_path / "elsewhere"
+    if target == "an empty directory":
+        elsewhere.mkdir()
+    elif target == "a surgery output":
+        assert main(["run", "article_solution1", "--source", "builtin:tiny-stablelm", "--output", str(elsewhere),
+                     "--no-verify"]) == 0
+    link = tmp_path / "out"
+    link.symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir()) if elsewhere.exists() else None
+    capsys.readouterr()
+    code = main(["run", "article_solution1", "--source", "builtin:tiny-stablelm", "--output", str(link), "--no-verify",
+                 "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "output is a symbolic link" in err
+    assert link.is_symlink() and (sorted(p.name for p in elsewhere.iterdir()) if elsewhere.exists() else None) == before

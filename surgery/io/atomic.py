@@ -103,6 +103,9 @@ class AtomicOutput:
             p = Path(p).resolve()
             if resolved == p or resolved in p.parents:
                 raise SurgeryError(f"{why}output must not contain {label}", where=str(path))
+        if path.is_symlink():  # renaming onto it replaced the link (or, dangling, failed once the weights were written)
+            raise SurgeryError(f"{why}output is a symbolic link (to {os.readlink(path)}); name the directory itself",
+                               where=str(path))
         if not path.exists():
             return
         if not path.is_dir():
