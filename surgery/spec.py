@@ -12,6 +12,8 @@ stale legacy key can never override what they wrote (transformers prefers `rope_
 from __future__ import annotations
 
 import copy
+import math
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -82,6 +84,25 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[-1] if text else type(cause).__name__
 
 
+POSITIVE = re.compile(r"(rms_norm_eps|layer_norm_eps|layer_norm_epsilon|norm_eps|rope_theta)")
+
+
+def _check_numbers(config: dict, where: str) -> None:
+    """A NaN or infinite number anywhere in the config (JSON lets Python read them), or an eps or rope_theta at or below
+    zero, gave NaN losses and a verification failure (exit 1) for what is bad input."""
+    stack = [("", config)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise SurgeryError(f"config.json field {path!r} is {value}: not a finite number", where=where)
+        elif POSITIVE.fullmatch(path.rsplit(".", 1)[-1]) and isinstance(value, (int, float)) and value <= 0:
+            raise SurgeryError(f"config.json field {path!r} must be positive, got {value}", where=where)
+
+
 @dataclass
 class SpecMeta:
     """What the ops have done that the config does not say, carried from op to op."""
@@ -119,6 +140,7 @@ class ModelSpec:
                 f"model_type {config.get('model_type')!r} is not supported; supported: {known}", where=where
             )
         config = copy.deepcopy(config)
+        _check_numbers(config, where)
         renamed = saved_spellings(config, arch)
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
             key = config_key(arch, key)

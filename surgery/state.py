@@ -89,6 +89,9 @@ class ModelState:
                 continue
             if spec.arch.classify(name) is None:
                 unknown.append(name)
+            elif not m.dtype.is_floating_point:  # transformers casts it into a float parameter: garbage, run as if fine
+                raise SurgeryError(f"tensor {name!r} is stored as {str(m.dtype)[6:]}, but a model's weights are floating point",
+                                   where=where)
             tensors[name] = read(name, m.shape, m.dtype)
         if unknown:
             raise SurgeryError(

@@ -65,6 +65,10 @@ def _header(src: Path, kind: str) -> None:
             return {**h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": [start, end - 64]}}
 
         _rewrite_header(f, shorten)
+    elif kind == "metadata_not_strings":
+        _rewrite_header(f, lambda h: {**h, "__metadata__": {"format": 1}})
+    elif kind == "int_weight":  # the norm's float32 bytes relabelled int32: the same length
+        _rewrite_header(f, lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "dtype": "I32"}})
     elif kind == "float_shape":
         _rewrite_header(f, lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "shape": [32.0]}})
     elif kind == "overlapping":  # lm_head's offsets are the embedding's: two names, one range of bytes

@@ -51,6 +51,8 @@ def read_safetensors_header(path: Path) -> dict:
         ranges = []
         for name, info in header.items():
             if name == "__metadata__":
+                if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                    raise ValueError("__metadata__ must map names to strings")
                 continue
             check_tensor_name(name)
             if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
