@@ -106,7 +106,7 @@ def run(
         raise loaded.error(e) from None
     fmt = FORMATS[out_spec.format].for_output(out_spec, p.checkpoint)
     fmt.tensors(p.final)  # what the output format cannot hold is refused before the run announces its phases
-    check_loadable(p, hf_output=out_spec.format == "hf")
+    check_loadable(p, out_spec.format == "hf")
     show = Progress(progress)
     ids = prepare_verification(p) if verify else None  # before any weight is written: fail early
     rate = announce_phases(p, out_spec.dtype, ids, dev) if progress else None
@@ -188,9 +188,11 @@ def prepare_verification(p: Plan):
 
 
 def check_loadable(p: Plan, hf_output: bool) -> None:
-    """Before any weight is written: transformers builds the source's and the output's models from their configs,
-    and each loads its tensors with no key missing or unexpected. A config whose model_type or flags disagree with
-    the tensors (StableLM's over a Llama's) wrote, unverified, an output transformers loads with keys missing."""
+    """Before any weight is written: transformers builds the source's and the output's models from their configs, and
+    each loads its tensors with no key missing or unexpected. A config whose model_type or flags disagree with the
+    tensors (StableLM's over a Llama's) wrote, unverified, an output transformers loads with keys missing. It costs an
+    unverified run the modeling code's import (~1.5 s); not on a thread beside the write: building a model patches
+    torch.nn.Module and sets torch's default dtype, both process-wide."""
     dtype = compute_dtype_for(p.initial)
     for state, names, where in ((p.initial, p.checkpoint.tensors, str(p.source_dir / "config.json")),
                                 (p.final, p.final.output() if hf_output else None, "the output's config")):
