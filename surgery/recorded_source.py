@@ -37,8 +37,9 @@ def read_recorded(output: Path) -> Recorded:
     text = path.read_text()
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SurgeryError(f"not valid YAML ({' '.join(str(e).split())[:120]}); pass --against SOURCE", where=str(path)) from None
+    except (yaml.YAMLError, RecursionError) as e:  # safe_load shares what aliases name: only nesting can exhaust it
+        raise SurgeryError(f"not valid YAML ({' '.join(str(e).split())[:120] or 'nested too deeply'}); pass --against SOURCE",
+                           where=str(path)) from None
     src = doc.get("source") if isinstance(doc, dict) else None
     if isinstance(src, str):
         src = {"path": src}

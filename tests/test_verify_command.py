@@ -96,3 +96,12 @@ def test_a_candidate_without_tokenizer_is_compared_with_a_warning(tmp_path, caps
     model.save_pretrained(tmp_path / "b")
     assert main(["verify", str(tmp_path / "b"), "--against", str(a), "--max-tokens", "64"]) == 0
     assert "no loadable tokenizer" in capsys.readouterr().err
+
+
+def test_a_recorded_recipe_nested_deeper_than_python_recurses_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "surgery_recipe.yaml").write_text("name: t\nsource: x\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "surgery_recipe.yaml: not valid YAML" in err and "pass --against SOURCE" in err

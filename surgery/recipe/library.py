@@ -48,7 +48,7 @@ def find_recipe(ref: str, libraries: list[str] | None = None) -> Path:
 def _declared_name(path: Path) -> str | None:
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError):
+    except (yaml.YAMLError, OSError, RecursionError):
         return None
     return data.get("name") if isinstance(data, dict) else None
 
