@@ -191,8 +191,8 @@ def check_loadable(p: Plan, hf_output: bool) -> None:
     """Before any weight is written: transformers builds the source's and the output's models from their configs, and
     each loads its tensors with no key missing or unexpected. A config whose model_type or flags disagree with the
     tensors (StableLM's over a Llama's) wrote, unverified, an output transformers loads with keys missing. It costs an
-    unverified run the modeling code's import (~1.5 s); not on a thread beside the write: building a model patches
-    torch.nn.Module and sets torch's default dtype, both process-wide."""
+    unverified run the modeling code's import (copy +0.55 s in pairs, benchmarks/RESULTS.md). Not on a thread beside
+    the write: building a model patches torch.nn.Module and sets torch's default dtype, both process-wide."""
     dtype = compute_dtype_for(p.initial)
     for state, names, where in ((p.initial, p.checkpoint.tensors, str(p.source_dir / "config.json")),
                                 (p.final, p.final.output() if hf_output else None, "the output's config")):
